@@ -1,0 +1,21 @@
+"""Concept Eraser: erase concepts from Stable Diffusion checkpoints by editing their weights.
+
+Host-agnostic solver (torch only). Hosts and the command line call `erase` with an
+`EditableModel` (e.g. `CheckpointModel`), a `Concepts` list and a method name from `METHODS`.
+"""
+
+__version__ = "0.1.0"
+
+from .api import ErasureResult, erase
+from .checkpoint import CheckpointModel, load_patch, save_checkpoint, save_lora, save_patch
+from .concepts import TOKEN_POLICIES, Concepts
+from .errors import (Cancelled, EraserError, InvalidParameterError, NonFiniteResultError, UnsafeFileError,
+                     UnsupportedModelError)
+from .methods import METHODS, get_method
+from .patch import DenseEdit, ErasurePatch, LowRankEdit
+
+__all__ = [
+    "CheckpointModel", "Cancelled", "Concepts", "DenseEdit", "EraserError", "ErasurePatch", "ErasureResult",
+    "InvalidParameterError", "LowRankEdit", "METHODS", "NonFiniteResultError", "TOKEN_POLICIES", "UnsafeFileError",
+    "UnsupportedModelError", "erase", "get_method", "load_patch", "save_checkpoint", "save_lora", "save_patch",
+]

@@ -1,0 +1,65 @@
+"""One entry point for every host: validate, run the method, wrap the result as a patch with provenance."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .concepts import Concepts
+from .editable import EditableModel, Progress, no_progress
+from .methods import get_method
+from .params import resolve
+from .patch import ErasurePatch, provenance_step
+
+
+@dataclass(frozen=True)
+class ErasureResult:
+    patch: ErasurePatch  # this erasure's own step; compose with earlier ones via ErasurePatch.then
+    report: dict[str, Any]
+
+
+def erase(
+    model: EditableModel,
+    method: str,
+    concepts: Concepts,
+    params: Mapping[str, Any] | None = None,
+    progress: Progress = no_progress,
+) -> ErasureResult:
+    """Erase `concepts` from `model` with `method`; the model itself is never modified."""
+    chosen = get_method(method)
+    values = resolve(chosen.params, params or {}, chosen.name)
+    start = time.perf_counter()
+    output = chosen.run(model, concepts, values, progress)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    seconds = time.perf_counter() - start
+    step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
+    patch = ErasurePatch(model.arch.family, output.edits, (step,))
+    report = {
+        "method": chosen.name,
+        "params": values,
+        "concepts": concepts.as_dict(),
+        "architecture": model.arch.family,
+        "source": model.source(),
+        "seconds": round(seconds, 4),
+        "layers": layer_changes(model, patch),
+        **output.details,
+    }
+    return ErasureResult(patch, report)
+
+
+def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:
+    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ and the edit's form."""
+    out = {}
+    for key, stages in patch.edits.items():
+        original = model.weight(key)
+        new = patch.apply_to(key, original)
+        base = original.float().norm().item()
+        out[key] = {
+            "relative_change": (new.float() - original.float()).norm().item() / base if base else 0.0,
+            "form": "+".join(s.kind for s in stages),
+        }
+    return out

@@ -1,0 +1,186 @@
+"""A checkpoint file as an editable model, and writing erasures out as checkpoint, patch or LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .encoding import CheckpointTextEncoder
+from .errors import EraserError, InvalidParameterError
+from .models.arch import ArchSpec, UNET_PREFIX, detect
+from .patch import EDIT_KINDS, ErasurePatch
+from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
+
+FORMATS = ("checkpoint", "patch", "lora")
+META_PREFIX = "concept_eraser."
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError("device", "cuda was asked for but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InvalidParameterError("device", f"{name!r} is not auto, cpu or cuda")
+    return torch.device(name)
+
+
+class CheckpointModel:
+    """A single-file SD1.x / SD2.x / SDXL checkpoint read lazily through safetensors."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        self.reader = SafetensorsReader(path)
+        self.path = self.reader.path
+        self.device = torch.device(device)
+        self.arch: ArchSpec = detect({k: i.shape for k, i in self.reader.infos.items()}, self.reader.metadata)
+        self._text_encoder: CheckpointTextEncoder | None = None
+
+    @property
+    def text_encoder(self) -> CheckpointTextEncoder:
+        if self._text_encoder is None:
+            self._text_encoder = CheckpointTextEncoder(self.arch, self.reader.keys(), self.reader.get, self.device)
+        return self._text_encoder
+
+    def weight(self, key: str) -> torch.Tensor:
+        return self.reader.get(key).to(self.device)
+
+    def source(self) -> dict:
+        return {"name": self.path.name, "sha256": self.reader.sha256()}
+
+    def prior_steps(self) -> tuple[dict, ...]:
+        return tuple(read_metadata_json(self.reader.metadata, META_PREFIX + "steps", []))
+
+
+def provenance_metadata(patch: ErasurePatch, file_format: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    from . import __version__
+
+    meta = dict(base or {})
+    concepts = sorted({c for step in patch.steps for c in step.get("concepts", {}).get("erase", [])})
+    meta.update({
+        META_PREFIX + "format": file_format,
+        META_PREFIX + "version": __version__,
+        META_PREFIX + "architecture": patch.architecture,
+        META_PREFIX + "steps": json.dumps(list(patch.steps)),
+        META_PREFIX + "erased": ", ".join(concepts),
+    })
+    return meta
+
+
+def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite: bool = False, extra_meta=None) -> Path:
+    """The whole checkpoint with the patch applied: same keys, order and dtypes; untouched tensors
+    are copied bit for bit, one tensor in memory at a time."""
+    reader = model.reader
+    missing = [k for k in patch.edits if k not in reader]
+    if missing:
+        raise EraserError(f"the patch edits {missing[0]}, which this checkpoint does not have")
+
+    def source(key):
+        info = reader.infos[key]
+        if key in patch.edits:
+            return LazyTensor(info.dtype, info.shape, lambda: patch.apply_to(key, reader.get(key)))
+        return LazyTensor(info.dtype, info.shape, lambda: reader.get(key))
+
+    steps = model.prior_steps() + patch.steps
+    full = ErasurePatch(patch.architecture, patch.edits, steps)
+    meta = provenance_metadata(full, "checkpoint", reader.metadata)
+    meta[META_PREFIX + "source_sha256"] = patch.steps[-1]["source"].get("sha256", "") if patch.steps else ""
+    title = reader.metadata.get("modelspec.title", model.path.stem)
+    meta["modelspec.title"] = f"{title} (erased: {meta[META_PREFIX + 'erased']})"
+    if model.arch.modelspec_architecture and "modelspec.architecture" not in meta:
+        meta["modelspec.architecture"] = model.arch.modelspec_architecture
+    meta.update(extra_meta or {})
+    return write_safetensors(out, [(k, source(k)) for k in reader.keys()], meta, overwrite)
+
+
+def save_patch(patch: ErasurePatch, out, overwrite: bool = False) -> Path:
+    """Only the changed tensors: ``{stage}.{part}::{key}`` entries plus a JSON index in the metadata."""
+    tensors, index = [], {}
+    for key, stages in patch.edits.items():
+        index[key] = [s.kind for s in stages]
+        for i, stage in enumerate(stages):
+            tensors += [(f"{i}.{part}::{key}", t.detach().cpu().contiguous()) for part, t in stage.tensors().items()]
+    meta = provenance_metadata(patch, "patch")
+    meta[META_PREFIX + "edits"] = json.dumps(index)
+    return write_safetensors(out, tensors, meta, overwrite)
+
+
+def load_patch(path) -> ErasurePatch:
+    reader = SafetensorsReader(path)
+    meta = reader.metadata
+    if meta.get(META_PREFIX + "format") != "patch":
+        raise InvalidParameterError("patch", f"{reader.path.name} is not a Concept Eraser patch file")
+    index = read_metadata_json(meta, META_PREFIX + "edits", None)
+    if not isinstance(index, dict):
+        raise InvalidParameterError("patch", f"{reader.path.name} has no readable edit index")
+    edits = {}
+    for key, kinds in index.items():
+        stages = []
+        for i, kind in enumerate(kinds):
+            cls = EDIT_KINDS.get(kind)
+            if cls is None:
+                raise InvalidParameterError("patch", f"unknown edit kind {kind!r} for {key}")
+            fields = {part: reader.get(f"{i}.{part}::{key}") for part in cls.__dataclass_fields__}
+            stages.append(cls(**fields))
+        edits[key] = tuple(stages)
+    steps = tuple(read_metadata_json(meta, META_PREFIX + "steps", []))
+    return ErasurePatch(meta.get(META_PREFIX + "architecture", ""), edits, steps)
+
+
+def lora_name(key: str) -> str:
+    """Kohya name of a U-Net module in LDM naming (as SDXL LoRAs use; ComfyUI and A1111 load it)."""
+    if not key.startswith(UNET_PREFIX) or not key.endswith(".weight"):
+        raise EraserError(f"{key} has no LoRA name")
+    return "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
+
+
+def save_lora(patch: ErasurePatch, out, overwrite: bool = False) -> Path:
+    """The erasure as a standard LoRA (up/down/alpha = rank, so its scale is 1 at strength 1)."""
+    if not patch.is_low_rank():
+        raise InvalidParameterError(
+            "format", "this erasure changed whole matrices (not low-rank), so it cannot be a LoRA; "
+            "save it as a checkpoint or a patch"
+        )
+    tensors = []
+    ranks = set()
+    for key in patch.edits:
+        up, down = patch.low_rank_factors(key)
+        name = lora_name(key)
+        ranks.add(up.shape[1])
+        tensors += [
+            (f"{name}.lora_up.weight", up.cpu().contiguous()),
+            (f"{name}.lora_down.weight", down.cpu().contiguous()),
+            (f"{name}.alpha", torch.tensor(float(up.shape[1]))),
+        ]
+    meta = provenance_metadata(patch, "lora")
+    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
+                 "ss_network_alpha": str(max(ranks))})
+    arch = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}.get(patch.architecture)
+    if arch:
+        meta["modelspec.architecture"] = f"{arch}/lora"
+    meta["modelspec.title"] = "Concept Eraser: " + meta[META_PREFIX + "erased"]
+    return write_safetensors(out, tensors, meta, overwrite)
+
+
+def check_patch_fits(model: CheckpointModel, patch: ErasurePatch, force: bool) -> None:
+    """Refuse a patch made for another checkpoint (unless forced) or with mismatching shapes."""
+    if patch.architecture and patch.architecture != model.arch.family:
+        raise InvalidParameterError("patch", f"made for {patch.architecture}, but the model is {model.arch.family}")
+    for key, stages in patch.edits.items():
+        if key not in model.reader:
+            raise InvalidParameterError("patch", f"edits {key}, which the model does not have")
+        shape = model.reader.infos[key].shape
+        for s in stages:
+            got = tuple(s.new.shape) if s.kind == "dense" else (s.up.shape[0], s.down.shape[1])
+            if got != shape:
+                raise InvalidParameterError("patch", f"{key} has shape {list(shape)} in the model, {list(got)} in the patch")
+    expected = patch.steps[0]["source"].get("sha256") if patch.steps else None
+    if expected and not force and expected != model.reader.sha256():
+        raise InvalidParameterError(
+            "patch", f"it was made for a checkpoint with SHA-256 {expected[:12]}…, not {model.path.name} "
+            f"({model.reader.sha256()[:12]}…); pass --force to apply it anyway"
+        )

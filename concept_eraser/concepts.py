@@ -1,0 +1,122 @@
+"""What to erase, what to map it to, what to keep — and which token features stand for each.
+
+Token policies (which columns of the 77 × d feature matrix represent a prompt):
+
+- ``last_word_to_end`` (default; UCE's paper-era code, which produced its published results):
+  the target's tokens from its last word through EOS and padding, aligned with the guide's from
+  the guide's last word (the empty guide's "last word" is BOS), both cut to 77 − max(start);
+  preserved prompts contribute all 77 tokens, and the empty prompt is always preserved.
+- ``last_word`` (UCE's current script, SPEED): one column per prompt, the last word token
+  (BOS for the empty prompt).
+- ``all_tokens``: all 77 positions, paired position by position (RECE's derivation, SPEED for nudity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .encoding import EncodedPrompts, TextEncoder
+from .errors import InvalidParameterError
+
+TOKEN_POLICIES = ("last_word_to_end", "last_word", "all_tokens")
+
+
+@dataclass(frozen=True)
+class Concepts:
+    targets: tuple[str, ...]
+    guides: tuple[str, ...]  # one per target
+    preserve: tuple[str, ...]
+
+    @classmethod
+    def build(cls, targets: Sequence[str], guides: Sequence[str] = (), preserve: Sequence[str] = ()) -> "Concepts":
+        """Validate user lists. No guide means the empty prompt; one guide is used for every target."""
+        targets = tuple(t.strip() for t in targets if t and t.strip())
+        guides = tuple(g.strip() for g in guides)
+        preserve = tuple(p.strip() for p in preserve if p and p.strip())
+        if not targets:
+            raise InvalidParameterError("erase", "give at least one concept to erase")
+        if len(set(targets)) != len(targets):
+            raise InvalidParameterError("erase", "a concept is listed twice")
+        if len(guides) > len(targets):
+            raise InvalidParameterError(
+                "guide", f"{len(guides)} guides for {len(targets)} concepts to erase: give one guide, or one per concept"
+            )
+        if 1 < len(guides) < len(targets):
+            raise InvalidParameterError(
+                "guide", f"{len(guides)} guides for {len(targets)} concepts: give one guide for all, or one per concept"
+            )
+        if len(guides) <= 1:
+            guides = (guides[0] if guides else "",) * len(targets)
+        clash = sorted(set(targets) & set(preserve))
+        if clash:
+            raise InvalidParameterError("preserve", f"{clash[0]!r} is both erased and preserved")
+        return cls(targets, guides, preserve)
+
+    def as_dict(self) -> dict:
+        return {"erase": list(self.targets), "guide": list(self.guides), "preserve": list(self.preserve)}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Feature matrices as columns (d × n), float32: C_E paired with C_G; C_P preserved."""
+
+    erase: torch.Tensor
+    guide: torch.Tensor
+    preserve: torch.Tensor
+    erase_owner: tuple[int, ...]  # which target each erase column came from
+
+
+def _last_word(enc: EncodedPrompts, i: int) -> int:
+    return max(enc.lengths[i] - 2, 0)
+
+
+def target_columns(targets: EncodedPrompts, guides: EncodedPrompts, policy: str):
+    """(C_E, C_G, owner) for paired target/guide prompts under `policy`."""
+    erase, guide, owner = [], [], []
+    window = targets.features.shape[1]
+    for i in range(len(targets.prompts)):
+        if policy == "last_word":
+            e, g = [_last_word(targets, i)], [_last_word(guides, i)]
+        elif policy == "last_word_to_end":
+            start_e, start_g = _last_word(targets, i), _last_word(guides, i)
+            count = window - max(start_e, start_g)
+            e, g = range(start_e, start_e + count), range(start_g, start_g + count)
+        elif policy == "all_tokens":
+            e = g = range(window)
+        else:
+            raise InvalidParameterError("token_policy", f"{policy!r} is not one of {', '.join(TOKEN_POLICIES)}")
+        erase.append(targets.features[i, list(e)])
+        guide.append(guides.features[i, list(g)])
+        owner += [i] * len(e)
+    return torch.cat(erase).T, torch.cat(guide).T, tuple(owner)
+
+
+def preserve_columns(preserved: EncodedPrompts, policy: str) -> torch.Tensor:
+    if not preserved.prompts:
+        return preserved.features.new_zeros(preserved.features.shape[-1], 0)
+    if policy == "last_word":
+        rows = [preserved.features[i, _last_word(preserved, i)][None] for i in range(len(preserved.prompts))]
+    else:
+        rows = list(preserved.features)
+    return torch.cat(rows).T
+
+
+def concept_columns(encoder: TextEncoder, concepts: Concepts, policy: str, preserve_empty: bool) -> Columns:
+    """Encode every prompt once and select the columns that `policy` says stand for it."""
+    preserve = (("",) if preserve_empty and "" not in concepts.preserve else ()) + concepts.preserve
+    unique = list(dict.fromkeys(concepts.targets + concepts.guides + preserve))
+    encoded = encoder.encode(unique)
+    index = {p: i for i, p in enumerate(unique)}
+
+    def pick(prompts: Sequence[str]) -> EncodedPrompts:
+        rows = [index[p] for p in prompts]
+        return EncodedPrompts(
+            tuple(prompts), encoded.features[rows], tuple(encoded.lengths[r] for r in rows)
+        ) if rows else EncodedPrompts((), encoded.features[:0], ())
+
+    c_e, c_g, owner = target_columns(pick(concepts.targets), pick(concepts.guides), policy)
+    c_p = preserve_columns(pick(preserve), policy)
+    return Columns(c_e, c_g, c_p, owner)

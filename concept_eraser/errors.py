@@ -1,0 +1,29 @@
+"""Exceptions of the solver. Hosts catch `EraserError` at their boundary and show its message."""
+
+
+class EraserError(Exception):
+    """Base of every error whose message is meant for the user."""
+
+
+class InvalidParameterError(EraserError, ValueError):
+    """A setting or input is out of range; the message names the field and what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UnsupportedModelError(EraserError):
+    """The checkpoint's key layout is not one the solver can edit."""
+
+
+class UnsafeFileError(EraserError):
+    """The file is not safetensors (a pickle checkpoint, or not a model at all)."""
+
+
+class NonFiniteResultError(EraserError):
+    """The solve produced NaN or Inf; nothing was written or patched."""
+
+
+class Cancelled(EraserError):
+    """The user stopped the run; nothing was written or patched."""

@@ -1,0 +1,91 @@
+"""Text encoders rebuilt from a checkpoint's own weights as transformers `CLIPTextModel`s.
+
+OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) are converted to the transformers layout: the fused
+`attn.in_proj_weight` is split into q/k/v, `resblocks` become `encoder.layers`. Every real CLIP
+text tower uses 64-wide attention heads, so the head count is width / 64.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from ..errors import UnsupportedModelError
+from .arch import EncoderSpec
+
+HEAD_WIDTH = 64
+
+_OPEN_CLIP_RENAMES = [
+    (r"^token_embedding\.weight$", "embeddings.token_embedding.weight"),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    (r"^ln_final\.(weight|bias)$", r"final_layer_norm.\1"),
+    (r"^transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"^transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)$", r"encoder.layers.\1.mlp.fc1.\2"),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)$", r"encoder.layers.\1.mlp.fc2.\2"),
+]
+_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+
+
+def hf_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's weights under transformers' CLIP text-transformer names (no `text_model.` prefix)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if not key.startswith(spec.prefix):
+            continue
+        name = key[len(spec.prefix):]
+        if spec.layout == "hf":
+            if not name.endswith("position_ids"):
+                out[name] = load(key)
+            continue
+        if (m := _IN_PROJ.match(name)) is not None:
+            q, k, v = load(key).chunk(3, dim=0)
+            for part, tensor in zip("qkv", (q, k, v)):
+                out[f"encoder.layers.{m.group(1)}.self_attn.{part}_proj.{m.group(2)}"] = tensor
+            continue
+        for pattern, replacement in _OPEN_CLIP_RENAMES:
+            if re.match(pattern, name):
+                out[re.sub(pattern, replacement, name)] = load(key)
+                break
+    return out
+
+
+def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
+    """A float32 `CLIPTextModel` holding `state` (transformers names), on `device`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        vocab, width = state["embeddings.token_embedding.weight"].shape
+        positions = state["embeddings.position_embedding.weight"].shape[0]
+        intermediate = state["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise UnsupportedModelError(f"the {spec.name} text encoder is missing {exc.args[0]}") from None
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=max(1, width // HEAD_WIDTH),
+        max_position_embeddings=positions,
+        hidden_act="quick_gelu" if spec.layout == "hf" else "gelu",  # OpenAI CLIP vs OpenCLIP
+        layer_norm_eps=1e-5,
+        projection_dim=width,
+    )
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    transformer = text_transformer(model)
+    state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    missing, _unexpected = transformer.load_state_dict(state, strict=False, assign=True)
+    if missing:
+        raise UnsupportedModelError(f"the {spec.name} text encoder is missing weights: {', '.join(missing[:3])}")
+    # Non-persistent buffers were created on the meta device; rebuild them for real.
+    transformer.embeddings.register_buffer("position_ids", torch.arange(positions, device=device).unsqueeze(0), persistent=False)
+    return model.eval().requires_grad_(False)
+
+
+def text_transformer(model):
+    """The module holding embeddings/encoder/final_layer_norm (transformers 4.x nests it in `text_model`)."""
+    return getattr(model, "text_model", model)

@@ -1,0 +1,140 @@
+"""Tiny random checkpoints with the real key layouts of SD1.x, SD2.x and SDXL.
+
+Block names, depths and the text encoders' key layouts are the real ones; widths are small
+(``text="full"`` writes real-size text encoders, for comparisons with the hosts). Seeded, so the
+same call always writes the same file. Used by the tests, the benchmark and the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .safetensors_io import write_safetensors
+
+VOCAB = 49408
+POSITIONS = 77
+
+# (block, transformer depth, level) of every spatial transformer in the real U-Nets.
+SD_BLOCKS = [(f"input_blocks.{i}.1", 1, lvl) for i, lvl in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))] + \
+    [("middle_block.1", 1, 2)] + [(f"output_blocks.{i}.1", 1, 2 - (i - 3) // 3) for i in range(3, 12)]
+SDXL_BLOCKS = [(f"input_blocks.{i}.1", d, lvl) for i, d, lvl in ((4, 2, 0), (5, 2, 0), (7, 10, 1), (8, 10, 1))] + \
+    [("middle_block.1", 10, 1)] + [(f"output_blocks.{i}.1", 10 if i < 3 else 2, 1 if i < 3 else 0) for i in range(6)]
+
+FULL_TEXT = {"clip_l": (768, 12, 3072), "clip_h": (1024, 24, 4096), "clip_g": (1280, 32, 5120)}
+TINY_TEXT = {"clip_l": (64, 2, 128), "clip_h": (64, 3, 128), "clip_g": (96, 3, 192)}
+
+
+class _Init:
+    def __init__(self, seed: int, dtype: torch.dtype):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+
+    def normal(self, *shape, std=0.02):
+        return (torch.randn(*shape, generator=self.gen) * std).to(self.dtype)
+
+    def ones(self, *shape):
+        return torch.ones(*shape, dtype=self.dtype)
+
+    def zeros(self, *shape):
+        return torch.zeros(*shape, dtype=self.dtype)
+
+
+def _hf_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int, position_ids: bool) -> dict:
+    sd = {
+        prefix + "embeddings.token_embedding.weight": init.normal(VOCAB, width),
+        prefix + "embeddings.position_embedding.weight": init.normal(POSITIONS, width, std=0.01),
+        prefix + "final_layer_norm.weight": init.ones(width),
+        prefix + "final_layer_norm.bias": init.zeros(width),
+    }
+    if position_ids:
+        sd[prefix + "embeddings.position_ids"] = torch.arange(POSITIONS).unsqueeze(0)
+    for i in range(layers):
+        p = f"{prefix}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{proj}.weight"] = init.normal(width, width)
+            sd[p + f"self_attn.{proj}.bias"] = init.normal(width)
+        for norm in ("layer_norm1", "layer_norm2"):
+            sd[p + f"{norm}.weight"] = init.ones(width)
+            sd[p + f"{norm}.bias"] = init.zeros(width)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = init.normal(mlp, width), init.normal(mlp)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = init.normal(width, mlp), init.normal(width)
+    return sd
+
+
+def _open_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int) -> dict:
+    sd = {
+        prefix + "token_embedding.weight": init.normal(VOCAB, width),
+        prefix + "positional_embedding": init.normal(POSITIONS, width, std=0.01),
+        prefix + "ln_final.weight": init.ones(width),
+        prefix + "ln_final.bias": init.zeros(width),
+        prefix + "text_projection": init.normal(width, width),
+        prefix + "logit_scale": torch.tensor(4.6052, dtype=init.dtype),
+    }
+    for i in range(layers):
+        p = f"{prefix}transformer.resblocks.{i}."
+        sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = init.normal(3 * width, width), init.normal(3 * width)
+        sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = init.normal(width, width), init.normal(width)
+        for norm in ("ln_1", "ln_2"):
+            sd[p + f"{norm}.weight"], sd[p + f"{norm}.bias"] = init.ones(width), init.zeros(width)
+        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = init.normal(mlp, width), init.normal(mlp)
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = init.normal(width, mlp), init.normal(width)
+    return sd
+
+
+def _unet(init: _Init, blocks, widths, context: int, linear_proj: bool, adm: int | None) -> dict:
+    u = "model.diffusion_model."
+    sd = {u + "input_blocks.0.0.weight": init.normal(widths[0], 4, 3, 3), u + "input_blocks.0.0.bias": init.zeros(widths[0])}
+    if adm:
+        sd[u + "label_emb.0.0.weight"] = init.normal(4 * widths[0], adm)
+        sd[u + "label_emb.0.0.bias"] = init.zeros(4 * widths[0])
+    for block, depth, level in blocks:
+        c = widths[level]
+        b = f"{u}{block}."
+        sd[b + "proj_in.weight"] = init.normal(c, c) if linear_proj else init.normal(c, c, 1, 1)
+        for t in range(depth):
+            p = f"{b}transformer_blocks.{t}."
+            for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q"):
+                sd[p + name + ".weight"] = init.normal(c, c)
+            # K/V read the text: scale ~1/sqrt(context) like a trained layer's.
+            sd[p + "attn2.to_k.weight"] = init.normal(c, context, std=context ** -0.5)
+            sd[p + "attn2.to_v.weight"] = init.normal(c, context, std=context ** -0.5)
+            sd[p + "attn2.to_out.0.weight"], sd[p + "attn2.to_out.0.bias"] = init.normal(c, c), init.zeros(c)
+            for n in ("norm1", "norm2", "norm3"):
+                sd[p + f"{n}.weight"], sd[p + f"{n}.bias"] = init.ones(c), init.zeros(c)
+    sd[u + "out.2.weight"] = init.normal(4, widths[0], 3, 3)
+    return sd
+
+
+def tiny_state_dict(family: str, seed: int = 0, dtype: torch.dtype = torch.float16, text: str = "tiny",
+                    unet_width: int = 32) -> dict[str, torch.Tensor]:
+    """A seeded random state dict with `family`'s real key layout ("sd1", "sd2" or "sdxl")."""
+    init = _Init(seed, dtype)
+    sizes = FULL_TEXT if text == "full" else TINY_TEXT
+    w = unet_width
+    if family == "sd1":
+        width, layers, mlp = sizes["clip_l"]
+        sd = _hf_clip(init, "cond_stage_model.transformer.text_model.", width, layers, mlp, position_ids=True)
+        sd |= _unet(init, SD_BLOCKS, (w, 2 * w, 4 * w), width, linear_proj=False, adm=None)
+    elif family == "sd2":
+        width, layers, mlp = sizes["clip_h"]
+        sd = _open_clip(init, "cond_stage_model.model.", width, layers, mlp)
+        sd |= _unet(init, SD_BLOCKS, (w, 2 * w, 4 * w), width, linear_proj=True, adm=None)
+    elif family == "sdxl":
+        wl, ll, ml = sizes["clip_l"]
+        wg, lg, mg = sizes["clip_g"]
+        sd = _hf_clip(init, "conditioner.embedders.0.transformer.text_model.", wl, ll, ml, position_ids=False)
+        sd |= _open_clip(init, "conditioner.embedders.1.model.", wg, lg, mg)
+        sd |= _unet(init, SDXL_BLOCKS, (2 * w, 4 * w), wl + wg, linear_proj=True, adm=wg + 6 * 256)
+    else:
+        raise ValueError(f"unknown family {family!r}; expected sd1, sd2 or sdxl")
+    sd["first_stage_model.decoder.conv_out.weight"] = init.normal(3, 32, 3, 3)
+    return sd
+
+
+def make_tiny_checkpoint(path, family: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float16,
+                         text: str = "tiny", overwrite: bool = False) -> Path:
+    sd = tiny_state_dict(family, seed, dtype, text)
+    meta = {"modelspec.title": f"tiny random {family}", "tiny_seed": str(seed)}
+    return write_safetensors(path, sd, meta, overwrite=overwrite)

@@ -1,0 +1,93 @@
+"""CLIP's byte-level BPE tokenizer, offline.
+
+The vocabulary is rebuilt from the BPE merge list that open_clip_torch ships inside its wheel
+(`open_clip/bpe_simple_vocab_16e6.txt.gz`), exactly as OpenAI's CLIP vocabulary was made, so no
+hub download is ever needed. Inside a host, the host's own tokenizer is used instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EraserError
+
+BOS_ID = 49406
+EOS_ID = 49407
+WINDOW = 77  # BOS + 75 tokens + EOS
+
+
+def _bpe_merges_path() -> Path:
+    # find_spec locates the package without importing it (open_clip imports torchvision on import).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise EraserError(
+            "the CLIP vocabulary is missing: install open_clip_torch (pip install --no-deps open_clip_torch), "
+            "whose wheel ships bpe_simple_vocab_16e6.txt.gz"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise EraserError(f"{path} is missing from the open_clip_torch installation")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """transformers' CLIPTokenizer over the vocabulary rebuilt from the shipped merge list."""
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(_bpe_merges_path()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    # Files rather than in-memory objects: the constructor's in-memory form differs across
+    # transformers 4.x (hosts pin old ones) and 5.x, the folder form is the same.
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}), encoding="utf-8")
+        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: tuple[int, ...]  # always WINDOW long: BOS, words, EOS, padding
+    length: int  # BOS + words + EOS
+    truncated: bool
+
+
+def tokenize(text: str, pad_id: int) -> Tokens:
+    """Tokenize like the hosts: BOS, at most 75 tokens, EOS, padding to 77 with `pad_id`.
+
+    Longer prompts are truncated with a warning (hosts split them into several 77-token chunks;
+    an erasure target is one chunk)."""
+    words = clip_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    truncated = len(words) > WINDOW - 2
+    if truncated:
+        warnings.warn(
+            f"prompt {text[:40]!r}... has {len(words)} tokens; only the first {WINDOW - 2} are used", stacklevel=2
+        )
+        words = words[: WINDOW - 2]
+    ids = [BOS_ID, *words, EOS_ID]
+    length = len(ids)
+    ids += [pad_id] * (WINDOW - length)
+    return Tokens(tuple(ids), length, truncated)
