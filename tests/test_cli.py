@@ -1,0 +1,121 @@
+"""The command line end to end, and every bad input: a clear message naming the field, exit code 2,
+nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from concept_eraser.cli import main
+from concept_eraser.tiny import tiny_state_dict
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_erase_inspect_apply_end_to_end(tiny_checkpoints, tmp_path, capsys):
+    model = tiny_checkpoints["sdxl"]
+    out, report = tmp_path / "erased.safetensors", tmp_path / "report.json"
+    code, stdout, err = run(["erase", model, "--erase", "Van Gogh", "--erase", "a cat", "--guide", "a painting",
+                             "--guide", "an animal", "--preserve", "Claude Monet", "--set", "lam=0.2",
+                             "--set", "token_policy=last_word", "--out", out, "--report", report,
+                             "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "140 matrices changed" in stdout
+    data = json.loads(report.read_text())
+    assert data["method"] == "uce" and data["params"]["lam"] == 0.2
+    assert data["concepts"] == {"erase": ["Van Gogh", "a cat"], "guide": ["a painting", "an animal"],
+                                "preserve": ["Claude Monet"]}
+    assert len(data["layers"]) == 140 and data["seconds"] > 0 and data["output"]["format"] == "checkpoint"
+
+    patch = tmp_path / "patch.safetensors"
+    assert run(["erase", model, "--erase", "Van Gogh", "--set", "token_policy=last_word", "--out", patch,
+                "--format", "patch"], capsys)[0] == 0
+    code, stdout, _ = run(["inspect", patch, "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["kind"] == "patch" and len(info["edits"]) == 140 and info["erasures"][0]["method"] == "uce"
+
+    applied = tmp_path / "applied.safetensors"
+    assert run(["apply", model, patch, "--out", applied], capsys)[0] == 0
+    code, stdout, _ = run(["inspect", applied], capsys)
+    assert code == 0 and "Stable Diffusion XL" in stdout and "erasure 1: uce of Van Gogh" in stdout
+    code, stdout, _ = run(["inspect", model, "--json"], capsys)
+    info = json.loads(stdout)
+    assert info["architecture"] == "sdxl" and len(info["cross_attention"]) == 140 and info["erasures"] == []
+
+    lora = tmp_path / "lora.safetensors"
+    assert run(["erase", model, "--erase", "Van Gogh", "--set", "token_policy=last_word", "--out", lora,
+                "--format", "lora"], capsys)[0] == 0
+    assert len(load_file(str(lora))) == 3 * 140
+
+
+@pytest.fixture
+def nonfinite_checkpoint(tmp_path):
+    sd = tiny_state_dict("sd1", dtype=torch.float32)
+    key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+    sd[key][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": (["erase", "{dir}/nope.safetensors", "--erase", "x"], "model", "does not exist"),
+    "pickle": (["erase", "{dir}/model.ckpt", "--erase", "x"], "", "pickle checkpoint"),
+    "unknown architecture": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "", "Flux is not supported"),
+    "no --erase": (["erase", "{sd1}"], "erase", "at least one concept"),
+    "more guides than targets": (["erase", "{sd1}", "--erase", "x", "--guide", "a", "--guide", "b"], "guide",
+                                 "2 guides for 1 concepts"),
+    "lambda zero": (["erase", "{sd1}", "--erase", "x", "--set", "lam=0"], "lam", "must be a number > 0"),
+    "lambda negative": (["erase", "{sd1}", "--erase", "x", "--set", "lam=-1"], "lam", "out of range"),
+    "unknown parameter": (["erase", "{sd1}", "--erase", "x", "--set", "mu=1"], "mu", "unknown parameter"),
+    "bad choice": (["erase", "{sd1}", "--erase", "x", "--set", "token_policy=eos"], "token_policy", "one of"),
+    "unknown method": (["erase", "{sd1}", "--erase", "x", "--method", "esd"], "method", "choose one of"),
+    "existing output": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/exists.safetensors"], "--out",
+                        "already exists"),
+    "missing folder": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/no/such/out.safetensors"], "--out",
+                       "does not exist"),
+    "non-finite": (["erase", "{dir}/nan.safetensors", "--erase", "x"], "", "NaN or Inf"),
+    "bad device": (["erase", "{sd1}", "--erase", "x", "--device", "tpu"], "device", "auto, cpu or cuda"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_message_and_leaves_nothing_behind(case, tiny_checkpoints, tmp_path, capsys,
+                                                                   nonfinite_checkpoint):
+    torch.save({"a": torch.zeros(1)}, tmp_path / "model.ckpt")
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)},
+              str(tmp_path / "flux.safetensors"))
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    argv, field, message = BAD_INPUTS[case]
+    argv = [a.format(dir=tmp_path, sd1=tiny_checkpoints["sd1"]) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out.safetensors")]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert field in err and message in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
+
+
+def test_overwrite_replaces_an_existing_output(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"old")
+    assert run(["erase", tiny_checkpoints["sd1"], "--erase", "x", "--out", out, "--overwrite"], capsys)[0] == 0
+    assert out.stat().st_size > 1000
+
+
+def test_module_entry_point_and_demo_run_in_a_fresh_process(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "concept_eraser", "demo", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "erased Van Gogh with uce" in done.stdout and "erasure 1: uce of Van Gogh" in done.stdout
+    assert (tmp_path / "report.json").exists()

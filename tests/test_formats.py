@@ -1,0 +1,118 @@
+"""Checkpoint / patch / LoRA files: round trips, provenance, composition, atomic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from concept_eraser import CheckpointModel, Concepts, erase, load_patch, save_checkpoint, save_lora, save_patch
+from concept_eraser.checkpoint import check_patch_fits
+from concept_eraser.errors import InvalidParameterError
+from concept_eraser.safetensors_io import LazyTensor, file_sha256, write_safetensors
+
+UNET = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def sd1_erasure(tiny_checkpoints):
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    return model, erase(model, "uce", Concepts.build(["Van Gogh"], preserve=["Claude Monet"]),
+                        {"token_policy": "last_word"})
+
+
+def metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_checkpoint_metadata_records_provenance(sd1_erasure, tmp_path, tiny_checkpoints):
+    model, result = sd1_erasure
+    out = save_checkpoint(model, result.patch, tmp_path / "erased.safetensors")
+    meta = metadata(out)
+    steps = json.loads(meta["concept_eraser.steps"])
+    assert len(steps) == 1 and steps[0]["method"] == "uce"
+    assert steps[0]["concepts"]["erase"] == ["Van Gogh"]
+    assert steps[0]["source"]["sha256"] == file_sha256(tiny_checkpoints["sd1"])
+    assert steps[0]["params"]["lam"] == 0.5 and steps[0]["library"].startswith("concept_eraser ")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+    assert "Van Gogh" in meta["modelspec.title"] and meta["concept_eraser.format"] == "checkpoint"
+
+
+def test_patch_file_round_trip_applies_to_the_same_tensors(sd1_erasure, tmp_path):
+    model, result = sd1_erasure
+    path = save_patch(result.patch, tmp_path / "p.safetensors")
+    assert path.stat().st_size < model.path.stat().st_size / 5  # only the changed tensors
+    loaded = load_patch(path)
+    assert loaded.steps == result.patch.steps and set(loaded.edits) == set(result.patch.edits)
+    check_patch_fits(model, loaded, force=False)
+    for key in result.patch.edits:
+        original = model.weight(key)
+        assert torch.equal(loaded.apply_to(key, original), result.patch.apply_to(key, original))
+
+
+def test_a_patch_for_another_checkpoint_is_refused_unless_forced(sd1_erasure, tmp_path):
+    _, result = sd1_erasure
+    other = tmp_path / "other.safetensors"
+    from concept_eraser.tiny import make_tiny_checkpoint
+    make_tiny_checkpoint(other, "sd1", seed=7)
+    with pytest.raises(InvalidParameterError, match="--force"):
+        check_patch_fits(CheckpointModel(other), result.patch, force=False)
+    check_patch_fits(CheckpointModel(other), result.patch, force=True)
+
+
+def test_lora_file_reproduces_the_erasure_with_standard_key_names(sd1_erasure, tmp_path):
+    model, result = sd1_erasure
+    lora = load_file(str(save_lora(result.patch, tmp_path / "lora.safetensors")))
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    assert {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"} <= set(lora)
+    assert len(lora) == 3 * len(model.arch.kv_keys)
+    for key in model.arch.kv_keys:
+        stem = "lora_unet_" + key[len(UNET):-len(".weight")].replace(".", "_")
+        up, down, alpha = lora[stem + ".lora_up.weight"], lora[stem + ".lora_down.weight"], lora[stem + ".alpha"]
+        # How every LoRA loader applies it: W + (alpha / rank) · up @ down.
+        applied = model.weight(key).float() + (alpha / down.shape[0]) * (up.float() @ down.float())
+        torch.testing.assert_close(applied.half(), result.patch.apply_to(key, model.weight(key)), rtol=0, atol=1e-3)
+    assert metadata(tmp_path / "lora.safetensors")["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_dense_results_cannot_be_a_lora(tiny_checkpoints, tmp_path):
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    result = erase(model, "uce", Concepts.build(["Van Gogh"]))  # 76 columns > the tiny widths: dense
+    with pytest.raises(InvalidParameterError, match="not low-rank"):
+        save_lora(result.patch, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_erasing_an_erased_checkpoint_records_both_steps_and_patches_compose(sd1_erasure, tmp_path):
+    model, first = sd1_erasure
+    once = save_checkpoint(model, first.patch, tmp_path / "once.safetensors")
+    model2 = CheckpointModel(once)
+    second = erase(model2, "uce", Concepts.build(["a cat"]), {"token_policy": "last_word"})
+    twice = save_checkpoint(model2, second.patch, tmp_path / "twice.safetensors")
+    steps = json.loads(metadata(twice)["concept_eraser.steps"])
+    assert [s["concepts"]["erase"] for s in steps] == [["Van Gogh"], ["a cat"]]
+    assert steps[1]["source"]["sha256"] == file_sha256(once)
+    composed = first.patch.then(second.patch)
+    direct = load_file(str(twice))
+    for key in model.arch.kv_keys:
+        torch.testing.assert_close(composed.apply_to(key, model.weight(key)), direct[key], rtol=0, atol=2e-3)
+
+
+def test_writes_are_atomic_and_never_overwrite_silently(tmp_path):
+    target = tmp_path / "out.safetensors"
+
+    def boom():
+        raise RuntimeError("stopped half way")
+
+    with pytest.raises(RuntimeError):
+        write_safetensors(target, {"a": torch.zeros(2), "b": LazyTensor(torch.float32, (2,), boom)})
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+    write_safetensors(target, {"a": torch.zeros(2)})
+    with pytest.raises(InvalidParameterError, match="already exists"):
+        write_safetensors(target, {"a": torch.ones(2)})
+    write_safetensors(target, {"a": torch.ones(2)}, overwrite=True)
+    assert torch.equal(load_file(str(target))["a"], torch.ones(2))
+    with pytest.raises(InvalidParameterError, match="does not exist"):
+        write_safetensors(tmp_path / "missing" / "x.safetensors", {"a": torch.zeros(1)})
