@@ -9,11 +9,13 @@ prompts with `CheckpointModel(path).text_encoder`. Token ids, prompt lengths and
 
 Tolerance: both sides run float32 on the CPU over the very same weights (fp16 in the file, exact in
 float32), so they differ only by float32 rounding in differently ordered kernels (ComfyUI's own
-attention and manual-cast linears vs transformers' SDPA). Measured: max |diff| ~1e-6 of the feature
-scale for every family. The bound, |ours - comfy| <= 1e-4·|comfy| + 1e-4·max|comfy|, leaves two
-orders of magnitude of headroom for other CPUs, while the mistakes it guards against (wrong layer,
-missing or extra final norm, wrong padding id) move features by ~1e-1 of the scale or more; the
-`controls` test checks that on ComfyUI's side, so this comparison cannot pass vacuously.
+attention and manual-cast linears vs transformers' SDPA). ComfyUI's CPU default (fp16 storage,
+manual cast to float32 for compute) gives bit-identical features here, the checkpoint being fp16.
+Measured: max |diff| ~1e-6 of the feature scale for every family. The bound,
+|ours - comfy| <= 1e-4·|comfy| + 1e-4·max|comfy|, leaves two orders of magnitude of headroom for
+other CPUs, while the mistakes it guards against (wrong layer,
+missing or extra final norm, wrong padding id) move features by ~2e-1 of the scale or more; the
+controls test checks that on ComfyUI's side, so this comparison cannot pass vacuously.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def _comfy_clip(comfy, path: Path, family: str):
 
 
 def _comfy_encode(clip, text: str, layer: int | None = None, pad_swap: bool = False):
-    """(token ids per slot, word count, features [77, d]) for one prompt, through ComfyUI."""
+    """(token ids per slot, word count per slot, features [77, d], pooled [p]) for one prompt, through ComfyUI."""
     tokens = clip.tokenize(text, return_word_ids=True)
     assert all(len(chunks) == 1 for chunks in tokens.values()), "test prompts fit one 77-token window"
     ids = {slot: [t for t, _w, _word in chunks[0]] for slot, chunks in tokens.items()}
@@ -135,9 +137,9 @@ def _comfy_encode(clip, text: str, layer: int | None = None, pad_swap: bool = Fa
     if layer is not None:
         clip = clip.clone()
         clip.clip_layer(layer)
-    features = clip.encode_from_tokens(tokens)
+    features, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     assert features.shape[:2] == (1, 77), features.shape
-    return ids, words, features[0].float()
+    return ids, words, features[0].float(), pooled[0].float()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -174,6 +176,7 @@ def case(request, comfy, tmp_path_factory):
         "comfy_ids": [e[0] for e in encoded],
         "comfy_words": [e[1] for e in encoded],
         "comfy": torch.stack([e[2] for e in encoded]),
+        "comfy_pooled": torch.stack([e[3] for e in encoded]),
         "controls": controls,
         "ours": ours,
     }
@@ -213,6 +216,21 @@ def test_features_match_comfy(case):
     print(f"\n[{case['family']}] max |ours - comfy| = {diff.max().item():.3g} "
           f"({diff.max().item() / scale:.3g} of the feature scale {scale:.3g})")
     torch.testing.assert_close(ours.features, ref, rtol=RTOL, atol=_tolerance(ref))
+
+
+def test_pooled_matches_comfy(case):
+    """Where our encoder also gives the pooled embedding (SDXL: bigG's projected EOS state, which the
+    U-Net reads through label_emb), it is ComfyUI's pooled output."""
+    pooled = getattr(case["ours"], "pooled", None)
+    if pooled is None:
+        if case["family"] == "sdxl":
+            pytest.skip("this encoder gives no pooled embedding")
+        return
+    ref = case["comfy_pooled"]
+    assert pooled.shape == ref.shape, (pooled.shape, ref.shape)
+    diff = (pooled - ref).abs().max().item()
+    print(f"\n[{case['family']}] pooled: max |ours - comfy| = {diff:.3g} of scale {ref.abs().max().item():.3g}")
+    torch.testing.assert_close(pooled.float(), ref, rtol=RTOL, atol=_tolerance(ref))
 
 
 def test_controls_show_the_comparison_is_sensitive(case):
