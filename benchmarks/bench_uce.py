@@ -197,6 +197,18 @@ def _malloc_trim():
         pass
 
 
+def fix_mmap_threshold() -> bool:
+    """Make glibc serve every allocation above 128 KiB with its own mmap (no dynamic threshold), so
+    freed tensors leave RSS at once and the peak reflects live memory, not the heap's history.
+    Under glibc's default dynamic threshold the per-matrix float32 temporaries end up in the heap,
+    where small long-lived results split the freed holes: the same solve then peaks anywhere from
+    0.15× to 1.8× the SDXL weights depending on what ran before (see --default-malloc)."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1      # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _rss() -> int:
     try:
         import psutil
@@ -252,44 +264,52 @@ def edits_bytes(edits) -> int:
     return total
 
 
-def measure_peak(fn, device: torch.device):
-    """Run fn() (its result kept alive until the end) and return (peak bytes above the memory held
-    before it, by VmHWM or CUDA allocator; peak by the RSS sampler or None; the result)."""
+def measure_peak(fn, device: torch.device, sample_rss: bool = False):
+    """Run fn() once, its result kept alive to the end. Returns (peak bytes above the memory held
+    before it, by VmHWM or the CUDA allocator; peak by an RSS sampler thread or None; seconds;
+    the result). On CPU, freed heap memory is first returned to the system (malloc_trim) so the
+    baseline RSS is honest; the sampler runs only when asked or when VmHWM cannot be reset."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
         result = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, None, result
+        elapsed = time.perf_counter() - t0
+        return torch.cuda.max_memory_allocated(device) - base, None, elapsed, result
     _malloc_trim()
     base = _rss()
     hwm_ok = _reset_hwm()
-    sampler = RssSampler()
-    sampler.start()
+    sampler = RssSampler() if sample_rss or not hwm_ok else None
+    if sampler:
+        sampler.start()
+    t0 = time.perf_counter()
     result = fn()
-    sampled = sampler.stop() - base
+    elapsed = time.perf_counter() - t0
+    sampled = sampler.stop() - base if sampler else None
     hwm = _vmhwm() if hwm_ok else None
-    return (hwm - base if hwm is not None else sampled), sampled, result
+    return (hwm - base if hwm is not None else sampled), sampled, elapsed, result
 
 
-def time_ours(fn, sync, min_repeats: int = 3, max_seconds: float = 4.0):
-    """Best of up to `min_repeats` runs (a single run when one already takes > max_seconds)."""
-    times = []
-    while True:
+def time_ours(fn, sync, device, sample_rss: bool, min_repeats: int = 3, max_seconds: float = 4.0):
+    """Best of up to `min_repeats` runs (one when it already takes > max_seconds). The first run
+    also gives the peak memory and the edits. Returns (best s, runs, peak, sampled, edits)."""
+    peak, sampled, first, edits = measure_peak(fn, device, sample_rss)
+    times = [first]
+    while len(times) < min_repeats and sum(times) <= max_seconds:
         sync()
         t0 = time.perf_counter()
-        edits = fn()
+        again = fn()
         sync()
         times.append(time.perf_counter() - t0)
-        del edits
-        if len(times) >= min_repeats or sum(times) > max_seconds:
-            return min(times), len(times)
+        del again
+    return min(times), len(times), peak, sampled, edits
 
 
-def time_reference(weights, concepts, preserve, scale_p, sync, budget: float, keep: int, samples: int):
+def time_reference(weights, concepts, preserve, scale_p, sync, budget: float, keep, samples: int):
     """Time the per-matrix reference over all matrices, or over a few of each shape when the full
     run is estimated above `budget` seconds. Returns (seconds, measured?, k, N, {key: W_ref})."""
     by_shape: dict[tuple, list[str]] = {}
@@ -304,7 +324,7 @@ def time_reference(weights, concepts, preserve, scale_p, sync, budget: float, ke
         W = reference_matrix(weights[key], concepts, preserve, scale_p)
         sync()
         times[shape].append(time.perf_counter() - t0)
-        if len(kept) < keep and len(times[shape]) == 1:
+        if key in keep:
             kept[key] = W.cpu()
         del W
 
@@ -361,10 +381,14 @@ def main(argv=None) -> int:
                    help="comma list of dtypes for our solve (float64 = the project's default, float32)")
     p.add_argument("--ref-budget", type=float, default=None,
                    help="seconds: above this estimated full reference run, time a subset and extrapolate "
-                        "(default 60 on cuda, 20 on cpu, 3 with --quick)")
-    p.add_argument("--ref-samples", type=int, default=3, help="matrices per shape timed when extrapolating")
+                        "(default 60, 3 with --quick)")
+    p.add_argument("--ref-samples", type=int, default=2, help="matrices per shape timed when extrapolating")
     p.add_argument("--check", type=int, default=3, help="matrices compared with the reference / float64")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="CPU: keep glibc's dynamic mmap threshold (peak RSS then depends on the heap's history)")
+    p.add_argument("--rss-sampler", action="store_true",
+                   help="also sample RSS with psutil in a thread (CPU; VmHWM is used either way when available)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -378,11 +402,13 @@ def main(argv=None) -> int:
     policies = args.policies.split(",")
     solve_dtypes = args.solve_dtype.split(",")
     budget = args.ref_budget if args.ref_budget is not None else (
-        3.0 if args.quick else (60.0 if device.type == "cuda" else 20.0))
+        3.0 if args.quick else 60.0)
     sync = make_sync(device)
+    fixed_mmap = device.type == "cpu" and not args.default_malloc and fix_mmap_threshold()
 
     print("UCE solve benchmark: concept_eraser.linalg vs per-matrix reference (UCE paper-era train_erase.py)")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else platform.processor() or platform.machine())
     print(f"torch {torch.__version__}, device {device} ({dev_name}), CPU threads {torch.get_num_threads()}, "
           f"cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")
     print(f"λ={LAM}, erase scale {ERASE_SCALE}, preserve scale max(0.1, 1/#preserved)=1 (the empty prompt); "
@@ -397,6 +423,10 @@ def main(argv=None) -> int:
         n_params = sum(w.numel() for w in weights.values())
         w_bytes = sum(w.numel() * w.element_size() for w in weights.values())
         d = ARCHS[arch][2]
+        firsts: dict[tuple, str] = {}
+        for key, w in weights.items():
+            firsts.setdefault(tuple(w.shape), key)
+        check_keys = list(firsts.values())[:args.check]      # the first matrix of each shape
         print(f"[{arch}] {len(weights)} K/V matrices, {n_params / 1e6:.1f} M params, "
               f"{w_bytes / 2**20:.0f} MiB in fp16, context {d}", flush=True)
 
@@ -406,8 +436,8 @@ def main(argv=None) -> int:
         c_g = torch.cat([g for _, g in concepts], 1).to(device)
         c_p = torch.cat(preserve, 1).to(device)
         for name in solve_dtypes:
-            del_ = solve_ours(weights, c_e, c_g, c_p, s_p, DTYPES[name])
-            del del_
+            warm = solve_ours(weights, c_e, c_g, c_p, s_p, DTYPES[name])
+            del warm
         key0 = next(iter(weights))
         reference_matrix(weights[key0], [(e.to(device), g.to(device)) for e, g in concepts],
                          [c.to(device) for c in preserve], s_p)
@@ -424,31 +454,37 @@ def main(argv=None) -> int:
                 c_p = torch.cat(preserve, 1)
                 n_e, n_p = c_e.shape[1], c_p.shape[1]
 
-                ours = {}
+                ours, kept_edits = {}, {}
                 for name in solve_dtypes:
                     dt = DTYPES[name]
-                    ours[name] = time_ours(lambda: solve_ours(weights, c_e, c_g, c_p, s_p, dt), sync)
-
-                # memory (a separate run of the default dtype, its result kept until measured)
-                peak, sampled, edits = measure_peak(
-                    lambda: solve_ours(weights, c_e, c_g, c_p, s_p, DTYPES[solve_dtypes[0]]), device)
-                kinds = {type(e).__name__.replace("Edit", "").lower() for e in edits.values()}
-                res_bytes = edits_bytes(edits)
+                    best, runs, peak_, sampled_, edits = time_ours(
+                        lambda: solve_ours(weights, c_e, c_g, c_p, s_p, dt), sync, device, args.rss_sampler)
+                    ours[name] = (best, runs)
+                    kept_edits[name] = {key: edits[key] for key in check_keys}
+                    if name == solve_dtypes[0]:
+                        peak, sampled = peak_, sampled_
+                        kinds = {type(e).__name__.replace("Edit", "").lower() for e in edits.values()}
+                        res_bytes = edits_bytes(edits)
+                    del edits
+                    gc.collect()
 
                 t_ref, measured, k, n_mat, kept = time_reference(
-                    weights, concepts, preserve, s_p, sync, budget, args.check, args.ref_samples)
+                    weights, concepts, preserve, s_p, sync, budget, check_keys, args.ref_samples)
 
                 # correctness on the kept matrices
                 truth = truth_matrices(weights, list(kept), concepts, preserve, s_p, device)
-                for key, W_ref in kept.items():
-                    w16 = weights[key]
-                    W_ours = ours_matrix(edits[key], w16).cpu()
-                    W_o = w16.double().cpu()
-                    T = truth[key].cpu()
-                    checks.append((arch, policy, n, tuple(w16.shape), type(edits[key]).__name__,
-                                   rel_max(W_ours, W_ref), rel_max(W_ref.half(), W_ref),
-                                   rel_fro(W_ours.double() - W_o, T - W_o), rel_fro(W_ref.double() - W_o, T - W_o)))
-                del edits, truth, kept
+                for name in solve_dtypes:
+                    for key, W_ref in kept.items():
+                        w16, edit = weights[key], kept_edits[name][key]
+                        W_ours = ours_matrix(edit, w16).cpu()
+                        W_o = w16.double().cpu()
+                        T = truth[key].cpu()
+                        checks.append((arch, policy, n, tuple(w16.shape), name, type(edit).__name__,
+                                       float((T - W_o).norm() / W_o.norm()),
+                                       rel_max(W_ours, W_ref), rel_max(W_ours, T), rel_max(W_ref, T),
+                                       rel_max(T.half(), T),
+                                       rel_fro(W_ours.double() - W_o, T - W_o), rel_fro(W_ref.double() - W_o, T - W_o)))
+                del kept_edits, truth, kept
                 gc.collect()
                 if device.type == "cpu":
                     _malloc_trim()
@@ -472,32 +508,38 @@ def main(argv=None) -> int:
     print()
     print("== Time: our solve (uce_factors + right_update_edits) vs the per-matrix reference ==")
     dt_cols = "".join(f" {'ours ' + k_:>15s}" for k_ in solve_dtypes)
-    print(f"{'model':5s} {'policy':16s} {'n':>4s} {'E cols':>6s} {'P':>3s} {'edits':>9s}{dt_cols} "
+    print(f"{'model':5s} {'policy':16s} {'n':>4s} {'E cols':>6s} {'P':>3s} {'edits':>13s}{dt_cols} "
           f"{'reference':>13s} {'ref matrices':>12s} {'ratio':>8s}")
     for arch, policy, n, n_e, n_p, t_ours, t_ref, measured, k, n_mat, ratio, kinds in rows:
         ours_txt = "".join(f" {fmt_time(t_ours[k_]):>15s}" for k_ in solve_dtypes)
         ref_txt = ("" if measured else "~") + fmt_time(t_ref).strip()
-        print(f"{arch:5s} {policy:16s} {n:4d} {n_e:6d} {n_p:3d} {kinds:>9s}{ours_txt} {ref_txt:>13s} "
+        print(f"{arch:5s} {policy:16s} {n:4d} {n_e:6d} {n_p:3d} {kinds:>13s}{ours_txt} {ref_txt:>13s} "
               f"{f'{k}/{n_mat}':>12s} {f'×{ratio:,.0f}':>8s}")
+    print(f"  ratio = reference / ours[{solve_dtypes[0]}]")
     if any(not r[7] for r in rows):
         print("  ~ = extrapolated: the reference was timed on k of N matrices (a few of each shape) because the "
               f"full run was estimated above {budget:g} s; total = Σ_shape N_shape × median time.")
 
     print()
     print("== Correctness (a few matrices; truth = float64 mat1·mat2⁻¹ of the same formula) ==")
-    print(f"{'model':5s} {'policy':16s} {'n':>4s} {'shape':>11s} {'our edit':>12s} {'relW ours/ref':>14s} "
-          f"{'fp16 floor':>11s} {'ΔW err ours':>12s} {'ΔW err ref':>11s}")
-    for arch, policy, n, shape, kind, rw, floor, e_ours, e_ref in checks:
-        print(f"{arch:5s} {policy:16s} {n:4d} {str(shape[0]) + '×' + str(shape[1]):>11s} {kind:>12s} "
-              f"{rw:14.2e} {floor:11.2e} {e_ours:12.2e} {e_ref:11.2e}")
-    print("  relW = max|W_ours − W_ref| / max|W_ref|. Low-rank edits are compared before rounding to fp16; dense "
-          "edits are stored in fp16, so their floor is the fp16 rounding of W (column 'fp16 floor').")
+    print(f"{'model':5s} {'policy':16s} {'n':>4s} {'shape':>9s} {'solve':>7s} {'our edit':>11s} {'|ΔW|/|W|':>9s} "
+          f"{'relW ours/ref':>13s} {'ours/truth':>10s} {'ref/truth':>9s} {'fp16 floor':>10s} "
+          f"{'ΔW err ours':>11s} {'ΔW err ref':>10s}")
+    for arch, policy, n, shape, name, kind, size, rw, rw_o, rw_r, floor, e_ours, e_ref in checks:
+        print(f"{arch:5s} {policy:16s} {n:4d} {str(shape[0]) + '×' + str(shape[1]):>9s} {name:>7s} "
+              f"{kind.replace('Edit', ''):>11s} {size:9.1e} {rw:13.2e} {rw_o:10.2e} {rw_r:9.2e} {floor:10.2e} "
+              f"{e_ours:11.2e} {e_ref:10.2e}")
+    print("  relW a/b = max|W_a − W_b| / max|W_b|. Low-rank edits are compared before rounding to fp16; dense "
+          "edits are stored in fp16, so they cannot beat the fp16 rounding of W ('fp16 floor'). The reference "
+          "inverts mat2 in float32, so 'ref/truth' is its own error.")
     print("  ΔW err = ‖ΔW − ΔW_truth‖_F / ‖ΔW_truth‖_F, ΔW = W_new − W_o.")
 
     print()
     print("== Peak memory of our solve (above what was held before it) relative to the K/V weights ==")
     how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else \
-        "VmHWM (reset via /proc/self/clear_refs); RSS sampled every 2 ms in brackets"
+        "VmHWM (reset via /proc/self/clear_refs) of the first timed run" + \
+        ("; RSS sampled every 2 ms in brackets" if args.rss_sampler else "") + \
+        ("; glibc mmap threshold fixed at 128 KiB" if fixed_mmap else "; glibc default malloc settings")
     print(f"  measured by {how}; the result (edits) is kept, so it is part of the peak")
     print(f"{'model':5s} {'policy':16s} {'n':>4s} {'peak':>10s} {'ratio':>7s} {'sampled':>9s} {'result':>10s}")
     for arch, policy, n, peak, sampled, res, wb in mems:
@@ -507,7 +549,8 @@ def main(argv=None) -> int:
     sdxl = [m for m in mems if m[0] == "sdxl"]
     if sdxl:
         worst = max(m[3] / m[6] for m in sdxl)
-        print(f"  SDXL worst peak: {worst:.2f}× the K/V weights (target ≤ 1.5×) -> {'OK' if worst <= 1.5 else 'OVER'}")
+        print(f"  SDXL worst peak: {worst:.2f}× the K/V weights (target ≤ 1.5×) -> "
+              f"{'OK' if worst <= 1.5 else 'OVER'}")
     if device.type == "cuda":
         sdxl_t = [r for r in rows if r[0] == "sdxl"]
         if sdxl_t:

@@ -13,6 +13,8 @@ from .editable import EditableModel, Progress, no_progress
 from .methods import get_method
 from .params import resolve
 from .patch import ErasurePatch, provenance_step
+from .pooled import check_pooled, with_pooled_edit
+from .probe import brief, recoverability
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,17 @@ def erase(
     """Erase `concepts` from `model` with `method`; the model itself is never modified."""
     chosen = get_method(method)
     values = resolve(chosen.params, params or {}, chosen.name)
+    check_pooled(model.arch, values)
     start = time.perf_counter()
     output = chosen.run(model, concepts, values, progress)
+    output = with_pooled_edit(model, concepts, values, output, progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
+    # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
+    probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), concepts.targets, progress=progress)
     step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
+    step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
     report = {
         "method": chosen.name,
@@ -46,6 +53,7 @@ def erase(
         "source": model.source(),
         "seconds": round(seconds, 4),
         "layers": layer_changes(model, patch),
+        "probe": probe,
         **output.details,
     }
     return ErasureResult(patch, report)

@@ -12,6 +12,7 @@ import torch
 from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError
 from .models.arch import ArchSpec, UNET_PREFIX, detect
+from .models.text_encoders import hf_state_dict
 from .patch import EDIT_KINDS, ErasurePatch
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
 
@@ -48,6 +49,9 @@ class CheckpointModel:
 
     def weight(self, key: str) -> torch.Tensor:
         return self.reader.get(key).to(self.device)
+
+    def keys(self) -> list[str]:
+        return self.reader.keys()
 
     def source(self) -> dict:
         return {"name": self.path.name, "sha256": self.reader.sha256()}
@@ -138,8 +142,29 @@ def lora_name(key: str) -> str:
     return "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
 
 
-def save_lora(patch: ErasurePatch, out, overwrite: bool = False) -> Path:
-    """The erasure as a standard LoRA (up/down/alpha = rank, so its scale is 1 at strength 1)."""
+def lora_modules(key: str, up: torch.Tensor, down: torch.Tensor, arch: ArchSpec | None = None):
+    """[(kohya module name, up, down)] for one edited weight. U-Net keys: `lora_name`. Text-encoder
+    keys take transformers' CLIP names behind the encoder's prefix (lora_te_ for SD1/SD2, lora_te1_ /
+    lora_te2_ for SDXL's CLIP-L / bigG), as kohya and ComfyUI name them, e.g.
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj. An OpenCLIP fused in_proj (rows q; k; v)
+    becomes the three q/k/v modules, each with its rows of `up` and the same `down`: exactly the edit."""
+    if key.startswith(UNET_PREFIX):
+        return [(lora_name(key), up, down)]
+    spec = next((e for e in arch.encoders if key.startswith(e.prefix)), None) if arch else None
+    if spec is None:
+        why = ("it is neither a U-Net nor a text-encoder weight" if arch else
+               "text-encoder weights are named only when the model's architecture is given (save_lora(..., arch=))")
+        raise InvalidParameterError("format", f"{key} has no LoRA name: {why}")
+    parts = hf_state_dict(spec, [key], lambda _: up)
+    if not parts or not all(name.endswith(".weight") for name in parts):
+        raise InvalidParameterError("format", f"{key} has no LoRA name (only projection weights do)")
+    return [(spec.lora_prefix + "text_model_" + name[:-len(".weight")].replace(".", "_"), part, down)
+            for name, part in parts.items()]
+
+
+def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec | None = None) -> Path:
+    """The erasure as a standard LoRA (up/down/alpha = rank, so its scale is 1 at strength 1).
+    `arch` (the model's) is needed when the erasure edited the text encoder (ErasePro)."""
     if not patch.is_low_rank():
         raise InvalidParameterError(
             "format", "this erasure changed whole matrices (not low-rank), so it cannot be a LoRA; "
@@ -148,14 +173,13 @@ def save_lora(patch: ErasurePatch, out, overwrite: bool = False) -> Path:
     tensors = []
     ranks = set()
     for key in patch.edits:
-        up, down = patch.low_rank_factors(key)
-        name = lora_name(key)
-        ranks.add(up.shape[1])
-        tensors += [
-            (f"{name}.lora_up.weight", up.cpu().contiguous()),
-            (f"{name}.lora_down.weight", down.cpu().contiguous()),
-            (f"{name}.alpha", torch.tensor(float(up.shape[1]))),
-        ]
+        for name, up, down in lora_modules(key, *patch.low_rank_factors(key), arch):
+            ranks.add(up.shape[1])
+            tensors += [
+                (f"{name}.lora_up.weight", up.cpu().contiguous()),
+                (f"{name}.lora_down.weight", down.cpu().contiguous()),
+                (f"{name}.alpha", torch.tensor(float(up.shape[1]))),
+            ]
     meta = provenance_metadata(patch, "lora")
     meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
                  "ss_network_alpha": str(max(ranks))})
@@ -175,7 +199,7 @@ def check_patch_fits(model: CheckpointModel, patch: ErasurePatch, force: bool) -
             raise InvalidParameterError("patch", f"edits {key}, which the model does not have")
         shape = model.reader.infos[key].shape
         for s in stages:
-            got = tuple(s.new.shape) if s.kind == "dense" else (s.up.shape[0], s.down.shape[1])
+            got = tuple(s.shape)
             if got != shape:
                 raise InvalidParameterError("patch", f"{key} has shape {list(shape)} in the model, {list(got)} in the patch")
     expected = patch.steps[0]["source"].get("sha256") if patch.steps else None

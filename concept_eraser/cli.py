@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--force", action="store_true", help="apply even if the patch was made for another checkpoint")
 
-    d = sub.add_parser("demo", help="make a tiny random SD1.x checkpoint and erase a concept from it (no download)")
+    d = sub.add_parser("demo", help="erase 'circle' from the bundled ToyWorld model, judge samples before and after, "
+                                     "write a preview grid (no download)")
     d.add_argument("--out-dir", default="concept-eraser-demo")
     return parser
 
@@ -74,7 +75,7 @@ def _save(model: CheckpointModel, patch, fmt: str, out: Path, overwrite: bool) -
         return save_checkpoint(model, patch, out, overwrite)
     if fmt == "patch":
         return save_patch(patch, out, overwrite)
-    return save_lora(patch, out, overwrite)
+    return save_lora(patch, out, overwrite, arch=model.arch)
 
 
 def _progress(done: int, total: int, message: str) -> None:
@@ -86,8 +87,6 @@ def cmd_erase(args) -> int:
     # Check everything cheap before any heavy work, so bad input fails at once and writes nothing.
     out = check_writable(args.out, args.overwrite, "--out")
     report_path = check_writable_json(args.report, args.overwrite) if args.report else None
-    if args.format == "lora" and args.method not in ("uce", "rece"):
-        warnings.warn("LoRA output needs a low-rank result; it is refused below if the result is not")
     concepts = Concepts.build(args.erase, args.guide, args.preserve)
     params = parse_assignments(args.set)
     model = CheckpointModel(args.model, resolve_device(args.device))
@@ -161,6 +160,12 @@ def cmd_inspect(args) -> int:
     for n, step in enumerate(info["erasures"], 1):
         print(f"erasure {n}: {step.get('method')} of {', '.join(step.get('concepts', {}).get('erase', []))} "
               f"on {step.get('source', {}).get('name')} ({step.get('created')}), params {step.get('params')}")
+        results = dict(step.get("results", {}))
+        for target, figures in results.pop("probe", {}).items():
+            print(f"  recoverability of {target!r} (see concept_eraser.probe): residual {figures['residual']:.3f}, "
+                  f"cosine {figures['cosine']:.3f} (residual 0 / cosine 1 = fully recoverable)")
+        if results:
+            print(f"  results: {json.dumps(results)}")
     return 0
 
 
@@ -175,22 +180,9 @@ def cmd_apply(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .tiny import make_tiny_checkpoint
+    from .toyworld import demo
 
-    folder = Path(args.out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    model_path = folder / "tiny-sd15.safetensors"
-    if not model_path.exists():
-        make_tiny_checkpoint(model_path, "sd1", seed=0)
-        print(f"made {model_path} (random weights with the SD1.x layout)")
-    argv = ["erase", str(model_path), "--erase", "Van Gogh", "--preserve", "Claude Monet",
-            "--out", str(folder / "tiny-sd15-no-van-gogh.safetensors"), "--report", str(folder / "report.json"),
-            "--overwrite"]
-    print("python -m concept_eraser " + " ".join(f'"{a}"' if " " in a else a for a in argv))
-    code = main(argv)
-    if code == 0:
-        main(["inspect", str(folder / "tiny-sd15-no-van-gogh.safetensors")])
-    return code
+    return demo.run(Path(args.out_dir), main)
 
 
 COMMANDS = {"erase": cmd_erase, "inspect": cmd_inspect, "apply": cmd_apply, "demo": cmd_demo}

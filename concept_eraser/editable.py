@@ -3,7 +3,7 @@ the WebUI's loaded model): the architecture, current weights by checkpoint key, 
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -27,7 +27,18 @@ class EditableModel(Protocol):
     def text_encoder(self) -> TextEncoder: ...
 
     def weight(self, key: str) -> torch.Tensor:
-        """The current (effective) weight under its checkpoint key, on `device`, in the model's dtype."""
+        """The current (effective) weight under its checkpoint key, on `device`, in the model's dtype.
+        Read-only: it may share memory with the model (a host's live tensor, a memory-mapped file).
+
+        Every key that `keys` lists is served: the U-Net's (cross-attention K/V, SDXL's `label_emb`) and
+        the text encoders' under the checkpoint's own names (OpenCLIP fused `attn.in_proj_weight`
+        included). Methods that edit the text encoder rebuild it from these and run it layer by layer
+        with edited weights (`models.layerwise`), which a host's encoder object cannot be asked to do."""
+        ...
+
+    def keys(self) -> Sequence[str]:
+        """The checkpoint key names `weight` serves: at least the U-Net's K/V and `label_emb` and every
+        tensor of the text encoders (hosts map their own module names to these, as when they save)."""
         ...
 
     def source(self) -> dict:
@@ -37,3 +48,22 @@ class EditableModel(Protocol):
     def prior_steps(self) -> tuple[dict, ...]:
         """Provenance of erasures already baked into these weights, oldest first."""
         ...
+
+
+class WeightView(Mapping[str, torch.Tensor]):
+    """Read-only mapping key → current weight that loads each weight only when asked, so a loop over
+    it holds one matrix at a time (SDXL's K/V alone are ~0.7 GB in fp16)."""
+
+    def __init__(self, model: EditableModel, keys: Sequence[str]):
+        self.model, self.keys_ = model, tuple(keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        return self.model.weight(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)

@@ -27,3 +27,8 @@ class NonFiniteResultError(EraserError):
 
 class Cancelled(EraserError):
     """The user stopped the run; nothing was written or patched."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped at its iteration limit before reaching its tolerance; the result
+    is usable but not the exact optimum."""

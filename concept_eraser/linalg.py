@@ -40,16 +40,26 @@ def uce_factors(
     erase_scale: float,
     preserve_scale: float,
     dtype: torch.dtype = torch.float64,
+    preserve_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with the UCE update ΔW = W_o A Bᵀ, both d × n_e, in `dtype` on the features' device."""
-    c_e, c_g, c_p = (c.to(dtype) for c in (c_erase, c_guide, c_preserve))
+    """(A, B) with the UCE update ΔW = W_o A Bᵀ, both d × n_e, in `dtype` on the features' device.
+
+    `preserve_target` (d × n_p, T_P): what the preserved columns must map to, W C_P ≈ W_o T_P, when an
+    earlier edit moved the features (C_P ≠ T_P); then ΔW = W_o [(C_G − C_E) s_e C_Eᵀ + (T_P − C_P) s_p C_Pᵀ] M⁻¹
+    and A, B gain n_p columns. None means T_P = C_P, UCE's own case."""
+    # Memory grows with the column count (100 concepts × 77 tokens on SDXL: 116 MiB per d × n
+    # float64 array), so temporaries are dropped as soon as possible and scaled in place.
+    c_e, c_p = c_erase.to(dtype), c_preserve.to(dtype)
     d = c_e.shape[0]
     M = lam * torch.eye(d, dtype=dtype, device=c_e.device)
     M = torch.addmm(M, c_e, c_e.T, alpha=erase_scale)
     if c_p.shape[1]:
         M = torch.addmm(M, c_p, c_p.T, alpha=preserve_scale)
-    B = erase_scale * solve_spd(M, c_e)
-    return c_g - c_e, B
+    A = c_guide.to(dtype) - c_e
+    if preserve_target is None or not c_p.shape[1]:
+        return A, solve_spd(M, c_e).mul_(erase_scale)
+    A = torch.cat([A, preserve_target.to(dtype) - c_p], 1)
+    return A, solve_spd(M, torch.cat([erase_scale * c_e, preserve_scale * c_p], 1))
 
 
 def right_update_edits(
@@ -59,28 +69,63 @@ def right_update_edits(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Edit]:
     """Apply ΔW = W A Bᵀ to every matrix: low-rank factors where they are smaller than the matrix,
-    otherwise new dense values (the shared d × d product A Bᵀ is then formed once)."""
+    otherwise new dense values (the shared d × d product A Bᵀ is then formed once).
+
+    Factors are float32, float64 for float64 weights (so exact checks keep their precision)."""
     edits: dict[str, Edit] = {}
     rank, d = A.shape[1], A.shape[0]
-    shared: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, dtype) → (A, Bᵀ), made on first use
+    dense: dict[tuple, torch.Tensor] = {}  # (device, dtype) → A Bᵀ, made on first use
+    finite: list[torch.Tensor] = []  # checked once at the end: one device sync, not one per matrix
     for i, (key, weight) in enumerate(weights.items()):
-        device = weight.device
-        if device not in shared:
-            shared[device] = (A.to(device, torch.float32), B.T.to(device, torch.float32).contiguous(), None)
-        a, bt, dense = shared[device]
-        w = weight.float()
+        where = (weight.device, torch.promote_types(weight.dtype, torch.float32))
+        w = weight.to(where[1])
         out = w.shape[0]
         if rank * (out + d) < out * d:
+            if where not in factors:
+                factors[where] = (A.to(*where), B.T.to(*where).contiguous())
+            a, bt = factors[where]
             up = w @ a
-            check_finite(key, up)
+            finite.append(torch.isfinite(up).all())
             edits[key] = LowRankEdit(up, bt)
         else:
-            if dense is None:
-                dense = (A @ B.T).to(device, torch.float32)
-                shared[device] = (a, bt, dense)
-            new = torch.addmm(w, w, dense)
-            check_finite(key, new)
+            if where not in dense:
+                dense[where] = (A @ B.T).to(*where)
+            new = torch.addmm(w, w, dense[where])
+            finite.append(torch.isfinite(new).all())
             edits[key] = DenseEdit(new.to(weight.dtype))
+        del w
         if progress:
             progress(i + 1, len(weights))
+    if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+        bad = next(k for k, f in zip(edits, finite) if not bool(f))
+        check_finite(bad, *edits[bad].tensors().values())
     return edits
+
+
+def default_rcond(d: int, n: int, feature_dtype: torch.dtype) -> float:
+    """max(d, N) · eps of the dtype the features were computed in: the pseudo-inverse cut-off of
+    NumPy and torch.linalg.pinv, taken at the features' own precision so that columns equal in exact
+    arithmetic (BOS in every prompt, shared prefixes) but not bit for bit are not inverted as noise."""
+    return max(d, n) * torch.finfo(feature_dtype).eps
+
+
+def zero_residual_factors(
+    X: torch.Tensor, Y: torch.Tensor, rcond: float, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with ErasePro's constrained update ΔW = W_o A Bᵀ (Chen et al. 2025, eq. 4–5, App. A):
+
+        min_W ‖W − W_o‖²_F  s.t.  W X = W_o Y    ⇒    W* = W_o + W_o (Y − X)(XᵀX)⁻¹Xᵀ = W_o + W_o (Y − X) X⁺
+
+    X, Y (d × N): paired target and anchor features as columns. With the thin SVD X = U S Vᵀ and
+    the r singular values above rcond · s_max kept, X⁺ = V_r S_r⁻¹ U_rᵀ is the Moore–Penrose
+    pseudo-inverse: exactly (XᵀX)⁻¹Xᵀ when X has full column rank, otherwise the minimum-norm
+    least-squares W (still zero residual when the constraints agree, e.g. repeated columns with
+    the same anchor). The SVD avoids forming XᵀX, whose condition number is cond(X)².
+    A = (Y − X) V_r S_r⁻¹ and B = U_r are d × r with r ≤ min(d, N): ΔW has rank ≤ N, and the same
+    factors serve every matrix that reads these features."""
+    x, y = X.to(dtype), Y.to(dtype)
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    keep = S > rcond * S[0] if S.numel() else S > 0
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]
+    return ((y - x) @ Vh.T) / S, U

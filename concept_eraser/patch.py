@@ -1,8 +1,9 @@
 """Erasure patches: the changed tensors of an erasure plus where they came from.
 
 A patch maps checkpoint keys to a sequence of stages applied in order (one per erasure step),
-each stage either new dense values or an exact low-rank update ``W ← W + up @ down``. Untouched
-tensors are not stored. ``then`` composes two patches (erasing again on an erased model).
+each stage either new dense values, an exact low-rank update ``W ← W + up @ down``, or new
+values stored sparsely (only the non-zeros, CSR). Untouched tensors are not stored. ``then``
+composes two patches (erasing again on an erased model).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class DenseEdit:
 
     kind = "dense"
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.new.shape)
+
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         return self.new.to(device=weight.device, dtype=weight.dtype)
 
@@ -44,19 +49,76 @@ class LowRankEdit:
     def rank(self) -> int:
         return self.up.shape[1]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.up.shape[0], self.down.shape[1])
+
     def delta(self) -> torch.Tensor:
         return self.up @ self.down
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        up, down = self.up.to(weight.device), self.down.to(weight.device)
-        return torch.addmm(weight.float(), up, down).to(weight.dtype)
+        # float32 for half-precision models; float64 factors or weights keep float64
+        dtype = torch.promote_types(torch.promote_types(weight.dtype, self.up.dtype), torch.float32)
+        up, down = self.up.to(weight.device, dtype), self.down.to(weight.device, dtype)
+        return torch.addmm(weight.to(dtype), up, down).to(weight.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"up": self.up, "down": self.down}
 
 
-Edit = Union[DenseEdit, LowRankEdit]
-EDIT_KINDS = {"dense": DenseEdit, "low_rank": LowRankEdit}
+@dataclass(frozen=True)
+class SparseEdit:
+    """The tensor's new values, most of them zero, stored as CSR in the model's dtype.
+
+    ``crow_indices`` (int32, rows + 1) and ``col_indices`` (int16 when the width allows, else int32)
+    locate the ``values``; ``size`` (int64, 2) is the matrix shape. All fields are tensors, so patch
+    files store them like any other edit and hold only the non-zeros.
+    """
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    size: torch.Tensor
+
+    kind = "sparse"
+
+    @classmethod
+    def from_dense(cls, new: torch.Tensor) -> "SparseEdit":
+        """CSR of `new` (already in the model's dtype): exactly its non-zero entries, row-major."""
+        mask = new != 0
+        crow = torch.zeros(new.shape[0] + 1, dtype=torch.int64, device=new.device)
+        torch.cumsum(mask.sum(1), 0, out=crow[1:])
+        col_dtype = torch.int16 if new.shape[1] - 1 <= torch.iinfo(torch.int16).max else torch.int32
+        # nonzero() lists entries row by row, the order `values` is taken in.
+        cols = mask.nonzero()[:, 1].to(col_dtype)
+        return cls(crow.to(torch.int32), cols, new[mask], torch.tensor(new.shape, dtype=torch.int64))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(n) for n in self.size)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        out = torch.zeros(rows, cols, dtype=self.values.dtype, device=self.values.device)
+        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
+        row = torch.repeat_interleave(torch.arange(rows, device=out.device), counts)
+        out[row, self.col_indices.long()] = self.values
+        return out
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.dense().to(device=weight.device, dtype=weight.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values,
+                "size": self.size}
+
+
+Edit = Union[DenseEdit, LowRankEdit, SparseEdit]
+EDIT_KINDS = {"dense": DenseEdit, "low_rank": LowRankEdit, "sparse": SparseEdit}
 
 
 def check_finite(key: str, *tensors: torch.Tensor) -> None:

@@ -54,12 +54,18 @@ def check_readable(path: str | os.PathLike) -> Path:
             "model", f"{path} is a folder; a single-file .safetensors checkpoint is needed (diffusers folders are not supported)"
         )
     with open(path, "rb") as f:
-        head = f.read(8)
-    # Pickle (protocol 2+) starts with 0x80; torch's zip checkpoints with "PK".
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
-        raise UnsafeFileError(conversion_hint(path))
+        head = f.read(9)
     size = path.stat().st_size
-    if len(head) < 8 or struct.unpack("<Q", head)[0] > min(size - 8, 100_000_000):
+    # safetensors: u64 header length, then the JSON header. Its first bytes can be anything, so the
+    # pickle signatures (0x80 protocol byte, or "PK" for torch's zip files) are only checked when
+    # the file is not plausibly safetensors.
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= min(size - 8, 100_000_000)
+    if path.suffix.lower() in PICKLE_SUFFIXES or (
+        not looks_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK")
+    ):
+        raise UnsafeFileError(conversion_hint(path))
+    if not looks_safetensors:
         raise UnsafeFileError(f"{path.name} is not a safetensors file (its header is not readable)")
     return path
 

@@ -11,10 +11,12 @@ import functools
 import gzip
 import importlib.util
 import json
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from .errors import EraserError
 
@@ -50,11 +52,29 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
+# A host that ships CLIP's vocabulary files (ComfyUI: comfy/sd1_tokenizer/) sets them with
+# `use_vocabulary_files`, so inside it nothing else is needed and its own vocabulary is the one used.
+_VOCABULARY_FILES: tuple[Path, Path] | None = None
+
+
+def use_vocabulary_files(vocab_json: str | Path, merges_txt: str | Path) -> None:
+    """Tokenize with these CLIP vocabulary files (vocab.json, merges.txt) instead of open_clip's merge list."""
+    global _VOCABULARY_FILES
+    files = (Path(vocab_json), Path(merges_txt))
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise EraserError(f"CLIP vocabulary file not found: {missing[0]}")
+    _VOCABULARY_FILES = files
+    clip_tokenizer.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer():
     """transformers' CLIPTokenizer over the vocabulary rebuilt from the shipped merge list."""
     from transformers import CLIPTokenizer
 
+    if _VOCABULARY_FILES is not None:
+        return CLIPTokenizer(str(_VOCABULARY_FILES[0]), str(_VOCABULARY_FILES[1]))
     lines = gzip.open(_bpe_merges_path()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     symbols = list(_bytes_to_unicode().values())
@@ -91,3 +111,41 @@ def tokenize(text: str, pad_id: int) -> Tokens:
     length = len(ids)
     ids += [pad_id] * (WINDOW - length)
     return Tokens(tuple(ids), length, truncated)
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a fixed vocabulary (ToyWorld's, carried in its checkpoint's metadata).
+
+    Ids 0, 1, 2 are BOS, EOS and unknown; words follow in vocabulary order. A prompt becomes BOS,
+    its words, EOS, then EOS padding up to `window`, as SD1's CLIP-L pads."""
+
+    SPECIAL = ("<|startoftext|>", "<|endoftext|>", "<|unk|>")
+
+    def __init__(self, words: Sequence[str], window: int):
+        self.vocab = self.SPECIAL + tuple(w for w in words if w not in self.SPECIAL)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.window = window
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """Lower-case words; punctuation other than hyphens separates words."""
+        return re.findall(r"[a-z0-9][a-z0-9\-]*", text.lower())
+
+    def __call__(self, text: str) -> Tokens:
+        words = [self.index.get(w, 2) for w in self.split(text)]
+        truncated = len(words) > self.window - 2
+        if truncated:
+            warnings.warn(f"prompt {text[:40]!r}... is longer than {self.window - 2} words; the rest is dropped",
+                          stacklevel=2)
+            words = words[: self.window - 2]
+        ids = [0, *words, 1]
+        return Tokens(tuple(ids + [1] * (self.window - len(ids))), len(ids), truncated)
+
+
+def tokenizer_for(spec) -> Callable[[str], Tokens]:
+    """text → Tokens for one text encoder (an `EncoderSpec`): CLIP's BPE padded as the encoder
+    pads, or the word-level vocabulary the checkpoint carries (`spec.tokenizer == "word"`)."""
+    if spec.tokenizer == "word":
+        return WordTokenizer(spec.vocab, spec.window)
+    pad = EOS_ID if spec.pad_token == "eos" else 0
+    return lambda text: tokenize(text, pad)

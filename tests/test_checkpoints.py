@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from concept_eraser import CheckpointModel, Concepts, erase, save_checkpoint
 from concept_eraser.errors import UnsafeFileError, UnsupportedModelError
 from concept_eraser.models import detect
+from concept_eraser.safetensors_io import SafetensorsReader, write_safetensors
 from concept_eraser.tiny import tiny_state_dict
 
 
@@ -105,6 +106,20 @@ def test_pickle_and_non_safetensors_files_are_refused(tmp_path):
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(UnsafeFileError, match="not a safetensors file"):
         CheckpointModel(garbage)
+
+
+@pytest.mark.parametrize("header_length", [0x80 + 0x100, 0x4B50])  # first bytes 0x80 / "PK"
+def test_safetensors_whose_header_length_looks_like_a_pickle_signature_are_read(tmp_path, header_length):
+    path = tmp_path / "odd.safetensors"
+    filler = 0
+    for _ in range(10):
+        write_safetensors(path, {"a": torch.zeros(2)}, {"filler": "x" * filler}, overwrite=True)
+        got = int.from_bytes(path.read_bytes()[:8], "little")
+        if got == header_length:
+            break
+        filler += header_length - got
+    assert got == header_length
+    assert SafetensorsReader(path).keys() == ["a"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -117,5 +117,6 @@ def test_module_entry_point_and_demo_run_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-m", "concept_eraser", "demo", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "erased Van Gogh with uce" in done.stdout and "erasure 1: uce of Van Gogh" in done.stdout
-    assert (tmp_path / "report.json").exists()
+    assert "erased circle with uce" in done.stdout and "erasure 1: uce of circle" in done.stdout
+    assert "circle prompts judged circle" in done.stdout
+    assert (tmp_path / "report.json").exists() and (tmp_path / "toyworld-demo.png").exists()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from ..errors import InvalidParameterError
 from .base import ErasureMethod, MethodOutput
+from .erasepro import ErasePro
+from .rece import RECE
+from .space import SPACE
 from .uce import UCE
 
-METHODS: dict[str, ErasureMethod] = {m.name: m for m in (UCE(),)}
+METHODS: dict[str, ErasureMethod] = {m.name: m for m in (UCE(), RECE(), SPACE(), ErasePro())}
 
 
 def get_method(name: str) -> ErasureMethod:

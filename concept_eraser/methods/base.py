@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from ..concepts import Concepts
 from ..editable import EditableModel, Progress
 from ..params import Param
 from ..patch import Edit
+from ..pooled import POOLED_PARAMS
+
+# Options every method offers, declared once: appended to each method's `params` (so every host UI and
+# `--set` lists them) and applied by `api.erase` after the method has run.
+COMMON_PARAMS: tuple[Param, ...] = POOLED_PARAMS
 
 
 @dataclass
 class MethodOutput:
     edits: dict[str, tuple[Edit, ...]]
     details: dict[str, Any]  # method-specific figures for the report
+    # a few headline figures kept in the output file's provenance (shown by `inspect`); small, JSON-able
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class ErasureMethod:
     name: ClassVar[str]
     title: ClassVar[str]
     summary: ClassVar[str]  # one line: what it is for (tooltips, README table)
-    params: ClassVar[tuple[Param, ...]]
+    params: ClassVar[tuple[Param, ...]]  # the method's own, then COMMON_PARAMS (added here)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("params")
+        if own is None:
+            return
+        extra = tuple(p for p in COMMON_PARAMS if p not in own)
+        clash = {p.name for p in own} & {p.name for p in extra}
+        if clash:
+            raise TypeError(f"{cls.__name__} declares {sorted(clash)}, which every method already has (COMMON_PARAMS)")
+        cls.params = tuple(own) + extra
 
     def run(
         self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress

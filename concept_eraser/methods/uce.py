@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from ..concepts import TOKEN_POLICIES, Columns, Concepts, concept_columns
-from ..editable import EditableModel, Progress
+from ..editable import EditableModel, Progress, WeightView
 from ..linalg import right_update_edits, uce_factors
 from ..params import Param
 from .base import ErasureMethod, MethodOutput
@@ -60,8 +60,8 @@ class UCE(ErasureMethod):
         scale_p = preserve_scale_for(values, n_preserved)
         A, B = uce_factors(columns.erase, columns.guide, columns.preserve, values["lam"], values["erase_scale"],
                            scale_p, SOLVE_DTYPES[values["solve_dtype"]])
-        weights = {key: model.weight(key) for key in model.arch.kv_keys}
-        edits = right_update_edits(weights, A, B, lambda i, n: progress(i, n, "editing cross-attention"))
+        edits = right_update_edits(WeightView(model, model.arch.kv_keys), A, B,
+                                   lambda i, n: progress(i, n, "editing cross-attention"))
         return MethodOutput(
             {k: (e,) for k, e in edits.items()},
             {"preserve_scale_used": scale_p, "columns": {"erase": columns.erase.shape[1],

@@ -8,6 +8,8 @@ Single-file checkpoints in the original LDM/SGM layout are recognised:
 | sd2    | cond_stage_model.model.* (OpenCLIP)                  | OpenCLIP ViT-H, penultimate, final norm|
 | sdxl   | conditioner.embedders.0.transformer.text_model.* and | CLIP-L penultimate ⊕ bigG penultimate, |
 |        | conditioner.embedders.1.model.* (OpenCLIP)           | no final norm (768 + 1280 = 2048)      |
+| toyworld | as sd1, plus "toyworld.config" in the metadata     | small CLIP, last layer, final norm;    |
+|        | (config and word-level vocabulary)                   | words tokenized with that vocabulary   |
 
 Fine-tunes built on these (Pony, Illustrious, Juggernaut, inpainting and v-prediction variants)
 share the layout: the edit touches only cross-attention K/V and text encoders, which they share.
@@ -15,13 +17,15 @@ share the layout: the edit touches only cross-attention K/V and text encoders, w
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from ..errors import UnsupportedModelError
 
 UNET_PREFIX = "model.diffusion_model."
+TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 
 
@@ -38,6 +42,11 @@ class EncoderSpec:
     width: int
     layers: int
     lora_prefix: str  # kohya prefix for this encoder's modules
+    # its projected EOS state (final norm, text_projection) reaches the U-Net: SDXL's bigG, through label_emb
+    pooled: bool = False
+    tokenizer: str = "clip"  # "clip" (byte-level BPE) or "word" (ToyWorld: vocabulary in the checkpoint's metadata)
+    vocab: tuple[str, ...] = ()  # the word-level vocabulary ("word" tokenizer only)
+    window: int = 77  # tokens per prompt: BOS, words, EOS, padding
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
             raise UnsupportedModelError("SDXL layout without the OpenCLIP bigG text encoder (conditioner.embedders.1)")
         encoders = (
             _hf_encoder(keys, shapes, "conditioner.embedders.0.transformer.", "clip_l", -2, False, "eos", "lora_te1_"),
-            _open_clip_encoder(keys, shapes, "conditioner.embedders.1.model.", "clip_g", -2, False, "lora_te2_"),
+            replace(_open_clip_encoder(keys, shapes, "conditioner.embedders.1.model.", "clip_g", -2, False, "lora_te2_"),
+                    pooled=True),
         )
         label = UNET_PREFIX + "label_emb.0.0.weight"
         extra["adm_in_channels"] = shapes[label][1] if label in shapes else None
@@ -161,6 +171,14 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     elif any(k.startswith("cond_stage_model.model.") for k in keys):
         encoders = (_open_clip_encoder(keys, shapes, "cond_stage_model.model.", "clip_h", -2, True, "lora_te_"),)
         spec = ArchSpec("sd2", "Stable Diffusion 2.x", context_dim, tuple(kv), encoders, variant, None, extra)
+    elif TOYWORLD_META in metadata:
+        # SD1's layout with a small CLIP text model and a word-level vocabulary (see concept_eraser.toyworld).
+        config = json.loads(metadata[TOYWORLD_META])
+        extra["toyworld"] = config
+        encoders = (replace(_hf_encoder(keys, shapes, "cond_stage_model.transformer.", "toy_clip", -1, True, "eos",
+                                        "lora_te_"), tokenizer="word", vocab=tuple(config["vocab"]),
+                            window=config["window"]),)
+        spec = ArchSpec("toyworld", "ToyWorld", context_dim, tuple(kv), encoders, "base", None, extra)
     elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
         encoders = (_hf_encoder(keys, shapes, "cond_stage_model.transformer.", "clip_l", -1, True, "eos", "lora_te_"),)
         spec = ArchSpec("sd1", "Stable Diffusion 1.x", context_dim, tuple(kv), encoders, variant,

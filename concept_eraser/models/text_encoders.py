@@ -53,8 +53,10 @@ def hf_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torc
     return out
 
 
-def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
-    """A float32 `CLIPTextModel` holding `state` (transformers names), on `device`."""
+def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32):
+    """A `CLIPTextModel` holding `state` (transformers names), on `device`, in `dtype` (float32; float64 for
+    exact checks)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     try:
@@ -73,11 +75,13 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: 
         hidden_act="quick_gelu" if spec.layout == "hf" else "gelu",  # OpenAI CLIP vs OpenCLIP
         layer_norm_eps=1e-5,
         projection_dim=width,
+        # CLIP's BOS/EOS ids (the config defaults) do not exist in a word-level vocabulary: use its own
+        **({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1} if spec.tokenizer == "word" else {}),
     )
     with torch.device("meta"):
         model = CLIPTextModel(config)
     transformer = text_transformer(model)
-    state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     missing, _unexpected = transformer.load_state_dict(state, strict=False, assign=True)
     if missing:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing weights: {', '.join(missing[:3])}")
@@ -89,3 +93,12 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: 
 def text_transformer(model):
     """The module holding embeddings/encoder/final_layer_norm (transformers 4.x nests it in `text_model`)."""
     return getattr(model, "text_model", model)
+
+
+def pooled_embedding(final_normed: torch.Tensor, lengths, projection: torch.Tensor) -> torch.Tensor:
+    """SDXL's pooled text embedding, as ComfyUI computes it (comfy/clip_model.py, sd1_clip.py): the
+    final layer-normed last-layer state at the first EOS (position length − 1) times the OpenCLIP
+    `text_projection` (stored width × projection, applied as x @ P). [n, projection]."""
+    rows = torch.arange(final_normed.shape[0], device=final_normed.device)
+    eos = torch.as_tensor(lengths, device=final_normed.device) - 1
+    return final_normed[rows, eos] @ projection.to(final_normed.dtype)

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Benchmark of ErasePro: total time and peak memory on SD1.5- and SDXL-shaped models.
+
+Not a test: it prints figures. Each model is a seeded random fp16 checkpoint written to a
+temporary folder: real-size text encoders (SD1.5: CLIP ViT-L, 12 × 768; SDXL: CLIP ViT-L + OpenCLIP
+bigG, 32 × 1280, fused in_proj) and the real cross-attention K/V shapes (SD1.5: 32 matrices
+320/640/1280 × 768; SDXL: 140, 640/1280 × 2048), with the rest of the U-Net left out (ErasePro
+never reads it). Random weights give random features, but the same amount of work as real ones.
+
+What is timed: `ErasePro.run` on a `CheckpointModel` of that file, i.e. the whole method once the
+file is open — building the layer-wise text encoders from the fp16 weights (read from disk, cast
+to the feature dtype), the anchor pass, the progressive pass with one SVD and one q/k/v edit per
+block, the U-Net K/V edits, and the per-stage residual check — but not `api.erase`'s
+recoverability probe, nor writing the output. The phase split comes from the method's report.
+
+Peak memory is measured above what the process held before the run: on CPU the kernel's
+high-water mark (VmHWM, reset through /proc/self/clear_refs), on CUDA
+torch.cuda.max_memory_allocated. Most of it is the text encoders' float32 copy (SDXL's bigG alone
+is 2.8 GB).
+
+    python benchmarks/bench_erasepro.py [--device cpu|cuda] [--quick]
+
+--quick uses the tiny text encoders and U-Net (seconds; a smoke test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from concept_eraser import CheckpointModel, Concepts  # noqa: E402
+from concept_eraser.editable import no_progress  # noqa: E402
+from concept_eraser.methods import get_method  # noqa: E402
+from concept_eraser.params import resolve  # noqa: E402
+from concept_eraser.safetensors_io import write_safetensors  # noqa: E402
+from concept_eraser.tiny import tiny_state_dict  # noqa: E402
+
+FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}
+KEEP_UNET = re.compile(r"^model\.diffusion_model\.(input_blocks\.0\.0\.weight|label_emb\..*|.*attn2\.to_[kv]\.weight)$")
+TARGETS = ["Van Gogh", "Claude Monet", "Salvador Dali", "Greg Rutkowski"]
+
+# (label, number of concepts, guide, parameters)
+CASES = [
+    ("explicit, all_tokens", 1, "artist", {"token_policy": "all_tokens"}),
+    ("explicit, all_tokens", 4, "artist", {"token_policy": "all_tokens"}),
+    ("explicit, prompt_tokens", 1, "artist", {"token_policy": "prompt_tokens"}),
+    ("implicit -w (k 5 from block 5)", 1, "", {"token_policy": "first_k", "k": 5, "start_layer": 5,
+                                                 "progressive": False}),
+]
+
+
+def write_model(folder: Path, family: str, quick: bool) -> Path:
+    """Real-size text encoders and K/V (tiny ones with --quick); the rest of the U-Net dropped."""
+    state = tiny_state_dict(FAMILIES[family], seed=0, dtype=torch.float16, text="tiny" if quick else "full",
+                            unet_width=32 if quick else 320)
+    state = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.") or KEEP_UNET.match(k)}
+    path = write_safetensors(folder / f"{family}.safetensors", state, {"modelspec.title": f"ErasePro benchmark {family}"},
+                             overwrite=True)
+    del state
+    gc.collect()
+    return path
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS, so that the baseline is what is really in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _vmhwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def run_case(model: CheckpointModel, concepts: Concepts, params: dict, device: torch.device):
+    """(seconds, peak bytes above the baseline, report details) of one ErasePro run."""
+    method = get_method("erasepro")
+    values = resolve(method.params, params, method.name)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _malloc_trim()
+        base = _rss()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    start = time.perf_counter()
+    output = method.run(model, concepts, values, no_progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _vmhwm()) - base
+    del output.edits
+    return seconds, peak, output.details
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="tiny text encoders and U-Net: a smoke test")
+    p.add_argument("--families", default="sd15,sdxl", help="comma list of sd15, sdxl")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"ErasePro benchmark — torch {torch.__version__}, {device} ({hardware}); "
+          f"{'tiny (--quick)' if args.quick else 'real-size'} text encoders, fp16 checkpoint, "
+          "feature dtype float32, solve dtype float64")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for family in args.families.split(","):
+            t0 = time.perf_counter()
+            path = write_model(Path(folder), family, args.quick)
+            model = CheckpointModel(path, device)
+            print(f"\n{family}: {model.arch.describe()} (file {path.stat().st_size / 1e9:.2f} GB, "
+                  f"written in {time.perf_counter() - t0:.0f} s)")
+            run_case(model, Concepts.build(["warm up"]), {"token_policy": "first_k", "k": 2,
+                                                        "start_layer": 64 if not args.quick else 4}, device)
+            for label, n, guide, params in CASES:
+                concepts = Concepts.build(TARGETS[:n], [guide])
+                seconds, peak, details = run_case(model, concepts, params, device)
+                phases = details["seconds_by_phase"]
+                row = (family, label, n, details["columns"], seconds, phases["build_text_encoders"],
+                       phases["text_encoders"], phases.get("unet", 0.0), peak, details["max_residual"])
+                rows.append(row)
+                print(f"  {label:32s} {n} concept(s), {details['columns']:3d} columns: {seconds:7.2f} s, "
+                      f"peak +{peak / 2 ** 30:.2f} GiB, max residual {details['max_residual']:.1e}", flush=True)
+            del model
+            gc.collect()
+
+    print("\n== ErasePro (one run each; times in seconds; peak = memory above the process before the run) ==")
+    print(f"{'model':5s} {'case':32s} {'n':>2s} {'cols':>5s} {'total':>8s} {'build TE':>9s} {'TE passes':>10s} "
+          f"{'U-Net':>7s} {'peak GiB':>9s} {'residual':>9s}")
+    for family, label, n, cols, total, build, te, unet, peak, residual in rows:
+        print(f"{family:5s} {label:32s} {n:2d} {cols:5d} {total:8.2f} {build:9.2f} {te:10.2f} {unet:7.2f} "
+              f"{peak / 2 ** 30:9.2f} {residual:9.1e}")
+    print("  build TE: rebuilding the text encoders from the checkpoint (fp16 → float32); TE passes: anchor and "
+          "progressive passes with the per-block SVDs and q/k/v edits; U-Net: the K/V edits. residual: max over "
+          "stages of ‖W X − W_o Y‖/‖W_o Y‖ for the edit as stored (float32 low-rank factors, before fp16 rounding).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Recoverability probe: can some input still make the edited K/V produce an erased concept?
+
+RECE's derived embedding (Gong et al., ECCV 2024, arXiv 2407.12383, Eq. 8) used as a cheap white-box
+test of any cross-attention edit. For a target's token features c (the columns of C), find the
+feature c' that, fed to the EDITED matrices W_i, comes closest to what the ORIGINAL matrices W_{o,i}
+produce for c:
+
+    c' = argmin_c' Σ_i ‖W_i c' − W_{o,i} c‖² + λ_r ‖c'‖²
+       = (λ_r I + Σ_i W_iᵀ W_i)⁻¹ (Σ_i W_iᵀ W_{o,i}) c                       (RECE Eq. 8)
+
+with i over every cross-attention K and V matrix (edited or not: they all read the same features).
+Stacking the matrices as 𝒲 = [W_1; W_2; …] (and 𝒲_o likewise), the report gives per target
+
+    residual   = ‖𝒲 C' − 𝒲_o C‖_F / ‖𝒲_o C‖_F     0: the original keys/values are fully recoverable
+    cosine     = ⟨𝒲 C', 𝒲_o C⟩ / (‖𝒲 C'‖_F ‖𝒲_o C‖_F)
+    direct     = ‖(𝒲 − 𝒲_o) C‖_F / ‖𝒲_o C‖_F       the prompt itself (c' = c): what the edit moved
+    norm_ratio = ‖C'‖_F / ‖C‖_F                      how far from the prompt's own features c' had to go
+
+An edit that only re-maps the prompt's own features — UCE's W = W_o T with T invertible — stays fully
+recoverable as λ_r → 0 (c' = T⁻¹ c), which is the weakness RECE attacks; λ_r keeps c' of a plausible
+size, so the figures depend on it. The default, λ_r = 0.1, is RECE's published value for unsafe
+concepts and the RECE method's default here: the probe then finds what RECE's next epoch would erase.
+
+Columns: token positions 1–76 of each target prompt (its words, EOS and padding, which all carry the
+prompt through CLIP's causal attention). BOS is left out: it is the same for every prompt, so it
+carries no concept, and its large norm (SDXL's penultimate features) would swamp the figures.
+
+Cost: one pass over the K/V weights with one d × d Gram product per matrix (d = 768 / 1024 / 2048)
+and a d × d Cholesky solve; a fraction of a second on a GPU, seconds on a CPU for SD1.x, tens of
+seconds on a CPU for SDXL's 140 matrices. The features are those of the model's text encoder
+before any edit; a method that also edits the text encoder (ErasePro) is probed on its K/V edit only.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .editable import EditableModel, Progress, no_progress
+from .encoding import TextEncoder
+from .linalg import solve_spd
+from .patch import ErasurePatch
+
+DEFAULT_LAM_R = 0.1
+
+
+class RecoveryProbe:
+    """One pass over the K/V matrices accumulates everything the derivation and the figures need:
+    G = Σ W_iᵀ W_i (d × d), R = Σ W_iᵀ W_{o,i} C (d × n), and per column ‖𝒲_o c‖² and ‖(𝒲 − 𝒲_o) c‖².
+
+    Products are formed in `compute_dtype` (float32: fast, ample for the figures) and summed in
+    float64; the solve is in float64.
+    """
+
+    def __init__(self, features: torch.Tensor, compute_dtype: torch.dtype = torch.float32):
+        d, n = features.shape
+        self.features = features
+        self.compute_dtype = compute_dtype
+        acc = dict(dtype=torch.float64, device=features.device)
+        self.gram = torch.zeros(d, d, **acc)
+        self.cross = torch.zeros(d, n, **acc)
+        self.target_sq = torch.zeros(n, **acc)
+        self.direct_sq = torch.zeros(n, **acc)
+        self.change_sq = torch.zeros((), **acc)
+        self.original_sq = torch.zeros((), **acc)
+
+    def add(self, weight: torch.Tensor, original: torch.Tensor) -> None:
+        """Add one matrix: `weight` = W_i (edited), `original` = W_{o,i}."""
+        w, w_o = weight.to(self.compute_dtype), original.to(self.compute_dtype)
+        c = self.features.to(w.device, self.compute_dtype)
+        target = w_o @ c  # W_o c: what the concept produced before the edit
+        self.gram += (w.T @ w).double()
+        self.cross += (w.T @ target).double()
+        self.target_sq += target.double().pow(2).sum(0)
+        self.direct_sq += (w @ c - target).double().pow(2).sum(0)
+        self.change_sq += (w - w_o).double().pow(2).sum()
+        self.original_sq += w_o.double().pow(2).sum()
+
+    @property
+    def weight_change(self) -> float:
+        """‖𝒲 − 𝒲_o‖_F / ‖𝒲_o‖_F over the matrices added."""
+        return (self.change_sq / self.original_sq).sqrt().item() if self.original_sq > 0 else 0.0
+
+    def derive(self, lam_r: float) -> torch.Tensor:
+        """C' = (λ_r I + G)⁻¹ R: RECE's derived features for every column (d × n, float64)."""
+        d = self.gram.shape[0]
+        return solve_spd(self.gram + lam_r * torch.eye(d, dtype=self.gram.dtype, device=self.gram.device), self.cross)
+
+    def measure(self, derived: torch.Tensor, groups: Mapping[str, Sequence[int]]) -> dict[str, dict[str, float]]:
+        """The figures of the module docstring for each named group of columns, from the accumulated sums:
+        ‖W c' − W_o c‖² = c'ᵀ G c' − 2 c'ᵀ R_c + ‖W_o c‖², summed over matrices."""
+        out = {}
+        for name, cols in groups.items():
+            cols = list(cols)
+            c_new, cross = derived[:, cols], self.cross[:, cols]
+            produced_sq = (c_new * (self.gram @ c_new)).sum()  # ‖𝒲 C'‖²
+            inner = (c_new * cross).sum()  # ⟨𝒲 C', 𝒲_o C⟩
+            target_sq = self.target_sq[cols].sum()
+            residual_sq = (produced_sq - 2 * inner + target_sq).clamp_min(0)
+            base = self.features[:, cols].double().norm()
+            out[name] = {
+                "residual": (residual_sq / target_sq).sqrt().item(),
+                "cosine": (inner / (produced_sq * target_sq).sqrt()).item() if produced_sq > 0 else 0.0,
+                "direct": (self.direct_sq[cols].sum() / target_sq).sqrt().item(),
+                "norm_ratio": (c_new.norm() / base).item() if base > 0 else 0.0,
+            }
+        return out
+
+
+def probe_columns(encoder: TextEncoder, targets: Sequence[str]) -> tuple[torch.Tensor, dict[str, list[int]]]:
+    """Features of token positions 1–76 of each target (d × 76·n) and which columns are whose."""
+    features = encoder.encode(list(targets)).features[:, 1:]  # [n, 76, d]: BOS dropped
+    per = features.shape[1]
+    groups = {t: list(range(i * per, (i + 1) * per)) for i, t in enumerate(targets)}
+    return features.reshape(-1, features.shape[-1]).T, groups
+
+
+def recoverability(
+    model: EditableModel,
+    patch: ErasurePatch,
+    targets: Sequence[str],
+    lam_r: float = DEFAULT_LAM_R,
+    progress: Progress = no_progress,
+) -> dict:
+    """The probe for each target on `model` with `patch` applied (the model itself is not changed)."""
+    features, groups = probe_columns(model.text_encoder, targets)
+    probe = RecoveryProbe(features.to(model.device))
+    keys = model.arch.kv_keys
+    for i, key in enumerate(keys):
+        original = model.weight(key)
+        probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
+        progress(i + 1, len(keys), "probing recoverability")
+    return {
+        "lam_r": lam_r,
+        "tokens": "positions 1-76 of each target (BOS left out)",
+        "weight_change": probe.weight_change,
+        "targets": probe.measure(probe.derive(lam_r), groups),
+    }
+
+
+def brief(report: Mapping) -> dict:
+    """The probe's figures rounded for file metadata: {target: {residual, cosine}}."""
+    return {t: {k: round(v, 4) for k, v in f.items() if k in ("residual", "cosine")}
+            for t, f in report["targets"].items()}

@@ -1,0 +1,146 @@
+"""What the nodes share: the category, the ERASURE socket type, node inputs generated from the solver's
+declared parameters, and turning solver errors into messages that name the node's input."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
+from ..concept_eraser.methods import METHODS
+from ..concept_eraser.models.arch import ArchSpec
+from ..concept_eraser.params import Param
+from ..concept_eraser.patch import ErasurePatch
+
+try:  # options every method offers (declared once in the solver); absent in older solver versions
+    from ..concept_eraser.methods.base import COMMON_PARAMS
+except ImportError:  # pragma: no cover
+    COMMON_PARAMS = ()
+
+CATEGORY = "Concept Eraser"
+ERASURE = "ERASURE"
+# Widget bounds where a parameter declares none (the frontend needs finite ones).
+UNBOUNDED = 1e9
+# Concept-list fields of the solver (`Concepts.build`) → the node inputs they come from.
+CONCEPT_FIELDS = {"erase": "targets", "guide": "guides", "preserve": "preserve"}
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What an ERASURE socket carries: one erase node's edit (at full strength), its report, the strength
+    the node applied it at, and the architecture it was solved for."""
+
+    patch: ErasurePatch
+    report: Mapping[str, Any]
+    strength: float
+    arch: ArchSpec
+    # provenance of every erasure on the erased MODEL, oldest first (this one last)
+    lineage: tuple[dict, ...] = field(default_factory=tuple)
+
+
+def lines(text: str | None) -> list[str]:
+    """One concept per line; blank lines and surrounding spaces are ignored."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+# ---- method parameters as node inputs ------------------------------------------------------------
+
+def is_common(param: Param) -> bool:
+    return any(param == c for c in COMMON_PARAMS)
+
+
+def input_name(method: str, param: Param) -> str:
+    """The node input of a method parameter: `<method>_<param>` (stable as methods are added); options every
+    method shares (`COMMON_PARAMS`) are one input, under their own name."""
+    return param.name if is_common(param) else f"{method}_{param.name}"
+
+
+def param_inputs() -> dict[str, tuple[str, dict]]:
+    """Every method's parameters as optional node inputs, in registry order, with their defaults, ranges
+    and help as tooltips. Each carries the method it belongs to (for the frontend, which shows only the
+    chosen method's) and its own name as a label."""
+    out: dict[str, tuple[str, dict]] = {}
+    shared: dict[str, tuple[str, dict]] = {}
+    for method in METHODS.values():
+        for p in method.params:
+            name = input_name(method.name, p)
+            target = shared if is_common(p) else out
+            if name in target:
+                if is_common(p):
+                    continue
+                raise RuntimeError(f"two method parameters map to the node input {name!r}")
+            spec = widget(p)
+            spec[1]["concept_eraser_method"] = "" if is_common(p) else method.name
+            spec[1]["concept_eraser_label"] = p.name
+            target[name] = spec
+    if set(out) & set(shared):
+        raise RuntimeError(f"method parameters clash with shared ones: {sorted(set(out) & set(shared))}")
+    out.update(shared)  # options every method has come last, after the chosen method's own
+    clash = set(out) & {"model", "clip", "method", "targets", "guides", "preserve", "strength"}
+    if clash:
+        raise RuntimeError(f"method parameters clash with the node's own inputs: {sorted(clash)}")
+    return out
+
+
+def widget(p: Param) -> tuple[str, dict]:
+    """One `Param` as a ComfyUI input: BOOLEAN, a combo, INT, FLOAT, or STRING for "empty = rule" values."""
+    default = p.default
+    tooltip = f"{p.help} ({p.describe_range()}"
+    if p.nullable:
+        tooltip += "; 'auto' = the rule described"
+    tooltip += ")"
+    if p.kind is bool:
+        return "BOOLEAN", {"default": bool(default), "tooltip": tooltip}
+    if p.choices:
+        return list(p.choices), {"default": default, "tooltip": tooltip}
+    if p.nullable or p.kind is str:
+        text = "auto" if default is None else str(default)
+        return "STRING", {"default": text, "multiline": False, "tooltip": tooltip}
+    low = -UNBOUNDED if p.min is None else p.min
+    high = UNBOUNDED if p.max is None else p.max
+    if p.kind is int:
+        return "INT", {"default": int(default), "min": int(low), "max": int(high), "step": int(p.step or 1),
+                       "tooltip": tooltip}
+    step = p.step or _float_step(default)
+    return "FLOAT", {"default": float(default), "min": float(low), "max": float(high), "step": step,
+                     "round": False, "tooltip": tooltip}
+
+
+def _float_step(default: float) -> float:
+    if not default:
+        return 0.01
+    return 10.0 ** math.floor(math.log10(abs(default)))
+
+
+def method_values(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The chosen method's parameter values from the node's inputs (absent ones take their defaults)."""
+    chosen = METHODS[method]
+    return {p.name: inputs[input_name(chosen.name, p)] for p in chosen.params if input_name(chosen.name, p) in inputs}
+
+
+def unknown_inputs(given: Mapping[str, Any], declared: set[str]) -> list[str]:
+    """Inputs of an API-format graph that look like method parameters but are none (typos, removed
+    parameters): `<method>_<anything>` or a bare parameter name. Other unknown keys are the host's business."""
+    prefixes = tuple(f"{m}_" for m in METHODS)
+    bare = {p.name for m in METHODS.values() for p in m.params}
+    return sorted(k for k in given if k not in declared and (k.startswith(prefixes) or k in bare))
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+def node_error(exc: EraserError, method: str | None = None, model_field: str = "model") -> ValueError:
+    """A ValueError whose message starts with the node input at fault, as ComfyUI shows it."""
+    if isinstance(exc, InvalidParameterError):
+        field_name = exc.field
+        text = str(exc)[len(field_name) + 2:] if str(exc).startswith(field_name + ": ") else str(exc)
+        if field_name in CONCEPT_FIELDS:
+            field_name = CONCEPT_FIELDS[field_name]
+        elif method and method in METHODS:
+            param = next((p for p in METHODS[method].params if p.name == field_name), None)
+            if param is not None:
+                field_name = input_name(method, param)
+        return ValueError(f"{field_name}: {text}")
+    if isinstance(exc, UnsupportedModelError):
+        return ValueError(f"{model_field}: {exc}")
+    return ValueError(str(exc))

@@ -1,0 +1,386 @@
+"""ComfyUI's MODEL + CLIP as the solver's `EditableModel`, and erasures put back as host patches.
+
+Weights are read as ComfyUI itself would compute them when it loads the model: the original tensor
+(its backup when some clone is patched in place) plus every patch pending on this MODEL/CLIP
+(LoRAs, earlier erase nodes), through `comfy.lora.calculate_weight` on a float32 copy. Nothing of
+the input objects is touched. Names are mapped between the two worlds with the host's own saving
+conversion (`process_clip_state_dict_for_saving`, run on meta tensors), so the solver sees the keys a
+checkpoint saved by ComfyUI would have: U-Net `model.diffusion_model.*` ⇄ ComfyUI `diffusion_model.*`;
+text encoders `cond_stage_model.*` / `conditioner.embedders.*` ⇄ `clip_l.*`, `clip_h.*`, `clip_g.*`
+(OpenCLIP's fused q/k/v `in_proj_weight` ⇄ three projections, `text_projection` ⇄ its transpose).
+
+ComfyUI modules are imported inside functions: this file must import without the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from ..concept_eraser.encoding import EncodedPrompts
+from ..concept_eraser.errors import InvalidParameterError, UnsupportedModelError
+from ..concept_eraser.models.arch import UNET_PREFIX, ArchSpec, detect
+from ..concept_eraser.models.text_encoders import hf_state_dict
+from ..concept_eraser.patch import ErasurePatch, LowRankEdit, check_finite
+
+log = logging.getLogger("concept_eraser")
+
+COMFY_UNET = "diffusion_model."
+WINDOW = 77
+# ModelPatcher attachments (copied by clone()): where the model came from, and the provenance of the
+# erasures already on it, oldest first -- what the Save node writes into a checkpoint.
+SOURCE_ATTACHMENT = "concept_eraser.source"
+STEPS_ATTACHMENT = "concept_eraser.steps"
+# the folder ComfyUI ships CLIP's vocabulary in (beside comfy/sd1_clip.py)
+HOST_VOCABULARY = "sd1_tokenizer"
+
+
+def use_host_vocabulary() -> None:
+    """Tokenize with ComfyUI's own copy of CLIP's vocabulary (the solver needs it for token counts)."""
+    import os
+
+    import comfy.sd1_clip
+
+    from ..concept_eraser import tokenizer
+
+    folder = os.path.join(os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__)), HOST_VOCABULARY)
+    if tokenizer._VOCABULARY_FILES is None:
+        tokenizer.use_vocabulary_files(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+
+
+def literal(text: str) -> str:
+    """Escape ComfyUI's weighting syntax: erasure prompts are plain text, as on the command line."""
+    return text.replace("(", "\\(").replace(")", "\\)")
+
+
+@dataclass(frozen=True)
+class TextKey:
+    """Where a checkpoint text-encoder tensor lives in ComfyUI's CLIP: one or more keys stacked on
+    dim 0 (OpenCLIP's fused q/k/v), or one transposed key (OpenCLIP's text_projection)."""
+
+    comfy: tuple[str, ...]
+    transpose: bool = False
+
+
+def _text_keys(arch: ArchSpec, saved: dict[str, torch.Tensor],
+               comfy_shapes: dict[str, torch.Size]) -> dict[str, TextKey]:
+    """Checkpoint text-encoder key → ComfyUI key(s), through the solver's checkpoint → transformers naming."""
+    out: dict[str, TextKey] = {}
+    for key, tensor in saved.items():
+        spec = next((e for e in arch.encoders if key.startswith(e.prefix)), None)
+        if spec is None or not tensor.is_floating_point():
+            continue
+        if spec.layout == "open_clip" and key == spec.prefix + "text_projection":
+            target = f"{spec.name}.transformer.text_projection.weight"
+            if target in comfy_shapes:
+                out[key] = TextKey((target,), transpose=True)
+            continue
+        names = hf_state_dict(spec, [key], lambda _k, t=tensor: t)
+        targets = tuple(f"{spec.name}.transformer.text_model.{name}" for name in names)
+        if targets and all(t in comfy_shapes for t in targets):
+            out[key] = TextKey(targets)
+    return out
+
+
+class ComfyTextEncoder:
+    """Per-token features through the host's own CLIP (`tokenize` + `encode_from_tokens`): exactly the
+    context ComfyUI's CLIPTextEncode gives the U-Net, clip skip (CLIPSetLastLayer) and patches included."""
+
+    def __init__(self, clip, pooled: bool):
+        self.clip = clip
+        self.pooled = pooled
+        # one erase encodes the same prompts several times (method, probe); the CLIP does not change meanwhile
+        self._cache: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        tokens = self.clip.tokenize(literal(prompt), return_word_ids=True)
+        if any(len(chunks) > 1 for chunks in tokens.values()):
+            log.warning("prompt %r is longer than 75 tokens; only the first 75 are used", prompt[:40])
+        first = {slot: chunks[:1] for slot, chunks in tokens.items()}
+        chunk = next(iter(first.values()))[0]
+        words = sum(1 for t in chunk if len(t) > 2 and t[2] > 0)
+        out = self.clip.encode_from_tokens(first, return_pooled=True, return_dict=True)
+        pooled = out["pooled_output"][0].float() if self.pooled else None
+        return out["cond"][0, :WINDOW].float(), min(words + 2, WINDOW), pooled
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        features, lengths, pooled = [], [], []
+        for prompt in prompts:
+            if prompt not in self._cache:
+                self._cache[prompt] = self._encode_one(prompt)
+            f, n, p = self._cache[prompt]
+            features.append(f)
+            lengths.append(n)
+            if p is not None:
+                pooled.append(p)
+        device = features[0].device if features else torch.device("cpu")
+        stacked = torch.stack(features) if features else torch.zeros(0, WINDOW, 0)
+        return EncodedPrompts(tuple(prompts), stacked.to(device), tuple(lengths),
+                              torch.stack(pooled) if pooled else None)
+
+
+def _clip_layer_encoders(arch: ArchSpec, clip) -> ArchSpec:
+    """The encoders' feature layer as this CLIP computes it (CLIPSetLastLayer changes it), so methods
+    that rebuild the text encoder (ErasePro) read the same layer the host feeds the U-Net."""
+    if getattr(clip, "layer_idx", None) is None:
+        return arch
+    encoders = []
+    for spec in arch.encoders:
+        module = getattr(clip.cond_stage_model, spec.name, None)
+        if module is None or not hasattr(module, "set_clip_options"):
+            encoders.append(spec)
+            continue
+        module.reset_clip_options()
+        module.set_clip_options({"layer": clip.layer_idx})
+        layer, index, norm, depth = module.layer, module.layer_idx, module.layer_norm_hidden_state, module.num_layers
+        module.reset_clip_options()
+        if layer == "last":
+            encoders.append(replace(spec, hidden_layer=-1, final_norm=True))
+        elif layer == "hidden":
+            # ComfyUI counts the output of block i (0-based) as i; transformers' hidden_states[i + 1]
+            encoders.append(replace(spec, hidden_layer=index if index < 0 else index - depth, final_norm=bool(norm)))
+        else:
+            encoders.append(spec)
+    return replace(arch, encoders=tuple(encoders))
+
+
+class ComfyModel:
+    """`EditableModel` over a ComfyUI MODEL (ModelPatcher) and CLIP; reads only, never modifies them."""
+
+    def __init__(self, model, clip, device: torch.device | None = None):
+        import comfy.model_management
+
+        if not hasattr(model, "get_key_patches") or not hasattr(getattr(model, "model", None), "model_config"):
+            raise UnsupportedModelError("this MODEL is not a checkpoint model ComfyUI loaded (no model config)")
+        if clip is None or not hasattr(clip, "patcher"):
+            raise InvalidParameterError("clip", "a CLIP (text encoder) is needed: connect the checkpoint's CLIP")
+        use_host_vocabulary()
+        self.patcher = model
+        self.clip = clip
+        self.device = torch.device(device) if device is not None else comfy.model_management.get_torch_device()
+        self.host_model = type(model.model).__name__
+        config = model.model.model_config
+
+        unet = model.model_state_dict(filter_prefix=COMFY_UNET)
+        self.unet_shapes = {k: v.shape for k, v in unet.items()}
+        shapes = {UNET_PREFIX + k[len(COMFY_UNET):]: tuple(v.shape) for k, v in unet.items()}
+        clip_sd = clip.patcher.model_state_dict()
+        self.clip_shapes = {k: v.shape for k, v in clip_sd.items()}
+        meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in clip_sd.items()}
+        try:
+            saved = config.process_clip_state_dict_for_saving(meta)
+        except Exception as exc:  # noqa: BLE001 - a model family whose CLIP layout the host saves differently
+            raise UnsupportedModelError(
+                f"ComfyUI loaded this as {self.host_model} ({type(config).__name__}), whose text encoders are not "
+                f"laid out like Stable Diffusion 1.x/2.x/XL ones ({type(exc).__name__}: {exc})") from None
+        shapes |= {k: tuple(v.shape) for k, v in saved.items()}
+        try:
+            arch = detect(shapes)
+        except UnsupportedModelError as exc:
+            loaded = f"{self.host_model} ({type(config).__name__})"
+            raise UnsupportedModelError(f"ComfyUI loaded this as {loaded}: {exc}") from None
+        self.text_keys = _text_keys(arch, saved, self.clip_shapes)
+        missing = [k for k in saved if k.startswith(tuple(e.prefix for e in arch.encoders)) and k not in self.text_keys
+                   and saved[k].is_floating_point() and not k.endswith(("logit_scale", "position_ids"))]
+        if missing:
+            raise UnsupportedModelError(f"the CLIP's tensor {missing[0]} has no counterpart in ComfyUI's CLIP")
+        self.arch = _clip_layer_encoders(arch, clip)
+        self._unet_patches: dict | None = None
+        self._clip_patches: dict | None = None
+        self._text_encoder = ComfyTextEncoder(clip, any(e.pooled for e in arch.encoders))
+
+    # ---- EditableModel -------------------------------------------------------------------------
+    @property
+    def text_encoder(self) -> ComfyTextEncoder:
+        return self._text_encoder
+
+    def keys(self) -> list[str]:
+        return [UNET_PREFIX + k[len(COMFY_UNET):] for k in self.unet_shapes] + list(self.text_keys)
+
+    def weight(self, key: str) -> torch.Tensor:
+        parts = [(self._effective(k, clip), dtype) for k, clip, dtype in self._sources(key)]
+        tensor = parts[0][0] if len(parts) == 1 else torch.cat([p for p, _ in parts])
+        if key in self.text_keys and self.text_keys[key].transpose:
+            tensor = tensor.T.contiguous()
+        return tensor.to(parts[0][1])
+
+    def source(self) -> dict:
+        source = self.patcher.get_attachment(SOURCE_ATTACHMENT) if hasattr(self.patcher, "get_attachment") else None
+        return dict(source) if source else {"name": f"ComfyUI {self.host_model}", "host": "ComfyUI"}
+
+    def prior_steps(self) -> tuple[dict, ...]:
+        steps = self.patcher.get_attachment(STEPS_ATTACHMENT) if hasattr(self.patcher, "get_attachment") else None
+        return tuple(steps or ())
+
+    def weight_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of `key` in checkpoint layout (KeyError when the model has no such tensor)."""
+        if key.startswith(UNET_PREFIX):
+            return tuple(self.unet_shapes[COMFY_UNET + key[len(UNET_PREFIX):]])
+        mapped = self.text_keys[key]
+        shapes = [tuple(self.clip_shapes[k]) for k in mapped.comfy]
+        if mapped.transpose:
+            return (shapes[0][1], shapes[0][0])
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    # ---- host weights --------------------------------------------------------------------------
+    def effective_float(self, key: str) -> torch.Tensor:
+        """The weight under checkpoint key `key` as ComfyUI would patch it, float32 before rounding."""
+        parts = [self._effective(k, clip) for k, clip, _ in self._sources(key)]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if key in self.text_keys and self.text_keys[key].transpose:
+            tensor = tensor.T.contiguous()
+        return tensor
+
+    def _sources(self, key: str) -> list[tuple[str, bool, torch.dtype]]:
+        if key.startswith(UNET_PREFIX):
+            name = COMFY_UNET + key[len(UNET_PREFIX):]
+            if name not in self.unet_shapes:
+                raise KeyError(key)
+            return [(name, False, self._dtype(name, False))]
+        if key not in self.text_keys:
+            raise KeyError(key)
+        return [(name, True, self._dtype(name, True)) for name in self.text_keys[key].comfy]
+
+    def _key_patches(self, clip: bool) -> dict:
+        if clip:
+            if self._clip_patches is None:
+                self._clip_patches = self.clip.patcher.get_key_patches()
+            return self._clip_patches
+        if self._unet_patches is None:
+            self._unet_patches = self.patcher.get_key_patches(COMFY_UNET)
+        return self._unet_patches
+
+    def _dtype(self, name: str, clip: bool) -> torch.dtype:
+        dtype = self._key_patches(clip)[name][0][0].dtype
+        return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float16
+
+    def _effective(self, name: str, clip: bool) -> torch.Tensor:
+        import comfy.lora
+        import comfy.model_management
+
+        entry = self._key_patches(clip)[name]
+        base, convert = entry[0]
+        weight = comfy.model_management.cast_to_device(base, self.device, torch.float32, copy=True)
+        weight = convert(weight, inplace=True)
+        if len(entry) > 1:
+            weight = comfy.lora.calculate_weight(entry[1:], weight, name)
+        return weight
+
+
+# ---- applying an erasure ---------------------------------------------------------------------------
+
+def _lora(up: torch.Tensor, down: torch.Tensor):
+    """A host LoRA patch computing exactly up @ down (alpha = None: scale 1), strength applied by the host."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    return LoRAAdapter(set(), (up.float().cpu(), down.float().cpu(), None, None, None, None))
+
+
+def host_patches(model: ComfyModel, patch: ErasurePatch) -> tuple[dict, dict]:
+    """(U-Net patches, CLIP patches) in ComfyUI's formats: a low-rank erasure as the host's LoRA patch, a
+    dense or sparse one as a "diff" against the weight the model has now (so strength s gives W + s·ΔW)."""
+    unet, text = {}, {}
+    for key, stages in patch.edits.items():
+        if key.startswith(UNET_PREFIX):
+            name = COMFY_UNET + key[len(UNET_PREFIX):]
+            if name not in model.unet_shapes:
+                raise InvalidParameterError("model", f"the erasure edits {key}, which this model does not have")
+            targets, transpose, into = [name], False, unet
+            shapes = [model.unet_shapes[name]]
+        else:
+            mapped = model.text_keys.get(key)
+            if mapped is None:
+                raise InvalidParameterError(
+                    "clip", f"the erasure edits the text-encoder tensor {key}, which has no counterpart in this CLIP")
+            targets, transpose, into = list(mapped.comfy), mapped.transpose, text
+            shapes = [model.clip_shapes[t] for t in targets]
+        rows = [s[1] if transpose else s[0] for s in shapes]
+        if all(isinstance(s, LowRankEdit) for s in stages):
+            up, down = (torch.cat([s.up for s in stages], 1), torch.cat([s.down for s in stages], 0))
+            if transpose:
+                up, down = down.T, up.T
+            for target, part in zip(targets, up.split(rows, 0) if not transpose else [up]):
+                into[target] = _lora(part.contiguous(), down.contiguous())
+            continue
+        current = model.effective_float(key)
+        delta = patch.apply_to(key, current) - current
+        check_finite(key, delta)
+        delta = delta.T if transpose else delta
+        for target, part in zip(targets, delta.split(rows, 0)):
+            into[target] = ("diff", (part.contiguous().cpu(),))
+    return unet, text
+
+
+def apply_erasure(model, clip, adapter: ComfyModel, patch: ErasurePatch, strength: float, steps: Sequence[dict] = ()):
+    """Clones of MODEL (and of CLIP when the text encoder is edited) with `patch` at `strength`; the
+    provenance `steps` are added to the clone's record. The inputs are not modified."""
+    unet, text = host_patches(adapter, patch)
+    new_model = model.clone()
+    accepted = set(new_model.add_patches(unet, strength)) if unet else set()
+    new_clip = clip
+    if text:
+        new_clip = clip.clone()
+        accepted |= set(new_clip.add_patches(text, strength))
+    refused = sorted((set(unet) | set(text)) - accepted)
+    if refused:
+        raise InvalidParameterError("model", f"ComfyUI did not accept the patch for {refused[0]} "
+                                    f"({len(refused)} of {len(unet) + len(text)} tensors); nothing was applied")
+    if hasattr(new_model, "set_attachments"):
+        new_model.set_attachments(STEPS_ATTACHMENT, tuple(adapter.prior_steps()) + tuple(steps))
+    return new_model, new_clip
+
+
+class HostProgress:
+    """The solver's progress(done, total, message) as a ComfyUI progress bar. Every call is an
+    interruption point (cancel raises the host's InterruptProcessingException before anything is
+    patched); the bar itself is updated at most ten times a second."""
+
+    def __init__(self):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(1)
+        self.last = 0.0
+        self.message = ""
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        now = time.monotonic()
+        if done >= total or message != self.message or now - self.last > 0.1:
+            self.bar.update_absolute(min(done, max(total, 1)), max(total, 1))
+            self.last, self.message = now, message
+
+
+def reserve_device_memory(adapter: ComfyModel, text_encoder: bool) -> None:
+    """Ask ComfyUI to make room on the device for the solve (float32 K/V copies and, for methods that
+    rebuild the text encoder, the encoder itself), as its own nodes do before heavy work."""
+    import comfy.model_management
+
+    if adapter.device.type == "cpu":
+        return
+    need = 2 * sum(4 * adapter.unet_shapes[COMFY_UNET + k[len(UNET_PREFIX):]].numel() for k in adapter.arch.kv_keys)
+    if text_encoder:
+        need += sum(4 * s.numel() for s in adapter.clip_shapes.values())
+    comfy.model_management.free_memory(need + (512 << 20), adapter.device)
+
+
+def describe_layout(arch: ArchSpec, unet_shapes: dict[str, Any]) -> str:
+    """The architecture and the cross-attention layout, one K/V pair per line."""
+    lines = [arch.describe(), "", "text encoders (features the U-Net reads):"]
+    for e in arch.encoders:
+        where = "last layer" if e.hidden_layer == -1 else f"hidden layer {e.hidden_layer}"
+        lines.append(f"  {e.name}: {e.layers} blocks × {e.width}, {where}{', final norm' if e.final_norm else ''}"
+                     f"{', pooled output' if e.pooled else ''}")
+    lines += ["", f"cross-attention K/V ({len(arch.kv_keys)} matrices, out × context):"]
+    for key in arch.kv_keys:
+        if key.endswith("to_k.weight"):
+            name = key[len(UNET_PREFIX):-len(".attn2.to_k.weight")]
+            shape = tuple(unet_shapes.get(COMFY_UNET + key[len(UNET_PREFIX):], ()))
+            lines.append(f"  {name}: K,V {'×'.join(str(n) for n in shape)}")
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""The example workflows (ComfyUI's UI format) and their conversion to the API format the server runs.
+
+`python tests/comfy_workflows.py` rewrites example_workflows/*.json from the definitions below; the
+host tests check that the shipped files are what these definitions give, and run them. The pack's
+nodes save their widget values by name (see javascript/comfyui/concept_eraser.js), so a workflow lists
+only the values it sets; every other method parameter keeps its default.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "example_workflows"
+
+# Input order of each node (sockets and widgets, as the node declares them): link slots are indices into it.
+INPUTS = {
+    "ConceptEraserLoadCheckpoint": ["ckpt_name"],
+    "ConceptEraserErase": ["model", "clip", "method", "targets", "guides", "preserve", "strength"],
+    "ConceptEraserPreview": ["model", "clip", "erased_model", "erased_clip", "vae", "prompts", "negative", "seed",
+                             "steps", "cfg", "sampler_name", "scheduler", "width", "height", "erasure"],
+    "ConceptEraserSave": ["erasure", "format", "folder", "filename_prefix", "model", "clip", "vae"],
+    "ConceptEraserReport": ["erasure"],
+}
+OUTPUTS = {
+    "ConceptEraserLoadCheckpoint": [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("layout", "STRING")],
+    "ConceptEraserErase": [("model", "MODEL"), ("clip", "CLIP"), ("erasure", "ERASURE")],
+    "ConceptEraserPreview": [("grid", "IMAGE")],
+    "ConceptEraserSave": [("path", "STRING")],
+    "ConceptEraserReport": [("text", "STRING"), ("plot", "IMAGE")],
+}
+SIZES = {
+    "ConceptEraserLoadCheckpoint": [340, 170],
+    "ConceptEraserErase": [360, 520],
+    "ConceptEraserPreview": [420, 560],
+    "ConceptEraserSave": [340, 200],
+    "ConceptEraserReport": [420, 480],
+}
+
+
+class Graph:
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, node_type: str, pos, widgets: dict, title: str | None = None, size=None) -> int:
+        node_id = len(self.nodes) + 1
+        node = {
+            "id": node_id, "type": node_type, "pos": list(pos), "size": list(size or SIZES[node_type]), "flags": {},
+            "order": node_id - 1, "mode": 0, "inputs": [],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                        for i, (n, t) in enumerate(OUTPUTS[node_type])],
+            "properties": {"Node name for S&R": node_type}, "widgets_values": dict(widgets),
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, source: int, output: str, target: int, input_name: str) -> None:
+        src, dst = self.nodes[source - 1], self.nodes[target - 1]
+        slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == output)
+        kind = src["outputs"][slot]["type"]
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source, slot, target, INPUTS[dst["type"]].index(input_name), kind])
+        src["outputs"][slot]["links"].append(link_id)
+        dst["inputs"].append({"name": input_name, "type": kind, "link": link_id})
+
+    def workflow(self) -> dict:
+        for node in self.nodes:
+            order = INPUTS[node["type"]]
+            node["inputs"].sort(key=lambda i: order.index(i["name"]))
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+                "version": 0.4}
+
+
+def erase_preview_save(ckpt: str, size: int, steps: int, save_format: str, prefix: str) -> dict:
+    g = Graph()
+    load = g.add("ConceptEraserLoadCheckpoint", (40, 160), {"ckpt_name": ckpt})
+    erase = g.add("ConceptEraserErase", (420, 160), {
+        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
+        "strength": 1.0})
+    preview = g.add("ConceptEraserPreview", (820, 60), {
+        "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
+                   "a painting in the style of Claude Monet, water lilies",
+        "negative": "blurry, low quality", "seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "width": size, "height": size})
+    save = g.add("ConceptEraserSave", (420, 720),
+                 {"format": save_format, "folder": "models", "filename_prefix": prefix})
+    report = g.add("ConceptEraserReport", (1280, 60), {})
+    for name in ("model", "clip"):
+        g.link(load, name, erase, name)
+        g.link(load, name, preview, name)
+        g.link(erase, name, preview, f"erased_{name}")
+    g.link(load, "vae", preview, "vae")
+    g.link(erase, "erasure", preview, "erasure")
+    g.link(erase, "erasure", save, "erasure")
+    if save_format == "checkpoint":
+        g.link(erase, "model", save, "model")
+        g.link(erase, "clip", save, "clip")
+        g.link(load, "vae", save, "vae")
+    g.link(erase, "erasure", report, "erasure")
+    return g.workflow()
+
+
+def chain_two_methods() -> dict:
+    g = Graph()
+    load = g.add("ConceptEraserLoadCheckpoint", (40, 160), {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"})
+    first = g.add("ConceptEraserErase", (420, 160), {
+        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet", "strength": 1.0},
+        title="Erase Concept (UCE: Van Gogh)")
+    second = g.add("ConceptEraserErase", (820, 160), {
+        "method": "rece", "targets": "Pablo Picasso", "guides": "", "preserve": "Claude Monet", "strength": 1.0,
+        "rece_epochs": 2}, title="Erase Concept (RECE: Pablo Picasso)", size=[360, 600])
+    preview = g.add("ConceptEraserPreview", (1220, 60), {
+        "prompts": "a painting in the style of Van Gogh\na painting by Pablo Picasso\na painting by Claude Monet",
+        "negative": "blurry, low quality", "seed": 7, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "width": 512, "height": 512})
+    save = g.add("ConceptEraserSave", (820, 820), {"format": "checkpoint", "folder": "models",
+                                                   "filename_prefix": "concept_eraser/sd15_no_van_gogh_picasso"})
+    report = g.add("ConceptEraserReport", (1680, 60), {})
+    for name in ("model", "clip"):
+        g.link(load, name, first, name)
+        g.link(first, name, second, name)
+        g.link(load, name, preview, name)
+        g.link(second, name, preview, f"erased_{name}")
+        g.link(second, name, save, name)
+    g.link(load, "vae", preview, "vae")
+    g.link(load, "vae", save, "vae")
+    g.link(second, "erasure", preview, "erasure")
+    g.link(second, "erasure", save, "erasure")
+    g.link(second, "erasure", report, "erasure")
+    return g.workflow()
+
+
+def examples() -> dict[str, dict]:
+    return {
+        "concept_eraser_sd15_erase_preview_save.json": erase_preview_save(
+            "v1-5-pruned-emaonly-fp16.safetensors", 512, 20, "checkpoint", "concept_eraser/sd15_no_van_gogh"),
+        "concept_eraser_sdxl_erase_preview_save.json": erase_preview_save(
+            "sd_xl_base_1.0.safetensors", 1024, 25, "lora", "concept_eraser/sdxl_no_van_gogh"),
+        "concept_eraser_chain_uce_then_rece.json": chain_two_methods(),
+    }
+
+
+def to_api(workflow: dict, overrides: dict[str, dict] | None = None) -> dict:
+    """UI-format workflow → API format ({id: {class_type, inputs}}). Widget values are taken by name (the
+    pack's nodes save them so); `overrides` maps node type → {input: value} for every node of that type."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        values = node.get("widgets_values") or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"node {node['id']} ({node['type']}) has positional widget values")
+        inputs = dict(values)
+        inputs.update((overrides or {}).get(node["type"], {}))
+        for entry in node.get("inputs", []):
+            if entry.get("link") is not None:
+                _, source, slot, _target, _tslot, _kind = links[entry["link"]]
+                inputs[entry["name"]] = [str(source), slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def main() -> int:
+    EXAMPLES.mkdir(exist_ok=True)
+    for name, workflow in examples().items():
+        (EXAMPLES / name).write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {EXAMPLES / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""The node pack against ComfyUI's real classes, in this process: ModelPatcher, CLIP and VAE loaded by the
+host's own loader from a generated checkpoint it detects as SD1.5 (and SDXL for the text-encoder key
+mapping), the nodes called as ComfyUI calls them.
+
+What is checked: the pack imports without ComfyUI and registers through ComfyUI's loader; every node
+documents its inputs and outputs; the Erase node's inputs are the methods' declared parameters; the
+adapter serves the checkpoint's keys and exactly the host's effective weights; erasing patches clones
+(the inputs keep their patches and weights), at the chosen strength, chains, edits ComfyUI's CLIP for
+ErasePro, honours clip skip, stops cleanly on cancel; bad inputs raise errors naming the input; save,
+apply, load, preview and report work and round-trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_host import REPO, checkpoint, import_comfy, load_pack, release_comfy_path, host_threads
+
+NODE_IDS = ("ConceptEraserLoadCheckpoint", "ConceptEraserApplyPatch", "ConceptEraserErase", "ConceptEraserPreview",
+            "ConceptEraserSave", "ConceptEraserReport")
+UNET = "model.diffusion_model."
+
+
+def test_pack_imports_without_comfyui(tmp_path):
+    """The repository root is importable as a package with no ComfyUI anywhere (and loads no host module)."""
+    code = (
+        "import importlib.util, sys\n"
+        "sys.path = [p for p in sys.path if 'ComfyUI' not in p]\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m)\n"
+        "assert not {'comfy', 'folder_paths', 'nodes'} & set(sys.modules), sorted(sys.modules)\n"
+        "print(sorted(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY, m.nodes.FAILED)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMFYUI_PATH")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == f"{sorted(NODE_IDS)} ./javascript/comfyui {{}}"
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    nodes = import_comfy()
+    import comfy.model_management
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(host_threads())
+    saved = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    pack = load_pack()
+    added = {"checkpoints": base / "checkpoints", "erasures": base / "erasures"}
+    for name, folder in added.items():
+        folder.mkdir()
+        folder_paths.add_model_folder_path(name, str(folder), is_default=True)
+    try:
+        yield {"nodes": nodes, "pack": pack, "base": base, "folders": added}
+    finally:
+        for name, folder in added.items():
+            paths = folder_paths.folder_names_and_paths[name][0]
+            if str(folder) in paths:
+                paths.remove(str(folder))
+        folder_paths.set_output_directory(saved[0])
+        folder_paths.set_temp_directory(saved[1])
+        comfy.model_management.unload_all_models()
+        torch.set_num_threads(threads)
+        release_comfy_path()
+
+
+def pack_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"{load_pack().__name__}.{name}")
+
+
+def node(host, node_id: str):
+    return host["pack"].NODE_CLASS_MAPPINGS[node_id]()
+
+
+@pytest.fixture(scope="module")
+def sd15(host):
+    """SD1.5 loaded by ComfyUI's own loader (text encoder in float32: fp16 matmuls are slow on CPUs)."""
+    import comfy.sd
+
+    path = checkpoint("sd15")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
+    return {"path": path, "model": model, "clip": clip, "vae": vae}
+
+
+def snapshot(patcher) -> dict:
+    return {k: list(v) for k, v in patcher.patches.items()}
+
+
+def baked(patcher, keys) -> dict[str, torch.Tensor]:
+    """The weights as ComfyUI bakes them when it loads this patcher (then unloaded again)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+    state = patcher.model_state_dict()
+    out = {k: state[k].detach().clone() for k in keys}
+    comfy.model_management.unload_all_models()
+    return out
+
+
+@pytest.fixture(scope="module")
+def uce(host, sd15):
+    """One UCE erase through the node, shared by several tests."""
+    before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher), sd15["model"].patches_uuid
+    model, clip, erasure = node(host, "ConceptEraserErase").erase(
+        sd15["model"], sd15["clip"], "uce", "Van Gogh", "", "Claude Monet", 1.0)
+    return {"model": model, "clip": clip, "erasure": erasure, "before": before}
+
+
+# ---- registration and documentation ---------------------------------------------------------------
+
+@pytest.mark.host
+def test_registers_through_comfyui_loader(host):
+    nodes = host["nodes"]
+    assert asyncio.run(nodes.load_custom_node(str(REPO))) is True
+    for node_id in NODE_IDS:
+        assert node_id in nodes.NODE_CLASS_MAPPINGS and node_id in nodes.NODE_DISPLAY_NAME_MAPPINGS
+    web = [Path(p) for p in nodes.EXTENSION_WEB_DIRS.values()]
+    assert (REPO / "javascript" / "comfyui").resolve() in [p.resolve() for p in web]
+    assert (REPO / "javascript" / "comfyui" / "concept_eraser.js").is_file()
+
+
+@pytest.mark.host
+def test_every_node_is_documented(host):
+    for node_id in NODE_IDS:
+        cls = host["pack"].NODE_CLASS_MAPPINGS[node_id]
+        assert cls.CATEGORY == "Concept Eraser" and len(cls.DESCRIPTION) > 40, node_id
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES), node_id
+        inputs = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, spec in inputs.get(group, {}).items():
+                assert len(spec) == 2 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.host
+def test_erase_inputs_are_the_declared_params(host):
+    from concept_eraser_comfy_pack.concept_eraser.methods import METHODS
+
+    common = pack_module("nodes.common")
+    optional = host["pack"].NODE_CLASS_MAPPINGS["ConceptEraserErase"].INPUT_TYPES()["optional"]
+    expected = set()
+    for method in METHODS.values():
+        for p in method.params:
+            name = common.input_name(method.name, p)
+            expected.add(name)
+            kind, options = optional[name]
+            assert options["concept_eraser_label"] == p.name
+            if p.kind is bool:
+                assert kind == "BOOLEAN" and options["default"] is p.default
+            elif p.choices:
+                assert kind == list(p.choices) and options["default"] == p.default
+            elif p.nullable:
+                assert kind == "STRING" and options["default"] == ("auto" if p.default is None else str(p.default))
+            else:
+                assert kind == ("INT" if p.kind is int else "FLOAT") and options["default"] == p.default
+                assert options["min"] == (p.min if p.min is not None else -common.UNBOUNDED)
+                assert options["max"] == (p.max if p.max is not None else common.UNBOUNDED)
+    assert set(optional) == expected
+
+
+# ---- the adapter ------------------------------------------------------------------------------------
+
+@pytest.mark.host
+def test_adapter_serves_the_checkpoint_keys_and_weights(host, sd15):
+    from concept_eraser import CheckpointModel
+
+    ComfyModel = pack_module("nodes.host").ComfyModel
+    adapter = ComfyModel(sd15["model"], sd15["clip"])
+    ours = CheckpointModel(sd15["path"])
+    assert adapter.arch.family == ours.arch.family == "sd1"
+    assert adapter.arch.kv_keys == ours.arch.kv_keys and len(ours.arch.kv_keys) == 14
+    fields = ("name", "layout", "width", "layers", "hidden_layer", "final_norm", "pooled")
+    assert [[getattr(e, f) for f in fields] for e in adapter.arch.encoders] == \
+        [[getattr(e, f) for f in fields] for e in ours.arch.encoders]
+    text = [k for k in ours.keys() if k.startswith("cond_stage_model.") and not k.endswith("position_ids")]
+    assert set(text) <= set(adapter.keys()) and set(ours.arch.kv_keys) <= set(adapter.keys())
+    for key in list(ours.arch.kv_keys[:4]) + text[:6]:
+        got = adapter.weight(key)
+        assert got.dtype == torch.float32  # the dtype ComfyUI runs this model in on a CPU
+        assert torch.equal(got.cpu(), ours.weight(key).float()), key
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_adapter_maps_openclip_fused_keys(host, family):
+    """OpenCLIP encoders (SD2's ViT-H, SDXL's bigG): the fused in_proj and the transposed text_projection are
+    served as the checkpoint stores them, and edits to them land on ComfyUI's split q/k/v and on its
+    projection (the inverse mapping)."""
+    import gc
+
+    import comfy.model_management
+    import comfy.sd
+    from concept_eraser import CheckpointModel
+
+    host_mod = pack_module("nodes.host")
+    patch_mod = pack_module("concept_eraser.patch")
+    path = checkpoint(family)
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True,
+                                                        te_model_options={"dtype": torch.float32})[:2]
+    try:
+        adapter = host_mod.ComfyModel(model, clip)
+        ours = CheckpointModel(path)
+        assert adapter.arch.family == ours.arch.family == family and adapter.arch.kv_keys == ours.arch.kv_keys
+        assert [e.name for e in adapter.arch.encoders] == [e.name for e in ours.arch.encoders]
+        g = ours.arch.encoders[-1].prefix
+        fused, proj = g + "transformer.resblocks.3.attn.in_proj_weight", g + "text_projection"
+        keys = [fused, proj, g + "transformer.resblocks.3.attn.in_proj_bias", g + "positional_embedding"]
+        if family == "sdxl":
+            keys += [UNET + "label_emb.0.0.weight",
+                     "conditioner.embedders.0.transformer.text_model.encoder.layers.2.self_attn.k_proj.weight"]
+        for key in keys:
+            assert torch.equal(adapter.weight(key).cpu(), ours.weight(key).float()), key
+        width = ours.weight(proj).shape[0]
+        rng = torch.Generator().manual_seed(0)
+        low = patch_mod.LowRankEdit(torch.randn(3 * width, 2, generator=rng) * 1e-2,
+                                    torch.randn(2, width, generator=rng))
+        dense = patch_mod.DenseEdit(ours.weight(proj).float() * 0.5)
+        patch = patch_mod.ErasurePatch(family, {fused: (low,), proj: (dense,)})
+        new_model, new_clip = host_mod.apply_erasure(model, clip, adapter, patch, 1.0)
+        assert new_model is not model and new_clip is not clip and not clip.patcher.patches
+        slot = ours.arch.encoders[-1].name
+        assert {k for k in new_clip.patcher.patches} == {
+            f"{slot}.transformer.text_model.encoder.layers.3.self_attn.{p}_proj.weight" for p in "qkv"} | {
+            f"{slot}.transformer.text_projection.weight"}
+        after = host_mod.ComfyModel(new_model, new_clip)
+        expected = patch.apply_to(fused, ours.weight(fused).float())
+        torch.testing.assert_close(after.weight(fused).cpu(), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(after.weight(proj).cpu(), dense.new, rtol=0, atol=1e-6)
+    finally:
+        del model, clip
+        comfy.model_management.unload_all_models()
+        gc.collect()
+
+
+# ---- erasing ----------------------------------------------------------------------------------------
+
+@pytest.mark.host
+def test_erase_patches_clones_only(host, sd15, uce):
+    from concept_eraser import CheckpointModel
+
+    model, erasure = uce["model"], uce["erasure"]
+    assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher), sd15["model"].patches_uuid) == uce["before"]
+    assert model is not sd15["model"] and uce["clip"] is sd15["clip"]  # UCE leaves the text encoder alone
+    edited = {"diffusion_model." + k[len(UNET):] for k in erasure.patch.edits}
+    assert set(model.patches) == edited and len(edited) == 14
+    assert erasure.strength == 1.0 and erasure.arch.family == "sd1" and erasure.lineage[-1]["method"] == "uce"
+    # our reading of the erased model == what ComfyUI bakes when it loads it == the solver's patch
+    ComfyModel = pack_module("nodes.host").ComfyModel
+    after = ComfyModel(model, uce["clip"])
+    ours = CheckpointModel(sd15["path"])
+    bake = baked(model, sorted(edited))
+    for key in erasure.patch.edits:
+        name = "diffusion_model." + key[len(UNET):]
+        assert torch.equal(after.weight(key).cpu(), bake[name].cpu()), key
+        torch.testing.assert_close(bake[name].cpu(), erasure.patch.apply_to(key, ours.weight(key).float()),
+                                   rtol=1e-5, atol=1e-6)
+    # and the input model's own weights are back to the file's
+    state = sd15["model"].model_state_dict()
+    key = next(iter(erasure.patch.edits))
+    assert torch.equal(state["diffusion_model." + key[len(UNET):]].cpu(), ours.weight(key).float())
+
+
+@pytest.mark.host
+def test_strength_scales_the_edit(host, sd15, uce):
+    host_mod = pack_module("nodes.host")
+    adapter = host_mod.ComfyModel(sd15["model"], sd15["clip"])
+    patch = uce["erasure"].patch
+    half, _ = host_mod.apply_erasure(sd15["model"], sd15["clip"], adapter, patch, 0.5)
+    after = host_mod.ComfyModel(half, sd15["clip"])
+    for key in list(patch.edits)[:3]:
+        w = adapter.weight(key)
+        torch.testing.assert_close(after.weight(key), w + 0.5 * (patch.apply_to(key, w) - w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.host
+def test_erase_nodes_chain(host, sd15, uce):
+    first = uce["model"]
+    before = snapshot(first)
+    model, clip, erasure = node(host, "ConceptEraserErase").erase(
+        first, uce["clip"], "rece", "Pablo Picasso", "", "", 1.0, rece_epochs=1)
+    assert snapshot(first) == before
+    assert all(len(model.patches[k]) == 2 for k in first.patches)
+    assert [s["method"] for s in erasure.lineage] == ["uce", "rece"]
+    assert erasure.report["source"]["name"].startswith("ComfyUI")
+
+
+@pytest.mark.host
+def test_erasepro_edits_comfy_clip_and_reads_clip_skip(host, sd15):
+    """ErasePro edits the text encoder: its q/k/v edits land on ComfyUI's CLIP clone, after which the host's
+    own encoding of the target gives the guide's features (the method's zero-residual constraint). With
+    CLIP Set Last Layer -2 the method rebuilds the encoder at the layer the host reads."""
+    host_mod = pack_module("nodes.host")
+    layerwise = pack_module("concept_eraser.models.layerwise")
+    clip = sd15["clip"].clone()
+    clip.clip_layer(-2)
+    adapter = host_mod.ComfyModel(sd15["model"], clip)
+    spec = adapter.arch.encoders[0]
+    assert (spec.hidden_layer, spec.final_norm) == (-2, True)
+    rebuilt = layerwise.LayerwiseEncoder(spec, adapter.keys(), adapter.weight)
+    ours = rebuilt.encode(["a red circle"])[0][0]
+    theirs = adapter.text_encoder.encode(["a red circle"]).features[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+    before = snapshot(clip.patcher)
+    model, new_clip, erasure = node(host, "ConceptEraserErase").erase(
+        sd15["model"], clip, "erasepro", "Van Gogh", "a painter", "", 1.0, erasepro_token_policy="prompt_tokens")
+    assert snapshot(clip.patcher) == before and new_clip is not clip and new_clip.layer_idx == -2
+    first_block = "clip_l.transformer.text_model.encoder.layers.0.self_attn."
+    assert any(k.startswith(first_block) for k in new_clip.patcher.patches)
+    # The U-Net stage's constraint W X = W_o Y, with X the target's features as ComfyUI now encodes them
+    # through the patched CLIP: it holds only if the CLIP patches reproduce the solver's text-encoder edit.
+    erased = host_mod.ComfyModel(model, new_clip)
+    target = erased.text_encoder.encode(["Van Gogh"])
+    guide = adapter.text_encoder.encode(["a painter"])
+    rows = max(target.lengths[0], guide.lengths[0])
+    X, Y = target.features[0, :rows].T, guide.features[0, :rows].T
+    for key in adapter.arch.kv_keys[:4]:
+        wanted = adapter.weight(key) @ Y
+        residual = ((erased.weight(key) @ X - wanted).norm() / wanted.norm()).item()
+        assert residual < 1e-2, (key, residual)
+    assert erasure.report["max_residual"] < 1e-2
+
+
+@pytest.mark.host
+def test_cancel_leaves_the_input_untouched(host, sd15):
+    import comfy.model_management
+    import comfy.utils
+
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if len(calls) == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            node(host, "ConceptEraserErase").erase(sd15["model"], sd15["clip"], "uce", "Van Gogh", "", "", 1.0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert len(calls) >= 3
+    assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("inputs, field", [
+    ({"targets": ""}, "targets"),
+    ({"targets": "a\nb\nc", "guides": "x\ny"}, "guides"),
+    ({"preserve": "Van Gogh"}, "preserve"),
+    ({"uce_lam": 0.0}, "uce_lam"),
+    ({"uce_preserve_scale": "lots"}, "uce_preserve_scale"),
+    ({"method": "rece", "rece_epochs": 2, "rece_epoch": "3"}, "rece_epoch"),
+    ({"pooled_edit": True}, "pooled_edit"),
+    ({"method": "kpop"}, "method"),
+    ({"strength": 1.5}, "strength"),
+    ({"unknown": "uce_lamda"}, "uce_lamda"),
+    ({"model": "not sd"}, "model"),
+])
+def test_bad_inputs_name_the_field(host, sd15, inputs, field):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    args = {"model": sd15["model"], "clip": sd15["clip"], "method": "uce", "targets": "Van Gogh", "guides": "",
+            "preserve": "", "strength": 1.0}
+    args.update({k: v for k, v in inputs.items() if k not in ("unknown", "model")})
+    if "unknown" in inputs:
+        args["prompt"], args["unique_id"] = {"7": {"inputs": {inputs["unknown"]: 0.3}}}, "7"
+    if "model" in inputs:  # a model ComfyUI can hold that is not a Stable Diffusion checkpoint
+        cpu = torch.device("cpu")
+        args["model"] = comfy.model_patcher.ModelPatcher(torch.nn.Linear(4, 4), cpu, cpu)
+    before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)
+    erase_node = node(host, "ConceptEraserErase")
+    with pytest.raises(ValueError) as caught:
+        erase_node.erase(**args)
+    assert str(caught.value).startswith(field + ":"), str(caught.value)
+    assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
+    if field == "targets":
+        assert erase_node.VALIDATE_INPUTS("  \n").startswith("targets:") and erase_node.VALIDATE_INPUTS("x") is True
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+@pytest.mark.host
+def test_save_checkpoint_round_trips_through_the_host_loader(host, sd15, uce):
+    import comfy.model_management
+    import comfy.sd
+    from safetensors import safe_open
+
+    save = node(host, "ConceptEraserSave")
+    prompt, workflow = {"1": {"class_type": "X", "inputs": {}}}, {"nodes": [], "version": 0.4}
+    kwargs = dict(erasure=uce["erasure"], format="checkpoint", folder="output", filename_prefix="ce/erased",
+                  model=uce["model"], clip=uce["clip"], vae=sd15["vae"], prompt=prompt,
+                  extra_pnginfo={"workflow": workflow})
+    first = save.save(**kwargs)["result"][0]
+    second = save.save(**kwargs)["result"][0]
+    assert first != second and Path(first).exists() and Path(second).exists()  # never overwritten
+    assert Path(first).parent == host["base"] / "output" / "ce"
+    with safe_open(first, "pt") as f:
+        meta = f.metadata()
+    assert meta["concept_eraser.format"] == "checkpoint" and meta["concept_eraser.erased"] == "Van Gogh"
+    assert json.loads(meta["concept_eraser.steps"])[0]["method"] == "uce"
+    assert json.loads(meta["workflow"]) == workflow and json.loads(meta["prompt"]) == prompt
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+
+    edited = ["diffusion_model." + k[len(UNET):] for k in uce["erasure"].patch.edits]
+    expected = baked(uce["model"], edited + ["diffusion_model.input_blocks.0.0.weight"])
+    loaded = comfy.sd.load_checkpoint_guess_config(first, output_vae=False, output_clip=False)[0]
+    state = loaded.model_state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key].cpu(), value.cpu()), key
+    del loaded
+    comfy.model_management.unload_all_models()
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("file_format", ["patch", "lora"])
+def test_saved_patch_and_lora_apply_to_the_same_weights(host, sd15, uce, file_format):
+    path = node(host, "ConceptEraserSave").save(uce["erasure"], file_format, "models", "erased")["result"][0]
+    assert Path(path).parent == host["folders"]["erasures"]
+    out = node(host, "ConceptEraserApplyPatch").apply(sd15["model"], sd15["clip"], Path(path).name, 1.0)
+    model, clip, info = out["result"]
+    assert "Van Gogh" in info and model is not sd15["model"]
+    ComfyModel = pack_module("nodes.host").ComfyModel
+    applied, erased = ComfyModel(model, clip), ComfyModel(uce["model"], uce["clip"])
+    for key in uce["erasure"].patch.edits:
+        torch.testing.assert_close(applied.weight(key), erased.weight(key), rtol=1e-6, atol=1e-7)
+    assert [s["method"] for s in model.get_attachment("concept_eraser.steps")] == ["uce"]
+
+
+@pytest.mark.host
+def test_apply_refuses_other_files(host, sd15):
+    from safetensors.torch import save_file
+
+    other = host["folders"]["erasures"] / "some_lora.safetensors"
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(ValueError, match="^erasure_name:"):
+        node(host, "ConceptEraserApplyPatch").apply(sd15["model"], sd15["clip"], other.name, 1.0)
+
+
+@pytest.mark.host
+def test_load_node_reports_layout_and_refuses_early(host):
+    from comfy_checkpoints import make_flux_like_file
+
+    folder = host["folders"]["checkpoints"]
+    (folder / "tiny_sd15.safetensors").symlink_to(checkpoint("sd15"))
+    out = node(host, "ConceptEraserLoadCheckpoint").load("tiny_sd15.safetensors")
+    model, clip, vae, layout = out["result"]
+    assert layout.startswith("Stable Diffusion 1.x") and "K,V 320×768" in layout and out["ui"]["text"] == [layout]
+    assert model.get_attachment("concept_eraser.source")["name"] == "tiny_sd15.safetensors"
+    make_flux_like_file(folder / "flux_like.safetensors")
+    with pytest.raises(ValueError, match="^ckpt_name: .*Flux"):
+        node(host, "ConceptEraserLoadCheckpoint").load("flux_like.safetensors")
+
+
+# ---- views ------------------------------------------------------------------------------------------
+
+@pytest.mark.host
+def test_report_node(host, uce):
+    out = node(host, "ConceptEraserReport").report(uce["erasure"])
+    text, plot = out["result"]
+    assert "method: uce" in text and "Van Gogh" in text and "recoverability" in text
+    assert plot.shape == (1, 420, 960, 3) and 0 <= plot.min() and plot.max() <= 1 and plot.std() > 0.05
+    assert out["ui"]["text"] == [text] and out["ui"]["images"][0]["type"] == "temp"
+
+
+@pytest.mark.host
+def test_preview_grid_matches_the_host_sampler(host, sd15, uce):
+    """Each cell of the grid is bit for bit what CLIPTextEncode + KSampler + VAEDecode render with the
+    same prompt, seed and settings: column 'original' from the input model, 'erased' from the erased one."""
+    nodes = host["nodes"]
+    settings = dict(seed=3, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", width=64, height=64)
+    out = node(host, "ConceptEraserPreview").preview(sd15["model"], sd15["clip"], uce["model"], uce["clip"],
+                                                     sd15["vae"], "a cat", "", erasure=uce["erasure"], **settings)
+    grid = out["result"][0]
+    assert grid.shape[0] == 1 and grid.shape[2] == 2 * 64 + 3 * 6 and out["ui"]["images"]
+
+    def render(model, clip):
+        positive = nodes.CLIPTextEncode().encode(clip, "a cat")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        samples = nodes.KSampler().sample(model, 3, 2, 5.0, "euler", "normal", positive, negative, latent)[0]
+        return (nodes.VAEDecode().decode(sd15["vae"], samples)[0][0].detach().clamp(0, 1) * 255).round()
+
+    top = grid.shape[1] - 64 - 6
+    for column, (model, clip) in enumerate(((sd15["model"], sd15["clip"]), (uce["model"], uce["clip"]))):
+        left = 6 + column * (64 + 6)
+        cell = (grid[0, top:top + 64, left:left + 64] * 255).round()
+        assert torch.equal(cell, render(model, clip)), column

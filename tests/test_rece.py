@@ -1,0 +1,129 @@
+"""RECE checked against a direct transcription of its published algorithm (per-matrix UCE solves and a
+stacked least-squares derivation), epoch selection, the probe's trend, and the command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from concept_eraser import Cancelled, CheckpointModel, Concepts, InvalidParameterError, erase
+from concept_eraser.cli import main
+from concept_eraser.tiny import make_tiny_checkpoint
+
+CONCEPTS = Concepts.build(["Van Gogh"], ["a painting"], ["Claude Monet"])
+
+
+@pytest.fixture(scope="module")
+def sd1_float32(tmp_path_factory):
+    """float32 weights, so the reference below needs no rounding between stages."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("rece") / "sd1_f32.safetensors", "sd1", dtype=torch.float32)
+    return CheckpointModel(path)
+
+
+def uce_reference(W, erase_cols, guide_cols, preserve_cols, lam, s_e, s_p):
+    """UCE's mat1 · mat2⁻¹ for one matrix, targets mapped to W g and preserved columns to W r (RECE's
+    edit_model_adversarial, with W the current weights)."""
+    d = W.shape[1]
+    mat1 = lam * W + s_e * (W @ guide_cols) @ erase_cols.T + s_p * (W @ preserve_cols) @ preserve_cols.T
+    mat2 = lam * np.eye(d) + s_e * erase_cols @ erase_cols.T + s_p * preserve_cols @ preserve_cols.T
+    return np.linalg.solve(mat2, mat1.T).T  # mat2 is symmetric
+
+
+def test_one_epoch_equals_a_direct_transcription_of_rece(sd1_float32):
+    model = sd1_float32
+    lam, s_e, s_p, lam_r = 0.1, 1.0, 0.1, 0.1
+    result = erase(model, "rece", CONCEPTS, {"epochs": 1, "lam_r": lam_r, "token_policy": "all_tokens"})
+
+    enc = model.text_encoder.encode(["Van Gogh", "a painting", "", "Claude Monet"]).features.double().numpy()
+    c, g = enc[0].T, enc[1].T  # all 77 positions, paired position by position
+    preserved = np.hstack([enc[2].T, enc[3].T])  # '' (always preserved) and Monet, 77 tokens each
+    keys = model.arch.kv_keys
+    originals = {k: model.weight(k).double().numpy() for k in keys}
+    first = {k: uce_reference(originals[k], c, g, preserved, lam, s_e, s_p) for k in keys}
+    # c' = argmin Σ‖W_i c' − W_o,i c‖² + λ_r‖c'‖², all 32 matrices stacked.
+    d = c.shape[0]
+    X = np.vstack([first[k] for k in keys] + [np.sqrt(lam_r) * np.eye(d)])
+    Y = np.vstack([originals[k] @ c for k in keys] + [np.zeros_like(c)])
+    derived = np.linalg.lstsq(X, Y, rcond=None)[0]
+    for key in keys:
+        reference = uce_reference(first[key], derived, g, preserved, lam, s_e, s_p)
+        got = result.patch.apply_to(key, model.weight(key)).double().numpy()
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+        assert len(result.patch.edits[key]) == 2  # the UCE stage and one epoch
+
+
+def test_epoch_zero_is_uce_and_epoch_k_equals_epochs_k(tiny_checkpoints):
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    shared = {"lam": 0.1, "preserve_scale": 0.1}
+    uce = erase(model, "uce", CONCEPTS, shared)
+    zero = erase(model, "rece", CONCEPTS, {**shared, "epochs": 0})
+    for key in model.arch.kv_keys:
+        W = model.weight(key)
+        assert torch.equal(zero.patch.apply_to(key, W), uce.patch.apply_to(key, W))
+
+    three = erase(model, "rece", CONCEPTS, {"epochs": 3, "epoch": 1})
+    one = erase(model, "rece", CONCEPTS, {"epochs": 1})
+    for key in model.arch.kv_keys:
+        W = model.weight(key)
+        assert torch.equal(three.patch.apply_to(key, W), one.patch.apply_to(key, W))
+    assert three.report["epoch_returned"] == 1 and len(three.report["epochs"]) == 4
+    assert three.report["epochs"][:2] == one.report["epochs"]
+    assert three.patch.steps[0]["results"]["epoch"] == 1
+
+    # The probe's residual grows as epochs erase what it derives (tiny random weights; see the report).
+    residuals = [f["targets"]["Van Gogh"]["residual"] for f in three.report["epochs"]]
+    assert residuals[0] < residuals[1] < residuals[3]
+    after = {name: r.report["probe"]["targets"]["Van Gogh"]["residual"] for name, r in (("uce", uce), ("rece", one))}
+    assert after["rece"] > after["uce"]
+
+    with pytest.raises(InvalidParameterError, match="epoch"):
+        erase(model, "rece", CONCEPTS, {"epochs": 2, "epoch": 3})
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("setting,name,message", [
+    ("lam_r=0", "lam_r", "must be a number > 0"),
+    ("epochs=-1", "epochs", "out of range"),
+    ("epochs=1.5", "epochs", "not an integer"),
+    ("mu=0.1", "mu", "unknown parameter for method 'rece'"),
+])
+def test_bad_settings_name_the_parameter(tiny_checkpoints, tmp_path, capsys, setting, name, message):
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["erase", tiny_checkpoints["sd1"], "--method", "rece", "--erase", "x", "--set", setting,
+                        "--out", out], capsys)
+    assert code == 2 and f"error: {name}: " in err and message in err and not out.exists()
+
+
+def test_rece_then_space_on_its_output_records_both(tiny_checkpoints, tmp_path, capsys):
+    first, second = tmp_path / "rece.safetensors", tmp_path / "rece_space.safetensors"
+    code, stdout, err = run(["erase", tiny_checkpoints["sd1"], "--method", "rece", "--erase", "Van Gogh",
+                             "--set", "epochs=2", "--out", first], capsys)
+    assert code == 0, err
+    code, _, err = run(["erase", first, "--method", "space", "--erase", "Van Gogh", "--set", "iterations=50",
+                        "--set", "mu=0.05", "--out", second], capsys)
+    assert code == 0, err
+    code, stdout, _ = run(["inspect", second, "--json"], capsys)
+    steps = json.loads(stdout)["erasures"]
+    assert [s["method"] for s in steps] == ["rece", "space"]
+    assert steps[0]["results"]["epoch"] == 2 and len(steps[0]["results"]["residual_by_epoch"]["Van Gogh"]) == 3
+    assert steps[1]["results"]["sparsity"] > 0 and steps[1]["source"]["name"] == first.name
+
+
+def test_a_cancel_from_progress_stops_the_run(tiny_checkpoints):
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    calls = []
+
+    def progress(done, total, message):
+        calls.append(message)
+        if "epoch 1" in message:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        erase(model, "rece", CONCEPTS, {"epochs": 2}, progress)
+    assert any("UCE step" in m for m in calls)

@@ -1,0 +1,111 @@
+"""The tab's logic without gradio: widgets generated from the methods' declared parameters, and the
+handlers (messages naming the field, the status line, Preview reading the txt2img settings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from concept_eraser.methods import METHODS
+from concept_eraser_webui.host import Host
+from concept_eraser_webui.service import Service
+from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, param_layout, widget_spec
+from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_file
+
+
+@pytest.fixture
+def tab(monkeypatch, tmp_path):
+    webui = install_fake_webui(monkeypatch, tmp_path)
+    path, state = tiny_sd1_file(webui.ckpt_dir)
+    load_fake_a1111(webui, path, state)
+    tab = Tab(Service(Host("a1111")))
+    tab.webui = webui
+    return tab
+
+
+def values_for(method: str, **overrides):
+    return [overrides.get(p.name, widget_spec(name, p)[1]["value"]) for name, p in param_layout()]
+
+
+def test_every_declared_parameter_gets_one_widget_with_its_default_and_help():
+    layout = param_layout()
+    assert [p for _, p in layout] == [p for m in METHODS.values() for p in m.params]
+    for name, p in layout:
+        kind, kwargs = widget_spec(name, p)
+        assert kwargs["label"] == p.name and p.help in kwargs["info"]
+        assert kwargs["elem_id"] == f"concept_eraser_{name}_{p.name}"
+        if p.kind is bool:
+            assert kind == "Checkbox" and kwargs["value"] is p.default
+        elif p.choices:
+            assert kind == "Dropdown" and kwargs["choices"] == list(p.choices) and kwargs["value"] == p.default
+        elif p.nullable or p.kind is str:
+            assert kind == "Textbox" and kwargs["value"] == ("" if p.default is None else str(p.default))
+        else:
+            assert kind == "Number" and kwargs["value"] == p.default
+            assert kwargs.get("precision") == (0 if p.kind is int else None)
+
+
+def test_default_widget_values_resolve_to_the_methods_defaults():
+    from concept_eraser.params import resolve
+
+    tab = Tab(service=None)
+    for name, method in METHODS.items():
+        given = tab.params_for(name, values_for(name))
+        assert resolve(method.params, given, name) == resolve(method.params, {}, name)
+
+
+def test_erase_with_a_bad_value_shows_a_message_naming_the_field(tab):
+    status, message, report = tab.erase("", "van gogh", "", "", "uce", *values_for("uce", lam=-1))
+    assert "params.lam" in message and "⚠" in message and report == ""
+    assert status.startswith("No erasure active on tiny-sd1.safetensors")
+    status, message, _ = tab.erase("", "", "", "", "uce", *values_for("uce"))
+    assert "erase: give at least one concept" in message
+
+
+def test_erase_restore_and_status_line(tab):
+    status, message, report = tab.erase("task(abc)", "van gogh", "", "monet", "uce", *values_for("uce"))
+    assert "✓" in message and "UCE erased van gogh" in message
+    assert status.startswith("1 erasure(s) active on tiny-sd1.safetensors") and "keeping monet" in status
+    assert '"method": "uce"' in report
+    assert ("start", "task(abc)") in tab.webui.progress.events and ("finish", "task(abc)") in tab.webui.progress.events
+    status, message = tab.restore("")
+    assert "restored 32 tensors" in message and status.startswith("No erasure active")
+    assert "nothing to restore" in tab.restore("")[1]
+
+
+def test_preview_reads_the_captured_txt2img_settings(tab, monkeypatch):
+    monkeypatch.setattr("concept_eraser_webui.ui.TXT2IMG", {})
+    from concept_eraser_webui import ui
+
+    class Component:
+        def __init__(self, elem_id):
+            self.elem_id = elem_id
+
+    for elem in ("txt2img_seed", "txt2img_steps", "img2img_steps", "txt2img_width"):
+        capture_txt2img(Component(elem), elem_id=elem)
+    assert set(ui.TXT2IMG) == {"txt2img_seed", "txt2img_steps", "txt2img_width"}
+    assert tab.txt2img_ids() == ["txt2img_steps", "txt2img_width", "txt2img_seed"]
+    tab.erase("", "van gogh", "", "", "uce", *values_for("uce"))
+    gallery, status, message = tab.preview("", "a cat\n", 4, 64, 1234)
+    assert len(gallery) == 2 and "seed 1234" in message
+    p = tab.webui.processing.calls[0]
+    assert (p.steps, p.width, p.seed, p.height) == (4, 64, 1234, 512)
+    assert "erasure(s) active" in status
+
+
+def test_save_uses_a_default_name_and_never_overwrites(tab):
+    tab.erase("", "van gogh", "", "", "uce", *values_for("uce"))
+    status, message = tab.save("patch", "", False)
+    assert "saved" in message and "tiny-sd1-erased-van_gogh.safetensors" in message
+    status, message = tab.save("patch", "", False)
+    assert "⚠ name:" in message and "Overwrite" in message
+    assert "saved" in tab.save("patch", "", True)[1]
+
+
+def test_method_choice_shows_only_that_methods_parameters():
+    tab = Tab(service=None)
+    for name in METHODS:
+        assert tab.method_visibility(name) == [n == name for n in METHODS]
+
+
+def test_txt2img_capture_is_module_state():
+    assert isinstance(TXT2IMG, dict)
