@@ -9,13 +9,13 @@ __version__ = "0.1.0"
 from .api import ErasureResult, erase
 from .checkpoint import CheckpointModel, load_patch, save_checkpoint, save_lora, save_patch
 from .concepts import TOKEN_POLICIES, Concepts
-from .errors import (Cancelled, EraserError, InvalidParameterError, NonFiniteResultError, UnsafeFileError,
-                     UnsupportedModelError)
+from .errors import (Cancelled, ConvergenceWarning, EraserError, InvalidParameterError, NonFiniteResultError,
+                     UnsafeFileError, UnsupportedModelError)
 from .methods import METHODS, get_method
-from .patch import DenseEdit, ErasurePatch, LowRankEdit
+from .patch import DenseEdit, ErasurePatch, LowRankEdit, SparseEdit
 
 __all__ = [
-    "CheckpointModel", "Cancelled", "Concepts", "DenseEdit", "EraserError", "ErasurePatch", "ErasureResult",
-    "InvalidParameterError", "LowRankEdit", "METHODS", "NonFiniteResultError", "TOKEN_POLICIES", "UnsafeFileError",
+    "CheckpointModel", "Cancelled", "Concepts", "ConvergenceWarning", "DenseEdit", "EraserError", "ErasurePatch", "ErasureResult",
+    "InvalidParameterError", "LowRankEdit", "METHODS", "NonFiniteResultError", "SparseEdit", "TOKEN_POLICIES", "UnsafeFileError",
     "UnsupportedModelError", "erase", "get_method", "load_patch", "save_checkpoint", "save_lora", "save_patch",
 ]

@@ -28,8 +28,7 @@ import torch
 from concept_eraser.errors import Cancelled, EraserError, UnsupportedModelError
 from concept_eraser.safetensors_io import read_metadata_json
 
-from .live import (FORGE_TEXT_PREFIX, LiveTensors, Slot, a1111_slots, forge_settle_lora, forge_text_slots,
-                   settle_lora)
+from .live import FORGE_TEXT_PREFIX, LiveTensors, Slot, a1111_slots, forge_settle_lora, forge_text_slots, settle_lora
 from .model import EncoderLayer, HostTextEncoder, WebUIModel, host_arch
 from .session import CheckpointId
 
@@ -133,7 +132,8 @@ def a1111_layers(obj, family: str, opts) -> list[EncoderLayer]:
         first = EncoderLayer(-1, True)
     else:
         depth = clip_l.transformer.config.num_hidden_layers
-        first = EncoderLayer(int(clip_l.layer_idx) - (depth + 1) if clip_l.layer_idx >= 0 else int(clip_l.layer_idx), False)
+        index = int(clip_l.layer_idx)
+        first = EncoderLayer(index - (depth + 1) if index >= 0 else index, False)
     second = EncoderLayer(-2 if getattr(clip_g, "layer", "penultimate") == "penultimate" else -1, False)
     return [first, second]
 
@@ -205,7 +205,8 @@ def forge_family(obj) -> str:
     for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(obj, flag, False):
             return family
-    raise UnsupportedModelError(f"Forge loaded this as {type(obj).__name__}; Concept Eraser edits SD1.x, SD2.x and SDXL")
+    raise UnsupportedModelError(
+        f"Forge loaded this as {type(obj).__name__}; Concept Eraser edits SD1.x, SD2.x and SDXL")
 
 
 class ForgeModel:
@@ -222,8 +223,10 @@ class ForgeModel:
         slots = {"model." + n: Slot((("unet", n),)) for n, _ in unet_root.named_parameters()
                  if n.startswith("diffusion_model.")}
         slots.update(forge_text_slots(self.family, clip_root.named_parameters()))
-        self.tensors = LiveTensors(lambda: {"unet": self.unet_patcher.model, "clip": self.clip_patcher.cond_stage_model},
-                                   slots)
+        self.tensors = LiveTensors(self._roots, slots)
+
+    def _roots(self) -> dict:
+        return {"unet": self.unet_patcher.model, "clip": self.clip_patcher.cond_stage_model}
 
     @property
     def checkpoint(self) -> CheckpointId:
@@ -252,7 +255,8 @@ class ForgeModel:
                 **({"sha256": c.sha256} if c.sha256 else {})}
 
     def _layers(self, engines) -> list[EncoderLayer]:
-        return [EncoderLayer(-max(int(e.clip_skip), int(e.minimal_clip_skip)), bool(e.final_layer_norm)) for e in engines]
+        return [EncoderLayer(-max(int(e.clip_skip), int(e.minimal_clip_skip)), bool(e.final_layer_norm))
+                for e in engines]
 
     def editable(self, prior_steps: Sequence[dict]) -> WebUIModel:
         from backend import memory_management
@@ -333,6 +337,13 @@ class Host:
                 if id_task:
                     progress.finish_task(id_task)
                 shared.state.end()
+
+    def finish_task(self, id_task: str | None) -> None:
+        """Mark the tab's task as done for the progress bar, also when it failed before its job started."""
+        if id_task:
+            from modules import progress
+
+            progress.finish_task(id_task)
 
     def progress(self, state):
         """The solver's progress(done, total, message) as the host's progress state; raises `Cancelled`

@@ -58,7 +58,8 @@ class LiveTensors:
         roots = self.roots()
         out = []
         for root, name in self.slots[key].parts:
-            out.append(roots[root].get_parameter(name) if _is_parameter(roots[root], name) else _get_buffer(roots[root], name))
+            module = roots[root]
+            out.append(module.get_parameter(name) if _is_parameter(module, name) else module.get_buffer(name))
         return out
 
     def modules(self, key: str) -> list[torch.nn.Module]:
@@ -110,10 +111,6 @@ def _is_parameter(root: torch.nn.Module, name: str) -> bool:
     return leaf in module._parameters
 
 
-def _get_buffer(root: torch.nn.Module, name: str) -> torch.Tensor:
-    return root.get_buffer(name)
-
-
 def digest(tensor: torch.Tensor) -> str:
     """Exact fingerprint of a tensor's bytes (dtype and shape included)."""
     data = tensor.detach()
@@ -122,7 +119,7 @@ def digest(tensor: torch.Tensor) -> str:
     data = data.contiguous().cpu()
     h = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
     if data.numel():
-        h.update(data.view(torch.uint8).numpy().tobytes() if data.dim() else data.reshape(1).view(torch.uint8).numpy().tobytes())
+        h.update((data if data.dim() else data.reshape(1)).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -185,7 +182,8 @@ def forge_text_slots(family: str, named: Iterable[tuple[str, torch.Tensor]]) -> 
             continue
         m = _QKV.match(hf)
         if m:
-            fused.setdefault(f"{prefix}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}", {})[m.group(2)] = name
+            key = f"{prefix}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}"
+            fused.setdefault(key, {})[m.group(2)] = name
             continue
         for pattern, replacement in _OPEN_CLIP_INVERSE:
             if re.match(pattern, hf):

@@ -55,7 +55,8 @@ class HostTextEncoder:
             for text, ids in zip(prompts, engine.tokenize(list(prompts))):
                 ids = list(ids)
                 if len(ids) > WINDOW - 2:
-                    log.warning("concept_eraser: prompt %r is longer than 75 tokens; only the first 75 are used", text[:40])
+                    log.warning("concept_eraser: prompt %r is longer than 75 tokens; only the first 75 are used",
+                                text[:40])
                     ids = ids[:WINDOW - 2]
                 rows.append([engine.id_start] + ids + [engine.id_end] + [engine.id_pad] * (WINDOW - 2 - len(ids)))
                 counts.append(len(ids) + 2)
@@ -83,13 +84,14 @@ def host_arch(tensors: LiveTensors, layers: Sequence[EncoderLayer] | None = None
     text encoder read the layer the U-Net is fed."""
     from dataclasses import replace
 
-    shapes = {k: tensors.shape(k) for k in tensors.keys()}
+    shapes = {k: tensors.shape(k) for k in tensors.keys()}  # noqa: SIM118 - not a dict
     arch = detect(shapes)
     if layers:
         if len(layers) != len(arch.encoders):
-            raise UnsupportedModelError(f"the host has {len(layers)} text encoders, the checkpoint layout {len(arch.encoders)}")
-        arch = replace(arch, encoders=tuple(replace(e, hidden_layer=l.hidden_layer, final_norm=l.final_norm)
-                                            for e, l in zip(arch.encoders, layers)))
+            raise UnsupportedModelError(
+                f"the host has {len(layers)} text encoders, the checkpoint layout {len(arch.encoders)}")
+        arch = replace(arch, encoders=tuple(replace(e, hidden_layer=layer.hidden_layer, final_norm=layer.final_norm)
+                                            for e, layer in zip(arch.encoders, layers)))
     return arch
 
 

@@ -61,7 +61,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, RequestError):
         return exc.status, {"error": exc.message, "field": exc.field}
     if isinstance(exc, InvalidParameterError):
-        field = exc.field if exc.field in ("erase", "guide", "preserve", "method", "format", "name") else f"params.{exc.field}"
+        top_level = ("erase", "guide", "preserve", "method", "format", "name")
+        field = exc.field if exc.field in top_level else f"params.{exc.field}"
         return 400, {"error": str(exc).split(": ", 1)[-1], "field": field}
     if isinstance(exc, NoModelError):
         return 409, {"error": str(exc), "field": "model"}

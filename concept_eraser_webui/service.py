@@ -188,8 +188,8 @@ class Service:
     def _save_checkpoint(self, live, patch: ErasurePatch, request: SaveRequest) -> dict:
         source = Path(live.checkpoint.filename)
         if source.suffix.lower() != ".safetensors":
-            raise RequestError("format", f"the loaded checkpoint {source.name} is not a .safetensors file, so it cannot "
-                               "be copied safely; save the erasure as a patch or a LoRA instead", 409)
+            raise RequestError("format", f"the loaded checkpoint {source.name} is not a .safetensors file, so it "
+                               "cannot be copied safely; save the erasure as a patch or a LoRA instead", 409)
         folder = self.host.checkpoint_dir()
         out = _target(folder, request)
         if out.resolve() == source.resolve():

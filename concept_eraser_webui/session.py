@@ -108,7 +108,8 @@ class ErasureSession:
     def owns(self, live: LiveModel | None) -> bool:
         return live is not None and self.active and self.model_object() is live.obj
 
-    def reconcile(self, live: LiveModel | None, live_for: Callable[[Any], LiveModel | None] | None = None) -> str | None:
+    def reconcile(self, live: LiveModel | None,
+                  live_for: Callable[[Any], LiveModel | None] | None = None) -> str | None:
         """Drop the state when the model it belongs to no longer holds it (checked lazily before every
         action; the host's model-loaded callback goes through `model_loaded`). Returns what happened, or None."""
         with self.lock:
@@ -264,6 +265,11 @@ class ErasureSession:
                     if bad:
                         raise EraserError(f"the erased weights could not be put back exactly ({bad[0]})")
 
+    def _file_steps(self, live: LiveModel | None) -> tuple[dict, ...]:
+        if self.active:
+            return self.base_steps
+        return live.file_steps() if live is not None else ()
+
     # ---- report --------------------------------------------------------------------------------
     def status(self, live: LiveModel | None) -> dict:
         with self.lock:
@@ -278,11 +284,14 @@ class ErasureSession:
                     for r in self.records
                 ],
                 "changed_tensors": len(self.backups),
-                "baked_in_file": [s.get("concepts", {}).get("erase", []) for s in self.base_steps]
-                if self.active else ([s.get("concepts", {}).get("erase", []) for s in live.file_steps()] if live else []),
+                "baked_in_file": _concepts(self._file_steps(live)),
             }
             out["text"] = status_text(out)
             return out
+
+
+def _concepts(steps) -> list:
+    return [s.get("concepts", {}).get("erase", []) for s in steps]
 
 
 def status_text(status: Mapping[str, Any]) -> str:
@@ -297,7 +306,7 @@ def status_text(status: Mapping[str, Any]) -> str:
     parts = []
     for i, e in enumerate(status["erasures"], 1):
         targets = ", ".join(e["erase"])
-        guides = sorted(set(g for g in e["guide"]))
+        guides = sorted(set(e["guide"]))
         to = f" → {', '.join(repr(g) for g in guides)}" if guides and guides != [""] else ""
         keep = f", keeping {', '.join(e['preserve'])}" if e["preserve"] else ""
         parts.append(f"{i}. {e['method'].upper()}: {targets}{to}{keep}")

@@ -88,7 +88,7 @@ class Tab:
     def params_for(self, method: str, values: Sequence[Any]) -> dict:
         return {p.name: v for (name, p), v in zip(self.layout, values) if name == method}
 
-    def _guard(self, action: Callable[[], tuple]) -> tuple:
+    def _guard(self, action: Callable[[], tuple], id_task: str | None = None) -> tuple:
         try:
             return action()
         except (RequestError, EraserError) as exc:
@@ -96,6 +96,12 @@ class Tab:
         except Exception as exc:  # noqa: BLE001 - report it in the tab, keep the UI alive
             log.exception("concept_eraser: internal error")
             return None, message_html(f"internal error: {type(exc).__name__}: {exc}", "error")
+        finally:
+            if id_task:  # the progress bar the click started stops even when the job never began
+                try:
+                    self.service.host.finish_task(id_task)
+                except Exception:  # noqa: BLE001
+                    log.debug("concept_eraser: could not finish task %s", id_task)
 
     # ---- handlers (values in, widget values out) -------------------------------------------------------
     def erase(self, id_task, targets, guides, preserve, method, *values):
@@ -108,7 +114,7 @@ class Tab:
                     f"({e['tensors']} tensors changed)")
             return json.dumps(jsonable(result["report"]), indent=1)[:20000], message_html(text, "ok")
 
-        report, message = self._guard(run)
+        report, message = self._guard(run, id_task)
         return self.status_line(), message, report if report is not None else ""
 
     def restore(self, id_task):
@@ -118,7 +124,7 @@ class Tab:
             text = f"restored {n} tensors: the weights are the checkpoint's again" if n else "nothing to restore"
             return None, message_html(result.get("notice", "") + (" " if result.get("notice") else "") + text, "ok")
 
-        _unused, message = self._guard(run)
+        _unused, message = self._guard(run, id_task)
         return self.status_line(), message
 
     def preview(self, id_task, prompts, *txt2img_values):
@@ -129,7 +135,7 @@ class Tab:
             gallery, seed = self.service.preview(lines, settings, id_task or None)
             return gallery, message_html(f"left original, right erased; seed {seed}", "ok")
 
-        gallery, message = self._guard(run)
+        gallery, message = self._guard(run, id_task)
         return (gallery if gallery is not None else []), self.status_line(), message
 
     def save(self, fmt, name, overwrite):
@@ -209,7 +215,8 @@ def build(service):
                     fmt = gr.Radio(label="Save as", choices=list(FORMATS), value="checkpoint", elem_id=f"{ELEM}_format")
                     name = gr.Textbox(label="File name", elem_id=f"{ELEM}_name",
                                       placeholder="empty: <checkpoint>-erased-<concepts>")
-                    overwrite = gr.Checkbox(label="Overwrite an existing file", value=False, elem_id=f"{ELEM}_overwrite")
+                    overwrite = gr.Checkbox(label="Overwrite an existing file", value=False,
+                                            elem_id=f"{ELEM}_overwrite")
                     save_button = gr.Button("Save", elem_id=f"{ELEM}_save_button")
                 refresh_button = gr.Button("Refresh status", elem_id=f"{ELEM}_refresh")
             with gr.Column(scale=1):

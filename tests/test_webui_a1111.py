@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_webui_realhost import API, BROWSER, K0, WebUIServer, make_checkpoint
 
 WEBUI = os.environ.get("CONCEPT_ERASER_A1111")
@@ -70,7 +69,8 @@ def test_the_extension_loads_and_registers_its_tab(webui):
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert "Concept Eraser" in labels
     assert {"concept_eraser_erase_button", "concept_eraser_preview_button", "concept_eraser_restore_button",
-            "concept_eraser_save_button", "concept_eraser_status", "concept_eraser_method", "concept_eraser_uce_lam"} <= ids
+            "concept_eraser_save_button", "concept_eraser_status", "concept_eraser_method",
+            "concept_eraser_uce_lam"} <= ids
     assert "concept_eraser.js" in urllib.request.urlopen(webui.url + "/").read().decode()
 
 
@@ -176,8 +176,8 @@ def test_saved_checkpoint_loads_back_with_exactly_the_patched_weights(webui):
 
 
 
-@pytest.mark.skipif(not BROWSER_PYTHON, reason="set CONCEPT_ERASER_BROWSER_PYTHON to a python with selenium "
-                                                "(and install Debian's chromium + chromium-driver) for the browser test")
+@pytest.mark.skipif(not BROWSER_PYTHON, reason="set CONCEPT_ERASER_BROWSER_PYTHON to a python with selenium (and "
+                                                "install Debian's chromium + chromium-driver) for the browser test")
 def test_the_tab_in_a_headless_browser(webui, tmp_path):
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     shots.mkdir(parents=True, exist_ok=True)

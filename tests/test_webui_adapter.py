@@ -8,6 +8,14 @@ import json
 
 import pytest
 import torch
+from test_webui_support import (
+    apply_fake_lora,
+    checkpoint_info,
+    fake_forge,
+    install_fake_webui,
+    load_fake_a1111,
+    tiny_sd1_file,
+)
 
 from concept_eraser.checkpoint import CheckpointModel, load_patch
 from concept_eraser.encoding import CheckpointTextEncoder
@@ -21,8 +29,6 @@ from concept_eraser_webui.inputs import RequestError, SaveRequest, parse_erase
 from concept_eraser_webui.live import LiveTensors, a1111_key, digest, forge_text_slots
 from concept_eraser_webui.service import Service
 from concept_eraser_webui.session import ErasureSession
-from test_webui_support import (apply_fake_lora, checkpoint_info, fake_forge, install_fake_webui, load_fake_a1111,
-                                tiny_sd1_file)
 
 K0 = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 REQUEST = {"method": "uce", "erase": "van gogh", "preserve": ["monet"]}
@@ -90,7 +96,7 @@ def test_forge_sdxl_text_slots_map_fused_and_transposed_tensors(monkeypatch, tmp
     live = ForgeModel(obj)
     text_keys = {k for k in state if k.startswith("conditioner.") and not k.endswith("logit_scale")}
     assert text_keys <= set(live.tensors.keys())
-    fused = "conditioner.embeddings.1".replace("embeddings", "embedders") + ".model.transformer.resblocks.1.attn.in_proj_weight"
+    fused = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
     assert len(live.tensors.slots[fused].parts) == 3
     assert live.tensors.slots["conditioner.embedders.1.model.text_projection"].transpose
     for key in text_keys:
@@ -99,7 +105,8 @@ def test_forge_sdxl_text_slots_map_fused_and_transposed_tensors(monkeypatch, tmp
     live.tensors.write(fused, new)  # inference-mode parameters, written in place
     assert torch.equal(live.tensors.read(fused), new)
     arch = live.editable(()).arch
-    assert arch.family == "sdxl" and [(e.hidden_layer, e.final_norm) for e in arch.encoders] == [(-2, False), (-2, False)]
+    assert arch.family == "sdxl"
+    assert [(e.hidden_layer, e.final_norm) for e in arch.encoders] == [(-2, False), (-2, False)]
 
 
 def test_forge_sdxl_features_and_pooled_match_the_solver(monkeypatch, tmp_path):
@@ -365,7 +372,8 @@ def test_save_checkpoint_writes_the_patched_file_into_the_checkpoint_folder(a111
     assert saved.keys() == source.keys()
     live = A1111Model(model)
     for key in saved.keys():
-        expected = live.tensors.read(key).to(source.get(key).dtype) if key in service.session.backups else source.get(key)
+        changed = key in service.session.backups
+        expected = live.tensors.read(key).to(source.get(key).dtype) if changed else source.get(key)
         assert torch.equal(saved.get(key), expected), key
     steps = json.loads(saved.metadata["concept_eraser.steps"])
     assert steps[0]["concepts"]["erase"] == ["van gogh"] and steps[0]["source"]["name"] == path.name
@@ -391,6 +399,7 @@ def test_save_patch_and_lora(a1111):
     service.restore()
     service.erase(parse_erase({**REQUEST, "params": {"token_policy": "last_word"}}))  # rank 2: a LoRA
     lora = service.save(SaveRequest("lora", "erase-van-gogh", False))
-    assert lora["path"] == str(webui.lora_dir / "erase-van-gogh.safetensors") and lora["prompt"] == "<lora:erase-van-gogh:1>"
+    assert lora["path"] == str(webui.lora_dir / "erase-van-gogh.safetensors")
+    assert lora["prompt"] == "<lora:erase-van-gogh:1>"
     names = SafetensorsReader(lora["path"]).keys()
     assert any(n.startswith("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k") for n in names)

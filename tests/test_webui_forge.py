@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_webui_realhost import API, BROWSER, K0, WebUIServer, make_checkpoint
 
 FORGE = os.environ.get("CONCEPT_ERASER_FORGE")
@@ -41,7 +40,8 @@ if not FORGE or not (Path(FORGE) / "launch.py").exists() or not (Path(FORGE) / "
     pytest.skip("no Forge: set CONCEPT_ERASER_FORGE to a stable-diffusion-webui-forge folder (and "
                 "CONCEPT_ERASER_FORGE_PYTHON to its venv python)", allow_module_level=True)
 if not FORGE_PYTHON or not Path(FORGE_PYTHON).exists():
-    pytest.skip(f"Forge's python {FORGE_PYTHON} does not exist: set CONCEPT_ERASER_FORGE_PYTHON", allow_module_level=True)
+    pytest.skip(f"Forge's python {FORGE_PYTHON} does not exist: set CONCEPT_ERASER_FORGE_PYTHON",
+                allow_module_level=True)
 if not (CKPT and Path(CKPT).exists()) and not (A1111 and A1111_PYTHON and Path(A1111_PYTHON).exists()):
     pytest.skip("no SD 1.5 checkpoint for Forge: set CONCEPT_ERASER_FORGE_CKPT, or CONCEPT_ERASER_A1111 to generate "
                 "one with its ldm code", allow_module_level=True)
@@ -72,7 +72,8 @@ def test_the_extension_loads_and_registers_its_tab(forge):
     config = forge.get("/config")
     props = [c.get("props", {}) for c in config["components"]]
     assert "Concept Eraser" in [p.get("label") for p in props]
-    assert {"concept_eraser_erase_button", "concept_eraser_status", "concept_eraser_uce_lam"} <= {p.get("elem_id") for p in props}
+    ids = {p.get("elem_id") for p in props}
+    assert {"concept_eraser_erase_button", "concept_eraser_status", "concept_eraser_uce_lam"} <= ids
     assert "concept_eraser.js" in urllib.request.urlopen(forge.url + "/").read().decode()
 
 
@@ -162,8 +163,8 @@ def test_saved_checkpoint_loads_back_with_exactly_the_patched_weights(forge):
     assert forge.get(f"{API}/weights")["tensors"][K0]["sha256"] == digest(source.get(K0).float())
 
 
-@pytest.mark.skipif(not BROWSER_PYTHON, reason="set CONCEPT_ERASER_BROWSER_PYTHON to a python with selenium "
-                                                "(and install Debian's chromium + chromium-driver) for the browser test")
+@pytest.mark.skipif(not BROWSER_PYTHON, reason="set CONCEPT_ERASER_BROWSER_PYTHON to a python with selenium (and "
+                                                "install Debian's chromium + chromium-driver) for the browser test")
 def test_the_tab_in_a_headless_browser(forge, tmp_path):
     shots = Path(SCREENSHOTS) / "forge" if SCREENSHOTS else tmp_path
     shots.mkdir(parents=True, exist_ok=True)

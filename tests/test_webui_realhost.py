@@ -128,7 +128,7 @@ model = instantiate_from_config(OmegaConf.load(os.path.join(out, name + ".yaml")
 # ldm zero-initialises every SpatialTransformer's proj_out and the U-Net's last conv: then nothing the text
 # or cross-attention does reaches the image. Give them small random values so edits are visible.
 with torch.no_grad():
-    for name, p in model.named_parameters():
+    for _param_name, p in model.named_parameters():
         if p.dim() >= 2 and not p.any():
             p.normal_(0, 0.05)
 sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()}
@@ -189,7 +189,10 @@ class WebUIServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the WebUI exited:\n{self.log.read_text()[-4000:]}")
             # A1111 loads the checkpoint at start-up; Forge at the first generation (or erase)
-            if self.kind != "a1111" or "Model loaded in" in self.log.read_text():
+            log = self.log.read_text()
+            if "Stable diffusion model failed to load" in log:
+                raise RuntimeError(f"the WebUI could not load the checkpoint:\n{log[-6000:]}")
+            if self.kind != "a1111" or "Model loaded in" in log:
                 try:
                     if self.request("GET", f"{API}/status", timeout=10)[0] == 200:
                         return time.monotonic() - start

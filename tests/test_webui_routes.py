@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_file
 
 from concept_eraser.methods import METHODS
 from concept_eraser_webui.host import Host
 from concept_eraser_webui.inputs import RequestError, parse_erase, parse_save
 from concept_eraser_webui.routes import handle, methods_table, parse_body
 from concept_eraser_webui.service import Service
-from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_file
 
 
 @pytest.fixture

@@ -103,14 +103,16 @@ class FakeLDM(torch.nn.Module):
 
     def __init__(self, state: dict[str, torch.Tensor], info, opts):
         super().__init__()
-        unet = {k[len("model.diffusion_model."):]: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+        prefix = "model.diffusion_model."
+        unet = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         self.model = torch.nn.Module()
         self.model.diffusion_model = param_tree(unet)
         arch = detect({k: tuple(v.shape) for k, v in state.items()})
         spec = arch.encoders[0]
         text = build_text_model(spec, hf_state_dict(spec, list(state), lambda k: state[k]))
         self.cond_stage_model = FakeClipWrapper(text, opts)
-        self.first_stage_model = param_tree({"decoder.conv_out.weight": state["first_stage_model.decoder.conv_out.weight"]})
+        vae = "first_stage_model.decoder.conv_out.weight"
+        self.first_stage_model = param_tree({"decoder.conv_out.weight": state[vae]})
         self.sd_checkpoint_info = info
         self.sd_model_checkpoint = info.filename
         self.is_sd1 = True

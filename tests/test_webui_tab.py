@@ -4,12 +4,12 @@ handlers (messages naming the field, the status line, Preview reading the txt2im
 from __future__ import annotations
 
 import pytest
+from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_file
 
 from concept_eraser.methods import METHODS
 from concept_eraser_webui.host import Host
 from concept_eraser_webui.service import Service
 from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, param_layout, widget_spec
-from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_file
 
 
 @pytest.fixture
@@ -54,8 +54,9 @@ def test_default_widget_values_resolve_to_the_methods_defaults():
 
 
 def test_erase_with_a_bad_value_shows_a_message_naming_the_field(tab):
-    status, message, report = tab.erase("", "van gogh", "", "", "uce", *values_for("uce", lam=-1))
+    status, message, report = tab.erase("task(bad)", "van gogh", "", "", "uce", *values_for("uce", lam=-1))
     assert "params.lam" in message and "⚠" in message and report == ""
+    assert ("finish", "task(bad)") in tab.webui.progress.events  # the progress bar stops
     assert status.startswith("No erasure active on tiny-sd1.safetensors")
     status, message, _ = tab.erase("", "", "", "", "uce", *values_for("uce"))
     assert "erase: give at least one concept" in message
