@@ -78,7 +78,10 @@ def test_server_loads_the_pack_and_its_frontend(server):
         assert declared[:len(INPUTS[node])] == INPUTS[node], node  # the link slots the examples use
     assert "ConceptEraserApplyPatch" in info
     log = server.log.read_text()
-    assert "IMPORT FAILED" not in log and "concept_eraser" in log
+    # Only the pack's own import counts: ComfyUI's audio nodes fail without torchaudio, which CI leaves out.
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line]
+    assert not [line for line in failed if PACK_DIR in line or "custom_nodes" in line], failed
+    assert "concept_eraser" in log
     assert f"/extensions/{PACK_DIR}/concept_eraser.js" in server.get("/extensions")
     assert b"registerExtension" in server.get(f"/extensions/{PACK_DIR}/concept_eraser.js")
     templates = server.get("/api/workflow_templates")

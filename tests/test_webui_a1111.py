@@ -116,13 +116,7 @@ def test_erase_changes_cross_attention_and_restore_gives_the_original_bytes(webu
     assert webui.get(f"{API}/weights")["tensors"] == original
 
 
-TRANSFORMERS_430_BUG = pytest.mark.xfail(
-    reason="concept_eraser.models.text_encoders.build_text_model counts `embeddings.position_ids` as a missing "
-           "weight under transformers < 4.31 (A1111 pins 4.30.2), where that buffer is persistent; fix: drop names "
-           "ending in position_ids from `missing` (the function re-creates that buffer right after)", strict=False)
-
-
-@pytest.mark.parametrize("method", ["rece", "space", pytest.param("erasepro", marks=TRANSFORMERS_430_BUG)])
+@pytest.mark.parametrize("method", ["rece", "space", "erasepro"])
 def test_every_method_erases_in_place_and_restores_bit_identically(webui, method):
     original = webui.get(f"{API}/weights")
     text_key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight"

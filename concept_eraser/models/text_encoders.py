@@ -83,6 +83,8 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: 
     transformer = text_transformer(model)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     missing, _unexpected = transformer.load_state_dict(state, strict=False, assign=True)
+    # transformers < 4.31 (A1111 pins 4.30.2) makes position_ids a persistent buffer; it is rebuilt below.
+    missing = [name for name in missing if not name.endswith("position_ids")]
     if missing:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing weights: {', '.join(missing[:3])}")
     # Non-persistent buffers were created on the meta device; rebuild them for real.
