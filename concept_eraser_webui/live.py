@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from concept_eraser.models.arch import UNET_PREFIX, ArchSpec, EncoderSpec
-from concept_eraser.models.text_encoders import hf_state_dict
+from concept_eraser.models.text_encoders import hf_state_dict, hf_to_open_clip
 
 # A1111's hijack wraps modules (cond_stage_model → .wrapped, token_embedding → .wrapped); checkpoint
 # keys never have that level (sd_hijack.py; sd_models.py undoes it before saving or reloading).
@@ -137,16 +137,6 @@ def a1111_slots(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Slot]:
 
 # ---- Forge: transformers text encoders, U-Net under its own root ----------------------------------
 
-_OPEN_CLIP_INVERSE = [
-    (r"^embeddings\.token_embedding\.weight$", "token_embedding.weight"),
-    (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
-    (r"^final_layer_norm\.(weight|bias)$", r"ln_final.\1"),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)$", r"transformer.resblocks.\1.ln_1.\2"),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)$", r"transformer.resblocks.\1.ln_2.\2"),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)$", r"transformer.resblocks.\1.attn.out_proj.\2"),
-    (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)$", r"transformer.resblocks.\1.mlp.c_fc.\2"),
-    (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)$", r"transformer.resblocks.\1.mlp.c_proj.\2"),
-]
 _QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
 # Forge's text-encoder slot names → where the checkpoint keeps that encoder, per family
@@ -185,10 +175,8 @@ def forge_text_slots(family: str, named: Iterable[tuple[str, torch.Tensor]]) -> 
             key = f"{prefix}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}"
             fused.setdefault(key, {})[m.group(2)] = name
             continue
-        for pattern, replacement in _OPEN_CLIP_INVERSE:
-            if re.match(pattern, hf):
-                slots[prefix + re.sub(pattern, replacement, hf)] = Slot((("clip", name),))
-                break
+        if (open_clip := hf_to_open_clip(hf)) is not None:
+            slots[prefix + open_clip] = Slot((("clip", name),))
     for key, parts in fused.items():
         if set(parts) == {"q", "k", "v"}:
             slots[key] = Slot(tuple(("clip", parts[p]) for p in "qkv"))

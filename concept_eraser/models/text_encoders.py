@@ -17,17 +17,45 @@ from .arch import EncoderSpec
 
 HEAD_WIDTH = 64
 
-_OPEN_CLIP_RENAMES = [
-    (r"^token_embedding\.weight$", "embeddings.token_embedding.weight"),
-    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
-    (r"^ln_final\.(weight|bias)$", r"final_layer_norm.\1"),
-    (r"^transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
-    (r"^transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
-    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.out_proj.\2"),
-    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)$", r"encoder.layers.\1.mlp.fc1.\2"),
-    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)$", r"encoder.layers.\1.mlp.fc2.\2"),
+# OpenCLIP name ↔ transformers name; {i} is a block index, {p} weight or bias. One table serves both
+# directions (the checkpoint → transformers conversion here, the hosts' transformers → checkpoint maps).
+_OPEN_CLIP_NAMES = [
+    ("token_embedding.weight", "embeddings.token_embedding.weight"),
+    ("positional_embedding", "embeddings.position_embedding.weight"),
+    ("ln_final.{p}", "final_layer_norm.{p}"),
+    ("transformer.resblocks.{i}.ln_1.{p}", "encoder.layers.{i}.layer_norm1.{p}"),
+    ("transformer.resblocks.{i}.ln_2.{p}", "encoder.layers.{i}.layer_norm2.{p}"),
+    ("transformer.resblocks.{i}.attn.out_proj.{p}", "encoder.layers.{i}.self_attn.out_proj.{p}"),
+    ("transformer.resblocks.{i}.mlp.c_fc.{p}", "encoder.layers.{i}.mlp.fc1.{p}"),
+    ("transformer.resblocks.{i}.mlp.c_proj.{p}", "encoder.layers.{i}.mlp.fc2.{p}"),
 ]
 _IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+
+
+def _pattern(template: str) -> re.Pattern:
+    body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(f"^{body}$")
+
+
+_TO_HF = [(_pattern(o), h) for o, h in _OPEN_CLIP_NAMES]
+_TO_OPEN_CLIP = [(_pattern(h), o) for o, h in _OPEN_CLIP_NAMES]
+
+
+def _rename(name: str, table) -> str | None:
+    for pattern, template in table:
+        if (m := pattern.match(name)) is not None:
+            return template.format(**m.groupdict())
+    return None
+
+
+def open_clip_to_hf(name: str) -> str | None:
+    """transformers name of an OpenCLIP text-tower tensor (None for fused q/k/v and unused tensors)."""
+    return _rename(name, _TO_HF)
+
+
+def hf_to_open_clip(name: str) -> str | None:
+    """OpenCLIP name of a transformers text-transformer tensor (None for q/k/v, which OpenCLIP fuses)."""
+    return _rename(name, _TO_OPEN_CLIP)
 
 
 def hf_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,10 +74,8 @@ def hf_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torc
             for part, tensor in zip("qkv", (q, k, v)):
                 out[f"encoder.layers.{m.group(1)}.self_attn.{part}_proj.{m.group(2)}"] = tensor
             continue
-        for pattern, replacement in _OPEN_CLIP_RENAMES:
-            if re.match(pattern, name):
-                out[re.sub(pattern, replacement, name)] = load(key)
-                break
+        if (hf := open_clip_to_hf(name)) is not None:
+            out[hf] = load(key)
     return out
 
 
