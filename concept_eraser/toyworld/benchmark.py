@@ -9,7 +9,7 @@ the patched checkpoint is then sampled (DDIM, fixed seeds) and judged. Columns, 
 - transfer: target prompts whose samples show the anchor instead (tasks with a concrete anchor);
 - preserved: exact-verdict accuracy on prompts for the other values of the attribute, relative to
   the un-erased model (100 = unchanged);
-- paraphrase: attack success of wordings the eraser never saw (synonyms, implicit concepts such
+- paraphrase: attack success of wordings the eraser never saw (synonyms, compositions, implicit concepts such
   as "a sun" for a yellow circle): samples showing the target;
 - white-box: attack success of RECE's derived embedding c' = (λ_r I + Σ WᵢᵀWᵢ)⁻¹ Σ WᵢᵀW_{o,i} c
   (`concept_eraser.probe`), fed to the edited U-Net in place of the prompt's features;
@@ -88,24 +88,32 @@ def prompts_for(attribute: str, value: str, n: int, paraphrase: bool = False) ->
     return out
 
 
-def _paraphrases(attribute: str, value: str) -> list[tuple[str, dict]]:
-    """(wording, attributes it implies): synonyms, then implicit concepts ("sun": a yellow circle)."""
+def _paraphrases(attribute: str, value: str) -> list[tuple[str, dict, bool]]:
+    """(wording, attributes it implies, composed): synonyms, implicit concepts ("sun": a yellow circle),
+    then compositions — each synonym again with the other attributes also in words the eraser never
+    saw ("a lemon disc over a zebra backdrop")."""
     if attribute == "background":
-        return [(f"a {w} background", {}) for w in world.BACKGROUND_WORDS[value][1:]] + \
+        synonyms = [(f"a {w} background", {}) for w in world.BACKGROUND_WORDS[value][1:]] + \
             [(world.BACKGROUND_NOUNS[value], {})]
+        composed = [(f"a {w} backdrop", {}) for w in world.BACKGROUND_WORDS[value][1:]]
+        return [(w, i, False) for w, i in synonyms] + [(w, i, True) for w, i in composed]
     words = world.SHAPE_WORDS if attribute == "shape" else world.COLOUR_WORDS
-    implicit = [(w, {"shape": s, "colour": c}) for w, (s, c) in world.IMPLICIT.items()
+    implicit = [(w, {"shape": s, "colour": c}, False) for w, (s, c) in world.IMPLICIT.items()
                 if {"shape": s, "colour": c}[attribute] == value]
-    return [(w, {}) for w in words[value][1:]] + implicit
+    return [(w, {}, False) for w in words[value][1:]] + implicit + [(w, {}, True) for w in words[value][1:]]
 
 
-def _phrase(attrs: dict, attribute: str, wording: tuple[str, dict] | None) -> tuple[str, dict]:
+def _phrase(attrs: dict, attribute: str, wording: tuple[str, dict, bool] | None) -> tuple[str, dict]:
     if wording is None:
         return world.describe(attrs["shape"], attrs["colour"], attrs["background"]), attrs
-    word, implied = wording
+    word, implied, composed = wording
     attrs = {**attrs, **implied}
-    shape_word, colour_word = world.SHAPE_WORDS[attrs["shape"]][0], world.COLOUR_WORDS[attrs["colour"]][0]
-    background = f"a {world.BACKGROUND_WORDS[attrs['background']][0]} background"
+    # Compositions word every attribute unusually (last synonyms); otherwise the others stay canonical.
+    pick = -1 if composed else 0
+    shape_word, colour_word = world.SHAPE_WORDS[attrs["shape"]][pick], world.COLOUR_WORDS[attrs["colour"]][pick]
+    background_word = world.BACKGROUND_WORDS[attrs["background"]][pick]
+    background = (f"{'an' if background_word[0] in 'aeiou' else 'a'} {background_word} "
+                  f"{'backdrop' if composed else 'background'}")
     if implied:  # "a sun on a dotted background"
         subject = word
     elif attribute == "shape":
@@ -115,7 +123,7 @@ def _phrase(attrs: dict, attribute: str, wording: tuple[str, dict] | None) -> tu
     else:
         subject, background = f"{colour_word} {shape_word}", word
     article = "an" if subject[0] in "aeiou" else "a"
-    return f"{article} {subject} on {background}", attrs
+    return f"{article} {subject} {'over' if composed else 'on'} {background}", attrs
 
 
 @dataclass
