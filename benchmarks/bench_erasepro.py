@@ -26,7 +26,6 @@ is 2.8 GB).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import platform
 import re
@@ -45,6 +44,8 @@ from concept_eraser.methods import get_method  # noqa: E402
 from concept_eraser.params import resolve  # noqa: E402
 from concept_eraser.safetensors_io import write_safetensors  # noqa: E402
 from concept_eraser.tiny import tiny_state_dict  # noqa: E402
+
+from bench_uce import measure_peak  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}
 KEEP_UNET = re.compile(r"^model\.diffusion_model\.(input_blocks\.0\.0\.weight|label_emb\..*|.*attn2\.to_[kv]\.weight)$")
@@ -72,46 +73,11 @@ def write_model(folder: Path, family: str, quick: bool) -> Path:
     return path
 
 
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the OS, so that the baseline is what is really in use."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def _vmhwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def run_case(model: CheckpointModel, concepts: Concepts, params: dict, device: torch.device):
     """(seconds, peak bytes above the baseline, report details) of one ErasePro run."""
     method = get_method("erasepro")
     values = resolve(method.params, params, method.name)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _malloc_trim()
-        base = _rss()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    start = time.perf_counter()
-    output = method.run(model, concepts, values, no_progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _vmhwm()) - base
-    del output.edits
+    peak, _sampled, seconds, output = measure_peak(lambda: method.run(model, concepts, values, no_progress), device)
     return seconds, peak, output.details
 
 
