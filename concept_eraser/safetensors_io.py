@@ -174,7 +174,7 @@ def write_safetensors(
                 tensor = value.load() if isinstance(value, LazyTensor) else value
                 if tensor.dtype != value.dtype or tuple(tensor.shape) != tuple(value.shape):
                     raise EraserError(f"internal error: {name} changed dtype or shape while saving")
-                f.write(_tensor_bytes(tensor))
+                f.write(tensor_bytes(tensor))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -190,7 +190,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's raw bytes as safetensors stores them (little-endian, C order, on the CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes()
 

@@ -21,6 +21,7 @@ import torch
 
 from concept_eraser.models.arch import UNET_PREFIX, ArchSpec, EncoderSpec
 from concept_eraser.models.text_encoders import hf_state_dict, hf_to_open_clip
+from concept_eraser.safetensors_io import tensor_bytes
 
 # A1111's hijack wraps modules (cond_stage_model → .wrapped, token_embedding → .wrapped); checkpoint
 # keys never have that level (sd_hijack.py; sd_models.py undoes it before saving or reloading).
@@ -116,10 +117,8 @@ def digest(tensor: torch.Tensor) -> str:
     data = tensor.detach()
     if data.is_inference():
         data = data.clone()
-    data = data.contiguous().cpu()
     h = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
-    if data.numel():
-        h.update((data if data.dim() else data.reshape(1)).view(torch.uint8).numpy().tobytes())
+    h.update(tensor_bytes(data))
     return h.hexdigest()
 
 

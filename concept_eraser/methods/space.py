@@ -83,6 +83,7 @@ from ..errors import ConvergenceWarning
 from ..linalg import uce_factors
 from ..params import Param
 from ..patch import SparseEdit, check_finite
+from ..safetensors_io import tensor_bytes
 from .base import ErasureMethod, MethodOutput
 from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns
 
@@ -244,7 +245,7 @@ def storage_sizes(edits: Mapping[str, SparseEdit], itemsize: int) -> dict[str, A
     sparse, packer, compressed = 0, zlib.compressobj(1), 0
     for edit in edits.values():
         for tensor in edit.tensors().values():
-            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            data = tensor_bytes(tensor)
             sparse += len(data)
             compressed += len(packer.compress(data))
     compressed += len(packer.flush())
