@@ -16,3 +16,13 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: a second BLAS thread only adds spin-waiting (float64 products slowed down 40× on a
+    busy CPU). Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

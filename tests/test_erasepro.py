@@ -22,13 +22,7 @@ HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.weight$")
 FUSED_QKV = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second BLAS thread only adds spin-waiting (float64 products slow down 40× on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Reference:

@@ -20,13 +20,7 @@ TARGETS, GUIDES, PRESERVE = ["Van Gogh"], ["a painter"], ["Claude Monet"]
 LAM, SCALE_P = 0.5, 1.0  # the defaults of pooled_lam, pooled_preserve_scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second BLAS thread only adds spin-waiting on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read(path):
