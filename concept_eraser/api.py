@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -21,6 +21,7 @@ from .probe import brief, recoverability
 class ErasureResult:
     patch: ErasurePatch  # this erasure's own step; compose with earlier ones via ErasurePatch.then
     report: dict[str, Any]
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)  # see MethodOutput.artifacts
 
 
 def erase(
@@ -56,7 +57,7 @@ def erase(
         "probe": probe,
         **output.details,
     }
-    return ErasureResult(patch, report)
+    return ErasureResult(patch, report, output.artifacts)
 
 
 def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:

@@ -9,8 +9,9 @@ from typing import Mapping
 
 import torch
 
+from .denoiser import ModuleDenoiser, sd_alphas_cumprod, training_size
 from .encoding import CheckpointTextEncoder
-from .errors import EraserError, InvalidParameterError
+from .errors import EraserError, InvalidParameterError, UnsupportedModelError
 from .models.arch import ArchSpec, UNET_PREFIX, detect
 from .models.text_encoders import hf_state_dict
 from .patch import EDIT_KINDS, ErasurePatch
@@ -58,6 +59,50 @@ class CheckpointModel:
 
     def prior_steps(self) -> tuple[dict, ...]:
         return tuple(read_metadata_json(self.reader.metadata, META_PREFIX + "steps", []))
+
+    def denoiser(self, resolution: int | None = None, gradient_checkpointing: bool = False) -> ModuleDenoiser:
+        """The file's U-Net rebuilt from its own weights (`models.unet`), for gradient methods: float32 on
+        the CPU, float16 on CUDA; latents of `resolution` pixels (default: the model's native size)."""
+        from .models.unet import LDMUNet, config_from_shapes, sdxl_vector
+        from .toyworld import diffusion as toy_diffusion
+        from .toyworld.unet import ToyUNet, UNetConfig
+
+        if self.arch.variant != "base":
+            raise UnsupportedModelError(f"gradient methods need a plain text-to-image U-Net, not {self.arch.variant}")
+        tensors = {k[len(UNET_PREFIX):]: k for k in self.reader.keys() if k.startswith(UNET_PREFIX)}
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        prediction = "v" if is_v_prediction(self.reader, self.arch) else "eps"
+        if self.arch.family == "toyworld":  # pixel space, its own noise schedule
+            net = ToyUNet(UNetConfig.from_dict(self.arch.extra["toyworld"]["unet"]))
+            alphas, factor = toy_diffusion.ALPHA_BAR, 1
+        else:
+            net = LDMUNet(config_from_shapes({n: self.reader.infos[k].shape for n, k in tensors.items()},
+                                             self.arch.family))
+            alphas, factor = sd_alphas_cumprod(), 8
+        downsamples = sum(n.endswith(".op.weight") for n in tensors)
+        size = training_size(resolution, self.arch.family, prediction, factor * 2 ** downsamples)
+        net.load_state_dict({n: self.reader.get(k) for n, k in tensors.items()})
+        net.to(self.device, dtype).requires_grad_(False).eval()
+        net.gradient_checkpointing = gradient_checkpointing
+        sdxl = self.arch.family == "sdxl"
+
+        def inputs(x, t, context, pooled):
+            return (x, t, context), ({"y": sdxl_vector(pooled, size, size).to(x)} if sdxl else {})
+
+        channels = self.reader.infos[UNET_PREFIX + "out.2.weight"].shape[0]
+        return ModuleDenoiser(net, UNET_PREFIX, inputs, device=self.device, dtype=dtype,
+                              latent_shape=(channels, size // factor, size // factor), alphas_cumprod=alphas,
+                              prediction=prediction)
+
+
+def is_v_prediction(reader: SafetensorsReader, arch: ArchSpec) -> bool:
+    """A `v_pred` marker key (what ComfyUI writes for v-prediction models), or for SD2 the heuristic the hosts
+    use: SD 2.x 768-v's last transformer norm bias is spread far wider than the 512-base's."""
+    if "v_pred" in reader.infos:
+        return True
+    norm_bias = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    return arch.family == "sd2" and norm_bias in reader.infos and reader.get(norm_bias).float().std(
+        unbiased=False).item() > 0.09
 
 
 def provenance_metadata(patch: ErasurePatch, file_format: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -133,6 +178,21 @@ def load_patch(path) -> ErasurePatch:
         edits[key] = tuple(stages)
     steps = tuple(read_metadata_json(meta, META_PREFIX + "steps", []))
     return ErasurePatch(meta.get(META_PREFIX + "architecture", ""), edits, steps)
+
+
+def save_artifacts(artifacts: Mapping[str, torch.Tensor], report: Mapping, out, overwrite: bool = False) -> Path:
+    """What a method learned besides its patch (KPOP's prompt) as safetensors, with the method, concepts,
+    layers it feeds and source in the metadata. Whoever has it can bring the concept back: keep it private."""
+    meta = {
+        META_PREFIX + "format": "learned_prompt",
+        META_PREFIX + "method": str(report.get("method")),
+        META_PREFIX + "architecture": str(report.get("architecture")),
+        META_PREFIX + "concepts": json.dumps(report.get("concepts", {})),
+        META_PREFIX + "params": json.dumps(report.get("params", {})),
+        META_PREFIX + "layers": json.dumps(report.get("prompt_layers", [])),
+        META_PREFIX + "source": json.dumps(report.get("source", {})),
+    }
+    return write_safetensors(out, {k: v.detach().contiguous() for k, v in artifacts.items()}, meta, overwrite)
 
 
 def lora_name(key: str) -> str:

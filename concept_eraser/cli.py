@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from .api import erase
 from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits, load_patch, resolve_device,
-                         save_checkpoint, save_lora, save_patch)
+                         save_artifacts, save_checkpoint, save_lora, save_patch)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError
 from .methods import METHODS
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint: the whole model; patch: only the changed tensors; lora: a LoRA file")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     e.add_argument("--report", help="write the report as JSON to this file")
+    e.add_argument("--save-prompt", metavar="FILE", help="kpop: also write the learned prompt (.safetensors); it "
+                   "re-enables the erased concept, so keep it private")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     i = sub.add_parser("inspect", help="architecture, cross-attention layers and erasure provenance of a file")
@@ -87,11 +89,14 @@ def cmd_erase(args) -> int:
     # Check everything cheap before any heavy work, so bad input fails at once and writes nothing.
     out = check_writable(args.out, args.overwrite, "--out")
     report_path = check_writable_json(args.report, args.overwrite) if args.report else None
+    prompt_path = check_writable(args.save_prompt, args.overwrite, "--save-prompt") if args.save_prompt else None
     concepts = Concepts.build(args.erase, args.guide, args.preserve)
     params = parse_assignments(args.set)
     model = CheckpointModel(args.model, resolve_device(args.device))
     print(f"{model.path.name}: {model.arch.describe()}")
     result = erase(model, args.method, concepts, params, _progress)
+    if prompt_path and not result.artifacts:
+        raise InvalidParameterError("--save-prompt", f"method {args.method} learned no prompt to save")
     start = time.perf_counter()
     written = _save(model, result.patch, args.format, out, args.overwrite)
     report = dict(result.report, output={"path": str(written), "format": args.format,
@@ -102,6 +107,8 @@ def cmd_erase(args) -> int:
           f"{len(changes)} matrices changed, relative change mean {sum(changes) / len(changes):.4f}, "
           f"max {max(changes):.4f}")
     print(f"wrote {written} ({args.format}, {written.stat().st_size / 1e6:.1f} MB)")
+    if prompt_path:
+        print(f"wrote {save_artifacts(result.artifacts, result.report, prompt_path, args.overwrite)} (learned prompt)")
     if report_path:
         report_path.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {report_path}")
@@ -128,6 +135,12 @@ def describe_file(path: str) -> dict:
         info["tensors"] = len(reader.keys())
         if fmt == "patch":
             info["edits"] = read_metadata_json(meta, META_PREFIX + "edits", {})
+    elif fmt == "learned_prompt":
+        info.update(kind=fmt, method=meta.get(META_PREFIX + "method"),
+                    architecture=meta.get(META_PREFIX + "architecture"),
+                    concepts=read_metadata_json(meta, META_PREFIX + "concepts", {}),
+                    layers=read_metadata_json(meta, META_PREFIX + "layers", []),
+                    tokens={k: list(reader.infos[k].shape) for k in reader.keys()})
     else:
         model = CheckpointModel(path)
         arch = model.arch
@@ -155,6 +168,10 @@ def cmd_inspect(args) -> int:
             print(f"  {key}  {shape[0]}×{shape[1]}")
     elif "edits" in info:
         print(f"{len(info['edits'])} edited tensors")
+    elif info["kind"] == "learned_prompt":
+        print(f"{info['method']} prompt for {', '.join(info['concepts'].get('erase', []))}: tokens "
+              f"{info['tokens']}, read by {len(info['layers'])} cross-attention K/V matrices; it re-enables "
+              "the erased concept")
     if not info["erasures"]:
         print("no erasure recorded")
     for n, step in enumerate(info["erasures"], 1):

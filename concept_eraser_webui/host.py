@@ -25,7 +25,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from concept_eraser.denoiser import ModuleDenoiser, training_size
 from concept_eraser.errors import Cancelled, EraserError, UnsupportedModelError
+from concept_eraser.models.arch import ArchSpec
+from concept_eraser.models.unet import sdxl_vector
 from concept_eraser.safetensors_io import read_metadata_json
 
 from .live import FORGE_TEXT_PREFIX, LiveTensors, Slot, a1111_slots, forge_settle_lora, forge_text_slots, settle_lora
@@ -177,7 +180,32 @@ class A1111Model:
         wrappers = [self.obj.cond_stage_model] if arch.family != "sdxl" else list(self.obj.conditioner.embedders[:2])
         engines = [A1111Engine(w, self._devices.device, self._devices.autocast) for w in wrappers]
         encoder = HostTextEncoder(engines, [e.pooled for e in arch.encoders])
-        return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps)
+        return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps,
+                          lambda resolution, _checkpointing: self.denoiser(arch, resolution))
+
+    def denoiser(self, arch: ArchSpec, resolution: int | None) -> ModuleDenoiser:
+        """The loaded LDM/SGM U-Net (`sd_model.model.diffusion_model`) on the host's device and dtype; A1111 keeps
+        the model loaded while a job runs. Its schedule is the model's own `alphas_cumprod`."""
+        prediction = "v" if getattr(self.obj, "parameterization", "eps") == "v" else "eps"
+        unet = self.obj.model.diffusion_model
+        return ldm_denoiser(unet, "model.diffusion_model.", arch, resolution, prediction,
+                            self._devices.device, next(unet.parameters()).dtype,
+                            torch.as_tensor(self.obj.alphas_cumprod).detach().float().cpu())
+
+
+def ldm_denoiser(unet, prefix: str, arch: ArchSpec, resolution: int | None, prediction: str, device, dtype,
+                 alphas_cumprod: torch.Tensor) -> ModuleDenoiser:
+    """`ModuleDenoiser` over a WebUI's LDM-style U-Net, called as the hosts call it (SDXL: with `y`)."""
+    size = training_size(resolution, arch.family, prediction)
+    sdxl = arch.family == "sdxl"
+
+    def inputs(x, t, context, pooled):
+        return (x,), {"timesteps": t, "context": context, **({"y": sdxl_vector(pooled, size, size).to(x)} if sdxl
+                                                             else {})}
+
+    return ModuleDenoiser(unet, prefix, inputs, device=torch.device(device), dtype=dtype,
+                          latent_shape=(4, size // 8, size // 8), alphas_cumprod=alphas_cumprod,
+                          prediction=prediction)
 
 
 # ---- Forge ----------------------------------------------------------------------------------------
@@ -273,7 +301,22 @@ class ForgeModel:
             memory_management.load_model_gpu(self.clip_patcher.patcher)
 
         encoder = HostTextEncoder([ForgeEngine(e, load) for e in engines], [e.pooled for e in arch.encoders])
-        return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps)
+        return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps,
+                          lambda resolution, _checkpointing: self.denoiser(arch, resolution))
+
+    def denoiser(self, arch: ArchSpec, resolution: int | None) -> ModuleDenoiser:
+        """Forge's U-Net (the original patcher's `diffusion_model`), loaded by Forge's memory manager; its
+        schedule from the predictor's sigmas (ᾱ = 1 / (σ² + 1))."""
+        from backend import memory_management
+
+        memory_management.load_model_gpu(self.unet_patcher)
+        model = self.unet_patcher.model
+        predictor = model.predictor
+        prediction = "v" if "v" in str(getattr(predictor, "prediction_type", "eps")).lower() else "eps"
+        unet = model.diffusion_model
+        sigmas = predictor.sigmas.detach().float().cpu()
+        return ldm_denoiser(unet, "model.diffusion_model.", arch, resolution, prediction,
+                            self.unet_patcher.load_device, next(unet.parameters()).dtype, 1 / (sigmas ** 2 + 1))
 
 
 # ---- the host ---------------------------------------------------------------------------------------

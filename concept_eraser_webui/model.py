@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
+from concept_eraser.denoiser import Denoiser
 from concept_eraser.encoding import EncodedPrompts
 from concept_eraser.errors import UnsupportedModelError
 from concept_eraser.models.arch import ArchSpec, detect
@@ -99,8 +100,9 @@ class WebUIModel:
     """`EditableModel` over the live tensors of the loaded model; reads only (the session writes)."""
 
     def __init__(self, tensors: LiveTensors, arch: ArchSpec, text_encoder: HostTextEncoder, source: dict,
-                 prior_steps: Sequence[dict] = ()):
+                 prior_steps: Sequence[dict] = (), unet: Callable[[int | None, bool], Denoiser] | None = None):
         self.tensors = tensors
+        self._unet = unet
         self.arch = arch
         self._text_encoder = text_encoder
         self._source = dict(source)
@@ -124,3 +126,9 @@ class WebUIModel:
 
     def prior_steps(self) -> tuple[dict, ...]:
         return self._prior
+
+    def denoiser(self, resolution: int | None = None, gradient_checkpointing: bool = False) -> Denoiser:
+        """The loaded U-Net for gradient methods (KPOP), as the host provides it (`host.py`)."""
+        if self._unet is None:
+            raise UnsupportedModelError("this WebUI's U-Net cannot be trained by Concept Eraser")
+        return self._unet(resolution, gradient_checkpointing)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from concept_eraser.checkpoint import CheckpointModel, save_checkpoint, save_lora, save_patch
+from concept_eraser.checkpoint import CheckpointModel, save_artifacts, save_checkpoint, save_lora, save_patch
 from concept_eraser.errors import Cancelled
 from concept_eraser.patch import ErasurePatch
 
@@ -172,12 +172,19 @@ class Service:
             patch = self.session.patch
             if request.format == "checkpoint":
                 return self._save_checkpoint(live, patch, request)
-            if request.format == "patch":
+            if request.format in ("patch", "learned_prompt"):
                 folder = self.host.patch_dir()
                 folder.mkdir(parents=True, exist_ok=True)
                 out = _target(folder, request)
-                save_patch(patch, out, overwrite=request.overwrite)
-                return {"format": "patch", "path": str(out)}
+                if request.format == "patch":
+                    save_patch(patch, out, overwrite=request.overwrite)
+                else:
+                    last = self.session.records[-1]
+                    if not last.artifacts:
+                        raise RequestError("format", f"the last erasure ({last.method}) learned no prompt; "
+                                           "learned_prompt is for KPOP with use_prompt on", 409)
+                    save_artifacts(last.artifacts, last.report, out, overwrite=request.overwrite)
+                return {"format": request.format, "path": str(out)}
             folder = self.host.lora_dir()
             folder.mkdir(parents=True, exist_ok=True)
             out = _target(folder, request)

@@ -81,6 +81,7 @@ class Record:
     seconds: float
     step: dict
     report: dict = field(repr=False, default_factory=dict)
+    artifacts: dict = field(repr=False, default_factory=dict)  # KPOP's learned prompt (Save as learned_prompt)
 
 
 class ErasureSession:
@@ -220,7 +221,7 @@ class ErasureSession:
             step = result.patch.steps[-1] if result.patch.steps else {}
             record = Record(result.report["method"], result.report["concepts"], result.report["params"],
                             tuple(result.patch.edits), result.report["seconds"] + time.perf_counter() - start,
-                            step, result.report)
+                            step, result.report, result.artifacts)
             self.records.append(record)
             return record
 

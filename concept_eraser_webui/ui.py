@@ -15,12 +15,11 @@ import json
 import logging
 from typing import Any, Callable, Sequence
 
-from concept_eraser.checkpoint import FORMATS
 from concept_eraser.errors import EraserError
 from concept_eraser.methods import METHODS
 from concept_eraser.params import Param
 
-from .inputs import RequestError, parse_erase, parse_save
+from .inputs import FORMATS, RequestError, parse_erase, parse_save
 from .preview import TXT2IMG_SETTINGS
 from .routes import error_payload, jsonable
 

@@ -37,6 +37,8 @@ class Erasure:
     arch: ArchSpec
     # provenance of every erasure on the erased MODEL, oldest first (this one last)
     lineage: tuple[dict, ...] = field(default_factory=tuple)
+    # what the method learned besides the edit (KPOP's prompt), for Save Erasure's 'learned_prompt' format
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
 
 
 def lines(text: str | None) -> list[str]:

@@ -20,8 +20,10 @@ TEXT_TOOLTIP = "plain text, one per line (no weighting syntax: brackets are take
 
 class EraseConcept:
     DESCRIPTION = (
-        "Erases concepts from a Stable Diffusion 1.x / 2.x / XL model by a closed-form edit of its weights "
-        "(cross-attention K/V, and the text encoder for ErasePro). The inputs are cloned and patched, never "
+        "Erases concepts from a Stable Diffusion 1.x / 2.x / XL model by editing its weights: closed-form edits "
+        "of the cross-attention K/V (and the text encoder for ErasePro) in seconds, or KPOP's training of the "
+        "U-Net with a learnable prompt (minutes on a GPU; progress bar per step, cancel keeps the input "
+        "model). The inputs are cloned and patched, never "
         "changed: other branches keep the original model. The strength scales the edit like a LoRA's. "
         "Erase nodes chain: a second one edits the output of the first. Methods: "
         + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -100,7 +102,7 @@ class EraseConcept:
         except EraserError as exc:
             raise node_error(exc, method) from None
         erasure = Erasure(ErasurePatch(result.patch.architecture, result.patch.edits, (step,)), result.report,
-                          float(strength), adapter.arch, adapter.prior_steps() + (step,))
+                          float(strength), adapter.arch, adapter.prior_steps() + (step,), result.artifacts)
         log.info("[Concept Eraser] %s erased %s in %.2f s (%d tensors patched at strength %.2f)", method,
                  ", ".join(concepts.targets), result.report.get("seconds", 0.0), len(result.patch.edits), strength)
         return (new_model, new_clip, erasure)

@@ -7,7 +7,8 @@ import json
 import logging
 import os
 
-from ..concept_eraser.checkpoint import META_PREFIX, load_patch, provenance_metadata, save_lora, save_patch
+from ..concept_eraser.checkpoint import (META_PREFIX, load_patch, provenance_metadata, save_artifacts, save_lora,
+                                         save_patch)
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import detect
 from ..concept_eraser.patch import ErasurePatch
@@ -17,7 +18,7 @@ from .common import CATEGORY, ERASURE, node_error
 log = logging.getLogger("concept_eraser")
 
 ERASURES_FOLDER = "erasures"  # models/erasures: patch files and erasure LoRAs
-FORMATS = ("checkpoint", "patch", "lora")
+FORMATS = ("checkpoint", "patch", "lora", "learned_prompt")
 FOLDERS = ("output", "models")
 
 
@@ -198,7 +199,8 @@ class SaveErasure:
     DESCRIPTION = (
         "Saves an erasure: 'checkpoint' writes the whole patched model through ComfyUI's own checkpoint saving "
         "(the layout Save Checkpoint writes), with the erasures' provenance and the workflow in its metadata; "
-        "'patch' writes only the changed tensors; 'lora' writes the erasure as a LoRA (low-rank erasures only). "
+        "'patch' writes only the changed tensors; 'lora' writes the erasure as a LoRA (low-rank erasures only); "
+        "'learned_prompt' writes KPOP's learned prompt, which re-enables the concept (keep it private). "
         "Files get a new numbered name: nothing is overwritten."
     )
     CATEGORY = CATEGORY
@@ -215,7 +217,7 @@ class SaveErasure:
                 "erasure": (ERASURE, {"tooltip": "The erasure from an Erase Concept node."}),
                 "format": (list(FORMATS), {"default": "checkpoint", "tooltip": "checkpoint: the whole model (needs "
                            "model, clip and vae); patch: only the changed tensors (apply it with Apply Erasure "
-                           "Patch); lora: a LoRA file (low-rank erasures: UCE, RECE)."}),
+                           "Patch); lora: a LoRA file (low-rank erasures: UCE, RECE); learned_prompt: KPOP's prompt."}),
                 "folder": (list(FOLDERS), {"default": "output", "tooltip": "output: ComfyUI's output folder; models: "
                            "models/checkpoints for a checkpoint (it then appears in the loaders), models/erasures "
                            "for a patch or LoRA (it then appears in Apply Erasure Patch)."}),
@@ -259,6 +261,11 @@ class SaveErasure:
                 self._checkpoint(path, erasure, model, clip, vae, prompt, extra_pnginfo)
             elif format == "patch":
                 save_patch(erasure.patch, path)
+            elif format == "learned_prompt":
+                if not erasure.artifacts:
+                    raise InvalidParameterError("format", f"{erasure.report.get('method')} learned no prompt; "
+                                                "'learned_prompt' is for KPOP with use_prompt on")
+                save_artifacts(erasure.artifacts, erasure.report, path)
             else:
                 save_lora(erasure.patch, path, arch=erasure.arch)
         except EraserError as exc:

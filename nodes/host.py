@@ -21,10 +21,12 @@ from typing import Any, Sequence
 
 import torch
 
+from ..concept_eraser.denoiser import ModuleDenoiser, training_size
 from ..concept_eraser.encoding import EncodedPrompts
 from ..concept_eraser.errors import InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import UNET_PREFIX, ArchSpec, detect
 from ..concept_eraser.models.text_encoders import hf_state_dict
+from ..concept_eraser.models.unet import sdxl_vector
 from ..concept_eraser.patch import ErasurePatch, LowRankEdit, check_finite
 
 log = logging.getLogger("concept_eraser")
@@ -226,6 +228,35 @@ class ComfyModel:
         if mapped.transpose:
             return (shapes[0][1], shapes[0][0])
         return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def denoiser(self, resolution: int | None = None, gradient_checkpointing: bool = False) -> ModuleDenoiser:
+        """The host's own U-Net for gradient methods: ComfyUI loads it (with this MODEL's pending patches, e.g.
+        earlier erase nodes) onto its device and manages the memory; the solver runs it with its trainable
+        tensors swapped in per call, so the shared module is never written. ComfyUI's U-Net has no activation
+        checkpointing: `gradient_checkpointing` is not available here (train a smaller set instead)."""
+        import comfy.model_base
+        import comfy.model_management
+
+        base = self.patcher.model
+        kinds = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
+        if base.model_type not in kinds:
+            raise UnsupportedModelError(f"gradient methods need an ε- or v-prediction model, not {base.model_type.name}")
+        comfy.model_management.load_models_gpu([self.patcher])
+        device = self.patcher.load_device
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        sigmas = base.model_sampling.sigmas.detach().float().cpu()
+        size = training_size(resolution, self.arch.family, kinds[base.model_type])
+        sdxl = self.arch.family == "sdxl"
+
+        def inputs(x, t, context, pooled):
+            kwargs = {"timesteps": t, "context": context, "transformer_options": {}}
+            if sdxl:
+                kwargs["y"] = sdxl_vector(pooled, size, size).to(x)
+            return (x,), kwargs
+
+        return ModuleDenoiser(base.diffusion_model, UNET_PREFIX, inputs, device=device, dtype=dtype,
+                              latent_shape=(base.latent_format.latent_channels, size // 8, size // 8),
+                              alphas_cumprod=1 / (sigmas ** 2 + 1), prediction=kinds[base.model_type])
 
     # ---- host weights --------------------------------------------------------------------------
     def effective_float(self, key: str) -> torch.Tensor:

@@ -361,6 +361,85 @@ def test_cancel_leaves_the_input_untouched(host, sd15):
     assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
 
 
+KPOP_QUICK = {"kpop_steps": 2, "kpop_ddim_steps": 2, "kpop_prompt_size": 1, "kpop_resolution": 64}
+
+
+@pytest.mark.host
+def test_checkpoint_unet_predicts_as_comfyui(host, sd15):
+    """The command line's U-Net (`models.unet`, built from the file) and ComfyUI's own, on the same file:
+    the same noise prediction for the same latents, timesteps and text features."""
+    from concept_eraser import CheckpointModel
+
+    adapter = pack_module("nodes.host").ComfyModel(sd15["model"], sd15["clip"])
+    ours = CheckpointModel(sd15["path"]).denoiser(resolution=64)
+    theirs = adapter.denoiser(resolution=64)
+    assert theirs.latent_shape == ours.latent_shape == (4, 8, 8)
+    torch.testing.assert_close(theirs.alphas_cumprod, ours.alphas_cumprod, rtol=1e-5, atol=0)
+    rng = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=rng)
+    context = adapter.text_encoder.encode(["a photo of a cat", "Van Gogh"]).features
+    t = torch.tensor([999, 321])
+    expected = theirs.eps(z, t, context)
+    got = ours.eps(z, t, context)
+    assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
+    assert (expected[0] - expected[1]).abs().max() > 0.1 * expected.abs().max()  # would catch mixed-up inputs
+
+
+@pytest.mark.host
+def test_kpop_trains_a_clone_of_the_host_unet(host, sd15):
+    import comfy.model_management
+    import comfy.utils
+
+    calls = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    comfy.model_management.load_models_gpu([sd15["model"]])
+    weights = {k: v.detach().clone() for k, v in sd15["model"].model.diffusion_model.state_dict().items()
+               if "attn2" in k}
+    before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)
+    try:
+        model, clip, erasure = node(host, "ConceptEraserErase").erase(
+            sd15["model"], sd15["clip"], "kpop", "Van Gogh", "", "", 1.0, **KPOP_QUICK)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
+    live = sd15["model"].model.diffusion_model.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in weights.items())  # the shared module was never written
+    expected = {"diffusion_model." + k for k in weights}
+    assert set(model.patches) == expected and clip is sd15["clip"]
+    assert (2, 2) in calls  # one progress update per training step
+    assert set(erasure.artifacts) == {"prompt_k", "prompt_v"}
+    (path,) = node(host, "ConceptEraserSave").save(erasure, "learned_prompt", "output", "kpop/prompt")["result"]
+    from concept_eraser.safetensors_io import SafetensorsReader
+
+    reader = SafetensorsReader(path)
+    assert reader.metadata["concept_eraser.format"] == "learned_prompt"
+    assert json.loads(reader.metadata["concept_eraser.layers"]) == erasure.report["prompt_layers"]
+
+
+@pytest.mark.host
+def test_kpop_cancel_leaves_the_input_untouched(host, sd15):
+    import comfy.model_management
+    import comfy.utils
+
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if len(calls) == 2:
+            comfy.model_management.interrupt_current_processing(True)
+
+    before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            node(host, "ConceptEraserErase").erase(sd15["model"], sd15["clip"], "kpop", "Van Gogh", "", "", 1.0,
+                                                   **{**KPOP_QUICK, "kpop_steps": 5})
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
+
+
 @pytest.mark.host
 @pytest.mark.parametrize("inputs, field", [
     ({"targets": ""}, "targets"),
@@ -370,7 +449,8 @@ def test_cancel_leaves_the_input_untouched(host, sd15):
     ({"uce_preserve_scale": "lots"}, "uce_preserve_scale"),
     ({"method": "rece", "rece_epochs": 2, "rece_epoch": "3"}, "rece_epoch"),
     ({"pooled_edit": True}, "pooled_edit"),
-    ({"method": "kpop"}, "method"),
+    ({"method": "kpop", "kpop_injection": "prepend"}, "kpop_injection"),
+    ({"method": "kpop", "kpop_resolution": 100}, "kpop_resolution"),
     ({"strength": 1.5}, "strength"),
     ({"unknown": "uce_lamda"}, "uce_lamda"),
     ({"model": "not sd"}, "model"),

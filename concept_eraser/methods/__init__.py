@@ -5,11 +5,12 @@ from __future__ import annotations
 from ..errors import InvalidParameterError
 from .base import ErasureMethod, MethodOutput
 from .erasepro import ErasePro
+from .kpop import KPOP
 from .rece import RECE
 from .space import SPACE
 from .uce import UCE
 
-METHODS: dict[str, ErasureMethod] = {m.name: m for m in (UCE(), RECE(), SPACE(), ErasePro())}
+METHODS: dict[str, ErasureMethod] = {m.name: m for m in (UCE(), RECE(), SPACE(), ErasePro(), KPOP())}
 
 
 def get_method(name: str) -> ErasureMethod:

@@ -22,6 +22,9 @@ class MethodOutput:
     details: dict[str, Any]  # method-specific figures for the report
     # a few headline figures kept in the output file's provenance (shown by `inspect`); small, JSON-able
     summary: dict[str, Any] = field(default_factory=dict)
+    # tensors a method learns besides the edit, kept apart from the patch (KPOP's prompt, which re-enables
+    # the concept): name → tensor, saved with `checkpoint.save_artifacts`
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 class ErasureMethod:

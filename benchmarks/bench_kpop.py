@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Benchmark of KPOP: time per training step and peak memory, on ToyWorld and on an SD1.5-shaped U-Net.
+
+Not a test: it prints figures.
+
+- ToyWorld: the shipped checkpoint through `concept_eraser.erase` (its U-Net rebuilt from the file), the
+  whole method, with the settings the ToyWorld benchmark uses.
+- SD1.5-shaped: `models.unet.LDMUNet` with SD1.5's layout (320 channels, 16 cross-attention layers,
+  860 M parameters), seeded random weights, random 77 × 768 text features: the same work as the real
+  model. A step is split into its two parts, timed separately: making z_t (the frozen model's partial DDIM
+  sampling with guidance: on average ddim_steps / 2 guided passes, i.e. ddim_steps forward passes of
+  batch 1) and the update (two frozen passes for the targets, the prompt step and the weight step: three
+  passes with backward). `--ddim-steps` sets the sampling length (the method's default is 50).
+
+Peak memory is measured above what the process held before (CPU: the kernel's high-water mark; CUDA:
+torch.cuda.max_memory_allocated), by `bench_uce.measure_peak`.
+
+    python benchmarks/bench_kpop.py [--device cpu|cuda] [--steps N] [--resolution 512] [--quick]
+
+--quick: ToyWorld only, 5 steps (a smoke test of this script). With --device cuda, SD1.5 runs 1000 steps
+(the paper's setting) unless --steps says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from concept_eraser import CheckpointModel, Concepts, erase  # noqa: E402
+from concept_eraser.denoiser import ModuleDenoiser, sd_alphas_cumprod  # noqa: E402
+from concept_eraser.editable import no_progress  # noqa: E402
+from concept_eraser.encoding import EncodedPrompts  # noqa: E402
+from concept_eraser.methods import get_method  # noqa: E402
+from concept_eraser.methods.kpop import Trainer, trainable_keys  # noqa: E402
+from concept_eraser.models.arch import UNET_PREFIX  # noqa: E402
+from concept_eraser.models.unet import LDMConfig, LDMUNet  # noqa: E402
+from concept_eraser.params import resolve  # noqa: E402
+from concept_eraser.toyworld.benchmark import KPOP_SETTINGS  # noqa: E402
+from concept_eraser.toyworld.pipeline import CHECKPOINT  # noqa: E402
+
+from bench_uce import measure_peak  # noqa: E402
+
+SD15 = LDMConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                 num_res_blocks=(2, 2, 2, 2), transformer_depth=(1, 1, 1, 1, 1, 1, 0, 0),
+                 transformer_depth_middle=1, transformer_depth_output=(0, 0, 0) + (1,) * 9, context_dim=768,
+                 num_heads=8)
+
+
+class RandomText:
+    """Seeded random 77 × 768 features per prompt (the U-Net's work does not depend on their values)."""
+
+    def encode(self, prompts):
+        rows = [torch.randn(77, 768, generator=torch.Generator().manual_seed(hash(p) % 2 ** 31)) for p in prompts]
+        return EncodedPrompts(tuple(prompts), torch.stack(rows), tuple(5 for _ in prompts))
+
+
+class ShapedModel:
+    """The least an `EditableModel` must offer KPOP: the K/V keys, a text encoder and the denoiser."""
+
+    def __init__(self, denoiser: ModuleDenoiser):
+        self.device = denoiser.device
+        keys = [k for k in denoiser.parameters() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+        self.arch = type("Arch", (), {"kv_keys": tuple(keys)})()
+        self.text_encoder = RandomText()
+
+
+def sd15_denoiser(device: torch.device, resolution: int, checkpointing: bool) -> ModuleDenoiser:
+    torch.manual_seed(0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    net = LDMUNet(SD15).to(device, dtype).requires_grad_(False).eval()
+    net.gradient_checkpointing = checkpointing
+    return ModuleDenoiser(net, UNET_PREFIX, lambda x, t, c, p: ((x, t, c), {}), device=device, dtype=dtype,
+                          latent_shape=(4, resolution // 8, resolution // 8), alphas_cumprod=sd_alphas_cumprod())
+
+
+def bench_toyworld(steps: int) -> None:
+    model = CheckpointModel(CHECKPOINT)
+    settings = {**KPOP_SETTINGS, "steps": steps}
+    peak, _, seconds, result = measure_peak(
+        lambda: erase(model, "kpop", Concepts.build(["circle"], ["square"]), settings), torch.device("cpu"))
+    summary = result.patch.steps[0]["results"]
+    print(f"ToyWorld (CPU, {settings}):\n  {steps} steps in {seconds:.1f} s (erase() total, incl. the probe): "
+          f"{summary['seconds_per_step'] * 1e3:.0f} ms per step; {summary['trained_parameters']:,} trained "
+          f"parameters; peak +{peak / 2 ** 20:.0f} MiB")
+
+
+def bench_sd15(device: torch.device, steps: int, resolution: int, ddim_steps: int, train: str,
+               checkpointing: bool) -> dict:
+    denoiser = sd15_denoiser(device, resolution, checkpointing)
+    model = ShapedModel(denoiser)
+    method = get_method("kpop")
+    values = resolve(method.params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
+                                     "gradient_checkpointing": checkpointing}, "kpop")
+    keys = trainable_keys(list(denoiser.parameters()), train)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timings = {"sampling": 0.0, "update": 0.0, "forwards": 0}
+
+    def run():
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer = Trainer(denoiser, model, Concepts.build(["a concept"]), values, keys)
+            for step in range(steps):
+                sync()
+                t0 = time.perf_counter()
+                batch = trainer.sample_batch()
+                sync()
+                t1 = time.perf_counter()
+                trainer.update(batch, step)
+                sync()
+                timings["sampling"] += t1 - t0
+                timings["update"] += time.perf_counter() - t1
+        return trainer
+
+    peak, _, seconds, _ = measure_peak(run, device)
+    return {"train": train, "checkpointing": checkpointing, "trained": sum(denoiser.parameters()[k].numel()
+                                                                           for k in keys),
+            "sampling": timings["sampling"] / steps, "update": timings["update"] / steps,
+            "step": seconds / steps, "peak": peak}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--steps", type=int, default=None, help="SD1.5 steps (default: 2 on CPU, 1000 on CUDA)")
+    p.add_argument("--toyworld-steps", type=int, default=50)
+    p.add_argument("--resolution", type=int, default=512, help="SD1.5 training image size (the paper: 512)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="z_t sampling length (default: 4 on CPU, 50 on CUDA)")
+    p.add_argument("--quick", action="store_true", help="ToyWorld only, 5 steps")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"KPOP benchmark — torch {torch.__version__}, {device} ({hardware})\n")
+    bench_toyworld(5 if args.quick else args.toyworld_steps)
+    if args.quick:
+        return 0
+    cuda = device.type == "cuda"
+    steps = args.steps or (1000 if cuda else 2)
+    ddim = args.ddim_steps or (50 if cuda else 4)
+    print(f"\nSD1.5-shaped U-Net ({'fp16' if cuda else 'fp32'}, random weights), {args.resolution}², batch 1, "
+          f"prompt k = 10 (770 tokens) in the middle block, {steps} steps, z_t from {ddim}-step DDIM:")
+    print(f"  {'train':8s} {'ckpt':5s} {'trained':>12s} {'z_t s/step':>11s} {'update s':>9s} {'step s':>8s} "
+          f"{'peak GiB':>9s}")
+    for train, checkpointing in (("xattn", False), ("xattn", True), ("noxattn", True)):
+        r = bench_sd15(device, steps, args.resolution, ddim, train, checkpointing)
+        print(f"  {r['train']:8s} {str(r['checkpointing']):5s} {r['trained']:12,d} {r['sampling']:11.2f} "
+              f"{r['update']:9.2f} {r['step']:8.2f} {r['peak'] / 2 ** 30:9.2f}", flush=True)
+    print("  z_t: the frozen model's sampling (grows with ddim_steps: ~ddim_steps/2 guided passes per step); "
+          "update: the transfer and removal steps; peak: above the process's memory before the run "
+          "(incl. the U-Net's frozen copy of inference-mode weights where a host has them, not here).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

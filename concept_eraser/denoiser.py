@@ -1,0 +1,173 @@
+"""The U-Net as a gradient method needs it: a noise prediction ε(z_t, t, context) that can be run with
+some weights replaced by trainable tensors, and the model's weights by their checkpoint keys.
+
+Every host provides one (`EditableModel.denoiser`) around its own U-Net module: ToyWorld's and the
+command line's `models.unet.LDMUNet` built from the file, ComfyUI's `diffusion_model`, the WebUI's.
+`ModuleDenoiser` does the common work: the trainable tensors replace the module's parameters for one
+call only (`torch.func.functional_call`), so the host's module — which hosts cache and share — is never
+written; the frozen model is that same module with its own weights. A learnable prompt joins the chosen
+cross-attention layers through forward hooks on their `to_k` / `to_v` (extra K/V tokens, or added to
+the text's), removed when the call returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from .errors import InvalidParameterError, UnsupportedModelError
+
+INJECTION_MODES = ("concat", "additive")
+T_TRAIN = 1000  # DDPM steps of every supported model
+
+
+def sd_alphas_cumprod(steps: int = T_TRAIN) -> torch.Tensor:
+    """ᾱ_t of Stable Diffusion 1.x / 2.x / XL: "scaled linear" β from 0.00085 to 0.012."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def training_size(resolution: int | None, family: str, prediction: str, multiple: int = 64) -> int:
+    """Pixel size of training samples: `resolution`, or the family's native size (SDXL 1024, SD 2.x 768-v 768,
+    else 512; ToyWorld 16), checked against the U-Net's downsampling (`multiple` pixels)."""
+    native = {"sdxl": 1024, "sd2": 768 if prediction == "v" else 512, "toyworld": 16}.get(family, 512)
+    size = resolution or native
+    if size % multiple:
+        raise InvalidParameterError("resolution", f"{size} is not a multiple of {multiple} (this U-Net's "
+                                    f"downsampling); native size: {native}")
+    return size
+
+
+@dataclass
+class PromptInjection:
+    """A learnable prompt fed to the cross-attention layers whose K/V weights are `keys`.
+
+    `k` and `v` [tokens, context_dim] are separate tensors for K and V, as the authors' code has them.
+    concat: K = W_k [C; P_k] (extra key/value tokens after the text's); additive: K = W_k (C + P_k),
+    which needs P to have the text window's length."""
+
+    keys: tuple[str, ...]  # checkpoint keys of the chosen layers' attn2.to_k.weight and attn2.to_v.weight
+    k: torch.Tensor
+    v: torch.Tensor
+    mode: str = "concat"
+
+
+class Denoiser(Protocol):
+    device: torch.device
+    dtype: torch.dtype  # the dtype the host runs its U-Net in
+    alphas_cumprod: torch.Tensor  # ᾱ_t, [1000], float32, CPU
+    latent_shape: tuple[int, int, int]  # (channels, height, width) of a training sample
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Checkpoint key → the U-Net's current weight (read-only: the host's own tensor)."""
+        ...
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+            weights: Mapping[str, torch.Tensor] | None = None, prompt: PromptInjection | None = None,
+            pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise prediction (float32, or float64 for a float64 model) for latents `z_t` at integer timesteps `t` [b] given text features
+        `context` [b, tokens, d] (and SDXL's pooled embedding); `weights` (checkpoint key → tensor) replace
+        the model's for this call, gradients flowing to them and to `prompt`."""
+        ...
+
+
+# The host's call of its module: (x, t, context, pooled) → (args, kwargs) for module.forward.
+Inputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[tuple, dict]]
+
+
+class ModuleDenoiser:
+    """`Denoiser` over an nn.Module whose parameter names, after `prefix`, are checkpoint keys."""
+
+    def __init__(self, module: torch.nn.Module, prefix: str, inputs: Inputs, *, device: torch.device,
+                 dtype: torch.dtype, latent_shape: tuple[int, int, int], alphas_cumprod: torch.Tensor,
+                 prediction: str = "eps"):
+        self.module, self.prefix, self.inputs = module, prefix, inputs
+        self.device, self.dtype, self.latent_shape = device, dtype, latent_shape
+        self.alphas_cumprod, self.prediction = alphas_cumprod, prediction
+        with torch.inference_mode(False):
+            # Hosts load weights under inference mode; such tensors cannot be saved for backward, so
+            # those get a normal copy (once). The rest are used detached: no gradient reaches the host.
+            self.frozen = {name: p.clone() if p.is_inference() else p.detach()
+                           for name, p in module.named_parameters()}
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {self.prefix + name: p for name, p in self.module.named_parameters()}
+
+    def _module_of(self, key: str) -> torch.nn.Module:
+        name = key[len(self.prefix):] if key.startswith(self.prefix) else key
+        return self.module.get_submodule(name.rsplit(".", 1)[0])
+
+    @contextlib.contextmanager
+    def _injected(self, prompt: PromptInjection | None):
+        handles = []
+        try:
+            if prompt is not None:
+                for key in prompt.keys:
+                    tokens = prompt.k if ".to_k." in key else prompt.v
+                    handles.append(self._module_of(key).register_forward_hook(_prompt_hook(tokens, prompt.mode)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def eps(self, z_t, t, context, weights=None, prompt=None, pooled=None) -> torch.Tensor:
+        overrides = dict(self.frozen)
+        for key, value in (weights or {}).items():
+            overrides[key[len(self.prefix):]] = value.to(self.device, self.dtype)
+        cast = lambda x: None if x is None else x.to(self.device, self.dtype)  # noqa: E731
+        with torch.inference_mode(False), self._injected(prompt):
+            args, kwargs = self.inputs(cast(z_t), t.to(self.device), cast(context), cast(pooled))
+            out = functional_call(self.module, overrides, args, kwargs, tie_weights=False, strict=False)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        if self.prediction == "v":  # v = √ᾱ ε − √(1−ᾱ) x0  ⇒  ε = √ᾱ v + √(1−ᾱ) z_t
+            a = self.alphas_cumprod.to(self.device)[t.to(self.device)].view(-1, 1, 1, 1)
+            out = a.sqrt() * out + (1 - a).sqrt() * z_t.to(self.device, out.dtype)
+        return out
+
+
+def _prompt_hook(tokens: torch.Tensor, mode: str):
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        weight = module.weight.to(output.device, output.dtype)
+        extra = F.linear(tokens.to(output.device, output.dtype), weight)  # [m, inner]
+        if mode == "additive":  # W (C + P) = W C + W P
+            if extra.shape[0] != output.shape[1]:
+                raise UnsupportedModelError(
+                    f"additive prompt has {extra.shape[0]} tokens, the text has {output.shape[1]}")
+            return output + extra
+        return torch.cat([output, extra.expand(output.shape[0], -1, -1)], dim=1)
+    return hook
+
+
+def injection_keys(kv_keys: Sequence[str], blocks: str) -> tuple[str, ...]:
+    """The cross-attention K/V keys of the U-Net part(s) `blocks` names: mid, mid_up or all (the
+    paper's Table 6: middle block; middle and up; down, middle and up)."""
+    parts = {"mid": ("middle_block",), "mid_up": ("middle_block", "output_blocks"),
+             "all": ("input_blocks", "middle_block", "output_blocks")}[blocks]
+    return tuple(k for k in kv_keys if any(f".{p}." in f".{k}" for p in parts))
+
+
+@torch.no_grad()
+def partial_ddim(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, done: int,
+                 total: int, guidance: float, pooled: torch.Tensor | None = None,
+                 uncond_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`done` of `total` deterministic DDIM steps (η = 0) of the frozen model from `noise` with
+    classifier-free guidance, as ESD makes its training latents; returns (z_t, t [b])."""
+    times = torch.linspace(T_TRAIN - 1, 0, total).round().long()
+    alphas = denoiser.alphas_cumprod.to(denoiser.device)
+    x = noise.to(denoiser.device).float()
+    n = x.shape[0]
+    both = torch.cat([cond, uncond.expand(n, -1, -1)])
+    both_pooled = None if pooled is None else torch.cat([pooled, uncond_pooled.expand(n, -1)])
+    for i in range(done):
+        t = times[i]
+        e_c, e_u = denoiser.eps(torch.cat([x, x]), t.repeat(2 * n), both, pooled=both_pooled).chunk(2)
+        e = e_u + guidance * (e_c - e_u)
+        a, a_next = alphas[t], alphas[times[i + 1]]
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
+    return x, times[done].repeat(n).to(denoiser.device)

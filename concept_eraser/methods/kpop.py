@@ -1,0 +1,250 @@
+"""KPOP — erasure with a learnable prompt (Bui et al., arXiv 2403.12326, §4).
+
+A prompt p (extra K/V tokens, `denoiser.PromptInjection`) joins the chosen cross-attention layers (the
+middle block by default) and the U-Net is fine-tuned by alternating, one Adam step each:
+
+- knowledge transfer: p ← p − η_p ∇_p ‖ε_θ'(z_t, c_e, p) − ε_θ(z_t, c_e)‖²  (the prompt learns the target);
+- knowledge removal: θ' ← θ' − η ∇_θ' [‖ε_θ'(z_t, c_e) − ε*‖² + λ ‖ε_θ'(z_t, c_e, p) − ε_θ(z_t, c_e)‖²],
+
+with ε* = ε_θ(c_n) − η_n (ε_θ(c_e) − ε_θ(c_n)): the paper's Eq. 7 has η_n = 0; the authors' runs are
+named "ng 1" (ESD's negative-guidance target), our default. c_e is a concept to erase, c_n its guide
+(the neutral prompt, "" by default), z_t the frozen model's partial DDIM sampling with c_e at guidance 3
+(as ESD), t its timestep. The released model is only θ' (a dense patch of the trained tensors); the
+prompt is dropped, but kept in the result since it re-enables the concept (`save_learned_prompt`).
+
+Choices where the paper is vague: the prompt has k × (text window) tokens (the paper's m_p = k·m_c;
+additive: one window), separate tensors for K and V (the authors' code), initialised as Gaussian noise
+with the standard deviation of the target's text features ("initially no alignment with any textual
+input", §5.5); trainable weights are kept in float32 whatever the model's dtype. `use_prompt=false` is
+the paper's ablation: the same training without the prompt (plain fine-tuning towards ε*).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch.nn import functional as F
+
+from ..concepts import Concepts
+from ..denoiser import INJECTION_MODES, Denoiser, PromptInjection, injection_keys, partial_ddim
+from ..editable import EditableModel, Progress
+from ..errors import InvalidParameterError, NonFiniteResultError, UnsupportedModelError
+from ..params import Param
+from ..patch import DenseEdit, check_finite
+from .base import ErasureMethod, MethodOutput
+
+TRAIN_SETS = ("xattn", "kv", "noxattn")
+BLOCKS = ("mid", "mid_up", "all")
+
+KPOP_PARAMS = (
+    Param("steps", int, 1000, "training steps (each: one prompt step, one model step)", min=1, max=100000, step=50),
+    Param("lr", float, 1e-5, "Adam learning rate of the fine-tuned weights", min=0.0, min_exclusive=True, max=1.0,
+          step=1e-5),
+    Param("prompt_lr", float, 1e-5, "Adam learning rate of the learnable prompt", min=0.0, min_exclusive=True,
+          max=10.0, step=1e-5),
+    Param("lam", float, 0.1, "λ: weight of the with-prompt term in the removal step; larger keeps more of the "
+          "other concepts and erases less", min=0.0, min_exclusive=True, max=1e4, step=0.05),
+    Param("use_prompt", bool, True, "off: the paper's ablation, the same fine-tuning without the learnable prompt"),
+    Param("prompt_size", int, 10, "k: the prompt has k × (text window) tokens (concat injection)", min=1, max=200),
+    Param("injection", str, "concat", "how the prompt joins the text: concat (extra K/V tokens, the paper's "
+          "default) or additive (added to the text features)", choices=INJECTION_MODES),
+    Param("inject_blocks", str, "mid", "cross-attention layers that read the prompt: mid (paper default), "
+          "mid_up, all", choices=BLOCKS),
+    Param("train", str, "xattn", "weights fine-tuned: xattn (all cross-attention; objects and styles), kv "
+          "(cross-attention K/V only), noxattn (everything but cross-attention; the paper's choice for nudity)",
+          choices=TRAIN_SETS),
+    Param("negative_guidance", float, 1.0, "η in the removal target ε(c_n) − η (ε(c_e) − ε(c_n)); 0 = the "
+          "paper's Eq. 7, 1 = the authors' runs", min=0.0, max=10.0, step=0.5),
+    Param("start_guidance", float, 3.0, "guidance scale of the frozen model's partial sampling that makes z_t",
+          min=0.0, max=30.0, step=0.5),
+    Param("ddim_steps", int, 50, "DDIM steps of that sampling (z_t stops after a random number of them)",
+          min=2, max=1000),
+    Param("batch", int, 1, "samples per step", min=1, max=64),
+    Param("seed", int, 0, "seed of the prompt initialisation, noise, timesteps and concept order", min=0,
+          max=2 ** 31 - 1),
+    Param("resolution", int, 0, "image size in pixels of the training latents; 0 = the model's native size",
+          min=0, max=4096, step=64),
+    Param("gradient_checkpointing", bool, False,
+          "recompute activations in the backward pass: less memory, ~30 % slower (where the host supports it)"),
+)
+
+
+def trainable_keys(keys, train: str) -> list[str]:
+    """U-Net parameters fine-tuned by `train`, as ESD names them: xattn = every attn2 tensor; kv = attn2
+    to_k/to_v; noxattn = every tensor outside attn2, time_embed and the output layer `out.`."""
+    if train == "xattn":
+        return [k for k in keys if ".attn2." in k]
+    if train == "kv":
+        return [k for k in keys if ".attn2.to_k." in k or ".attn2.to_v." in k]
+    if train == "noxattn":
+        return [k for k in keys if ".attn2." not in k and ".time_embed." not in k
+                and not k.split("diffusion_model.", 1)[-1].startswith("out.")]
+    raise InvalidParameterError("train", f"{train!r} is not one of {', '.join(TRAIN_SETS)}")
+
+
+@dataclass
+class TrainBatch:
+    """One step's inputs: z_t at t, the targets' features, and the frozen model's outputs."""
+
+    z_t: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor  # c_e
+    pooled: torch.Tensor | None
+    eps_target: torch.Tensor  # ε_θ(z_t, c_e)
+    eps_removal: torch.Tensor  # ε* = ε_θ(c_n) − η (ε_θ(c_e) − ε_θ(c_n))
+
+
+def transfer_loss(denoiser: Denoiser, batch: TrainBatch, weights: Mapping[str, torch.Tensor],
+                  prompt: PromptInjection) -> torch.Tensor:
+    """L_e: the model with the prompt should still produce the target."""
+    out = denoiser.eps(batch.z_t, batch.t, batch.context, weights, prompt, batch.pooled)
+    return F.mse_loss(out, batch.eps_target)
+
+
+def removal_loss(denoiser: Denoiser, batch: TrainBatch, weights: Mapping[str, torch.Tensor],
+                 prompt: PromptInjection | None, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_r = L1 + λ L2 (L2 only with a prompt); returns the loss and its parts."""
+    l1 = F.mse_loss(denoiser.eps(batch.z_t, batch.t, batch.context, weights, None, batch.pooled), batch.eps_removal)
+    if prompt is None:
+        return l1, {"L1": l1.item()}
+    l2 = transfer_loss(denoiser, batch, weights, prompt)
+    return l1 + lam * l2, {"L1": l1.item(), "L2": l2.item()}
+
+
+class KPOP(ErasureMethod):
+    name = "kpop"
+    title = "KPOP"
+    summary = "learnable prompt + adversarial fine-tuning of the U-Net (gradient method; minutes, needs a GPU)"
+    params = KPOP_PARAMS
+
+    def run(self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress) -> MethodOutput:
+        make = getattr(model, "denoiser", None)
+        if make is None:
+            raise UnsupportedModelError("KPOP trains the U-Net, which this host adapter does not provide")
+        progress(0, values["steps"], "KPOP: preparing")
+        denoiser: Denoiser = make(resolution=values["resolution"] or None,
+                                  gradient_checkpointing=values["gradient_checkpointing"])
+        current = denoiser.parameters()
+        keys = trainable_keys(list(current), values["train"])
+        if not keys:
+            raise UnsupportedModelError(f"no U-Net tensors match train={values['train']!r} in this model")
+        if denoiser.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(denoiser.device)
+        # Hosts run nodes under inference mode; training needs autograd and ordinary tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer = Trainer(denoiser, model, concepts, values, keys)
+            start = time.perf_counter()
+            history = trainer.train(progress)
+            seconds = time.perf_counter() - start
+        edits = {}
+        for key in keys:
+            new = trainer.weights[key].detach().to(current[key].dtype)
+            check_finite(key, new)
+            edits[key] = (DenseEdit(new.cpu() if model.device.type == "cpu" else new),)
+        prompt = trainer.prompt
+        peak = torch.cuda.max_memory_allocated(denoiser.device) if denoiser.device.type == "cuda" else None
+        summary = {
+            "steps": values["steps"],
+            "trained_tensors": len(keys),
+            "trained_parameters": sum(current[k].numel() for k in keys),
+            "final_losses": history[-1]["losses"] if history else {},
+            "seconds_per_step": round(seconds / values["steps"], 4),
+        }
+        if peak is not None:
+            summary["peak_gpu_memory_gib"] = round(peak / 2 ** 30, 2)
+        details = {"losses": history, "prompt_layers": list(prompt.keys) if prompt else []}
+        artifacts = {} if prompt is None else {"prompt_k": prompt.k.detach().float().cpu(),
+                                                "prompt_v": prompt.v.detach().float().cpu()}
+        return MethodOutput(edits, details, summary, artifacts)
+
+
+class Trainer:
+    """The alternating transfer / removal loop on one denoiser; deterministic for a seed on CPU."""
+
+    def __init__(self, denoiser: Denoiser, model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+                 keys: list[str]):
+        self.denoiser, self.values = denoiser, values
+        self.gen = torch.Generator().manual_seed(values["seed"])
+        prompts = list(dict.fromkeys(concepts.targets + concepts.guides + ("",)))
+        encoded = model.text_encoder.encode(prompts)
+        row = {p: i for i, p in enumerate(prompts)}
+        device = denoiser.device
+        # clone: a host's encoder may have made inference tensors, which autograd cannot save
+        self.features = encoded.features.to(device).clone()
+        self.pooled = None if encoded.pooled is None else encoded.pooled.to(device).clone()
+        self.target_rows = [row[p] for p in concepts.targets]
+        self.guide_rows = [row[p] for p in concepts.guides]
+        self.uncond_row = row[""]
+        current = denoiser.parameters()
+        self.weights = {k: current[k].detach().to(device, torch.float32).clone().requires_grad_(True) for k in keys}
+        self.optimizer = torch.optim.Adam(self.weights.values(), lr=values["lr"])
+        self.prompt: PromptInjection | None = None
+        if values["use_prompt"]:
+            window, dim = self.features.shape[1:]
+            tokens = window if values["injection"] == "additive" else values["prompt_size"] * window
+            scale = self.features[self.target_rows].std().item()
+            init = lambda: (torch.randn(tokens, dim, generator=self.gen) * scale).to(device).requires_grad_(True)  # noqa: E731
+            layers = injection_keys(model.arch.kv_keys, values["inject_blocks"])
+            self.prompt = PromptInjection(layers, init(), init(), values["injection"])
+            self.prompt_optimizer = torch.optim.Adam([self.prompt.k, self.prompt.v], lr=values["prompt_lr"])
+        # fp16 hosts: scale the loss so small gradients survive the half-precision backward pass
+        self.scaler = torch.amp.GradScaler(device.type, enabled=denoiser.dtype == torch.float16)
+
+    def sample_batch(self) -> TrainBatch:
+        v, den = self.values, self.denoiser
+        n = v["batch"]
+        pick = torch.randint(len(self.target_rows), (n,), generator=self.gen).tolist()
+        done = int(torch.randint(v["ddim_steps"], (1,), generator=self.gen))
+        noise = torch.randn(n, *den.latent_shape, generator=self.gen)
+        c_e = self.features[[self.target_rows[i] for i in pick]]
+        c_n = self.features[[self.guide_rows[i] for i in pick]]
+        uncond = self.features[self.uncond_row:self.uncond_row + 1]
+        pooled = pooled_n = pooled_u = None
+        if self.pooled is not None:
+            pooled = self.pooled[[self.target_rows[i] for i in pick]]
+            pooled_n = self.pooled[[self.guide_rows[i] for i in pick]]
+            pooled_u = self.pooled[self.uncond_row:self.uncond_row + 1]
+        z_t, t = partial_ddim(den, c_e, uncond, noise, done, v["ddim_steps"], v["start_guidance"], pooled, pooled_u)
+        with torch.no_grad():
+            e_e = den.eps(z_t, t, c_e, pooled=pooled)
+            e_n = den.eps(z_t, t, c_n, pooled=pooled_n)
+        return TrainBatch(z_t, t, c_e, pooled, e_e, e_n - v["negative_guidance"] * (e_e - e_n))
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if not math.isfinite(loss.item()):
+            raise NonFiniteResultError(f"the training loss became {loss.item()} at step {step}; "
+                                       "lower the learning rates")
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """One transfer step (the prompt) then one removal step (the weights); returns the losses."""
+        losses = {}
+        held = None
+        if self.prompt is not None:
+            frozen = {k: w.detach() for k, w in self.weights.items()}
+            loss_e = transfer_loss(self.denoiser, batch, frozen, self.prompt)
+            self._step(loss_e, self.prompt_optimizer, step)
+            losses["transfer"] = loss_e.item()
+            held = PromptInjection(self.prompt.keys, self.prompt.k.detach(), self.prompt.v.detach(), self.prompt.mode)
+        loss_r, parts = removal_loss(self.denoiser, batch, self.weights, held, self.values["lam"])
+        self._step(loss_r, self.optimizer, step)
+        return losses | parts
+
+    def train(self, progress: Progress) -> list[dict]:
+        steps = self.values["steps"]
+        every = max(1, steps // 50)
+        history = []
+        for step in range(steps):
+            batch = self.sample_batch()
+            losses = self.update(batch, step)
+            if step % every == 0 or step == steps - 1:
+                history.append({"step": step + 1, "t": int(batch.t[0]), "losses": losses})
+            progress(step + 1, steps, f"KPOP step {step + 1}/{steps}")
+        return history

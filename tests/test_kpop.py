@@ -1,0 +1,195 @@
+"""KPOP: the losses' gradients, the prompt injection, the ablation, which tensors change, named errors.
+
+References are independent of the code under test: finite differences for the gradients, the paper's
+identity for concatenation (a prompt made of copies of the text leaves attention unchanged), and a plain
+PyTorch fine-tuning loop (module.parameters(), loss.backward(), Adam) for the prompt-free ablation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from concept_eraser import CheckpointModel, Concepts, InvalidParameterError, UnsupportedModelError, erase
+from concept_eraser.denoiser import ModuleDenoiser, PromptInjection, injection_keys, partial_ddim
+from concept_eraser.methods.kpop import TrainBatch, removal_loss, trainable_keys, transfer_loss
+from concept_eraser.models.arch import UNET_PREFIX
+from concept_eraser.toyworld.pipeline import CHECKPOINT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUICK = {"steps": 3, "ddim_steps": 4, "prompt_size": 1, "lr": 1e-3, "prompt_lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def toyworld():
+    return CheckpointModel(CHECKPOINT)
+
+
+def float64_denoiser(model: CheckpointModel) -> ModuleDenoiser:
+    """ToyWorld's U-Net in float64, for finite differences."""
+    net = model.denoiser().module
+    net = copy.deepcopy(net).double()
+    return ModuleDenoiser(net, UNET_PREFIX, lambda x, t, c, p: ((x, t, c), {}), device=torch.device("cpu"),
+                          dtype=torch.float64, latent_shape=(3, 16, 16),
+                          alphas_cumprod=model.denoiser().alphas_cumprod)
+
+
+def test_loss_gradients_match_finite_differences(toyworld, rng):
+    den = float64_denoiser(toyworld)
+    features = toyworld.text_encoder.encode(["a red circle", "a square"]).features.double()
+    z = torch.randn(1, 3, 16, 16, generator=rng, dtype=torch.float64)
+    t = torch.tensor([700])
+    with torch.no_grad():
+        e_e, e_n = den.eps(z, t, features[:1]), den.eps(z, t, features[1:])
+    batch = TrainBatch(z, t, features[:1], None, e_e, e_n - (e_e - e_n))
+    params = den.parameters()
+    keys = [k for k in trainable_keys(params, "xattn") if "middle_block" in k]
+    weights = {k: (params[k].double() + 0.01 * torch.randn(params[k].shape, generator=rng, dtype=torch.float64))
+               .requires_grad_(True) for k in keys}
+    layers = injection_keys(toyworld.arch.kv_keys, "mid")
+    window, dim = features.shape[1:]
+    prompt = PromptInjection(layers, (0.5 * torch.randn(window, dim, generator=rng, dtype=torch.float64)).requires_grad_(),
+                             (0.5 * torch.randn(window, dim, generator=rng, dtype=torch.float64)).requires_grad_())
+
+    def directional(loss_fn, tensors):
+        """⟨∇L, d⟩ by autograd and by central differences along a random direction d."""
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, tensors)
+        directions = [torch.randn(x.shape, generator=rng, dtype=torch.float64) for x in tensors]
+        analytic = sum((g * d).sum() for g, d in zip(grads, directions)).item()
+        h = 1e-5
+        with torch.no_grad():
+            for x, d in zip(tensors, directions):
+                x += h * d
+            plus = loss_fn().item()
+            for x, d in zip(tensors, directions):
+                x -= 2 * h * d
+            minus = loss_fn().item()
+            for x, d in zip(tensors, directions):
+                x += h * d
+        return analytic, (plus - minus) / (2 * h)
+
+    a, fd = directional(lambda: transfer_loss(den, batch, {k: w.detach() for k, w in weights.items()}, prompt),
+                        [prompt.k, prompt.v])
+    assert a != 0 and abs(a - fd) <= 1e-6 * abs(a)
+    a, fd = directional(lambda: removal_loss(den, batch, weights, prompt, 0.1)[0], list(weights.values()))
+    assert a != 0 and abs(a - fd) <= 1e-6 * abs(a)
+
+
+def test_concatenated_copies_of_the_text_change_nothing(toyworld, rng):
+    """The paper's identity: with p = c (here: k copies of C) concatenated attention gives the same output;
+    an additive prompt of zeros too. A different prompt does change it, and the hooks are gone afterwards."""
+    den = toyworld.denoiser()
+    features = toyworld.text_encoder.encode(["a red circle"]).features
+    z, t = torch.randn(1, 3, 16, 16, generator=rng), torch.tensor([600])
+    plain = den.eps(z, t, features)
+    layers = injection_keys(toyworld.arch.kv_keys, "all")
+    copies = features[0].repeat(3, 1)
+    same = den.eps(z, t, features, prompt=PromptInjection(layers, copies, copies))
+    torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-5)
+    zeros = torch.zeros_like(features[0])
+    torch.testing.assert_close(den.eps(z, t, features, prompt=PromptInjection(layers, zeros, zeros, "additive")), plain)
+    other = torch.randn(copies.shape, generator=rng)
+    assert (den.eps(z, t, features, prompt=PromptInjection(layers, other, other)) - plain).abs().max() > 1e-3
+    assert all(not m._forward_hooks for m in den.module.modules())
+
+
+def test_injection_blocks_follow_the_paper():
+    keys = [f"{UNET_PREFIX}{b}.1.transformer_blocks.0.attn2.to_{p}.weight"
+            for b in ("input_blocks.1", "middle_block", "output_blocks.3") for p in "kv"]
+    assert [k.split(".")[2] for k in injection_keys(keys, "mid")] == ["middle_block"] * 2
+    assert {k.split(".")[2] for k in injection_keys(keys, "mid_up")} == {"middle_block", "output_blocks"}
+    assert len(injection_keys(keys, "all")) == 6
+
+
+@pytest.mark.parametrize("train", ["xattn", "kv", "noxattn"])
+def test_patch_touches_only_the_chosen_modules(toyworld, train):
+    result = erase(toyworld, "kpop", Concepts.build(["circle"]), {**QUICK, "steps": 1, "train": train})
+    unet = [k for k in toyworld.keys() if k.startswith(UNET_PREFIX)]
+    inner = lambda k: k[len(UNET_PREFIX):]  # noqa: E731
+    expected = {
+        "xattn": {k for k in unet if ".attn2." in k},
+        "kv": {k for k in unet if inner(k).endswith(("attn2.to_k.weight", "attn2.to_v.weight"))},
+        "noxattn": {k for k in unet if ".attn2." not in k and not inner(k).startswith(("time_embed.", "out."))},
+    }[train]
+    assert set(result.patch.edits) == expected
+    changed = {k for k, (edit,) in result.patch.edits.items() if not torch.equal(edit.new, toyworld.weight(k))}
+    # one Adam step moves every tensor by about lr, except where the gradient is far below Adam's ε
+    assert changed <= expected and len(changed) >= 0.9 * len(expected)
+    assert all(result.patch.edits[k][0].new.dtype == toyworld.weight(k).dtype for k in expected)
+
+
+def test_prompt_free_ablation_equals_plain_fine_tuning(toyworld):
+    """use_prompt=false is ESD-style fine-tuning: compare with a loop written the ordinary way."""
+    values = {**QUICK, "use_prompt": False, "steps": 3}
+    concepts = Concepts.build(["circle"], ["square"])
+    result = erase(toyworld, "kpop", concepts, values)
+
+    den = toyworld.denoiser()
+    reference = copy.deepcopy(den.module).train(False)
+    frozen = copy.deepcopy(den.module)
+    trained = [p for n, p in reference.named_parameters() if ".attn2." in n]
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=values["lr"])
+    features = toyworld.text_encoder.encode(["circle", "square", ""]).features
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(values["steps"]):  # the same draws, in the same order, as the method documents
+        torch.randint(1, (1,), generator=gen)
+        done = int(torch.randint(values["ddim_steps"], (1,), generator=gen))
+        noise = torch.randn(1, 3, 16, 16, generator=gen)
+        z_t, t = partial_ddim(den, features[:1], features[2:], noise, done, values["ddim_steps"], 3.0)
+        with torch.no_grad():
+            e_e, e_n = frozen(z_t, t, features[:1]), frozen(z_t, t, features[1:2])
+        loss = F.mse_loss(reference(z_t, t, features[:1]), e_n - (e_e - e_n))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    expected = {UNET_PREFIX + n: p.detach() for n, p in reference.named_parameters() if ".attn2." in n}
+    assert set(result.patch.edits) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(result.patch.edits[key][0].new, value, rtol=1e-5, atol=1e-7)
+    assert not result.artifacts
+
+
+def test_deterministic_and_prompt_returned(toyworld):
+    concepts = Concepts.build(["circle"])
+    first = erase(toyworld, "kpop", concepts, QUICK)
+    second = erase(toyworld, "kpop", concepts, QUICK)
+    for key, (edit,) in first.patch.edits.items():
+        assert torch.equal(edit.new, second.patch.edits[key][0].new)
+    assert torch.equal(first.artifacts["prompt_k"], second.artifacts["prompt_k"])
+    window = toyworld.text_encoder.encode([""]).features.shape[1]
+    assert first.artifacts["prompt_k"].shape[0] == window  # prompt_size 1 × the text window
+    assert first.report["prompt_layers"] == list(injection_keys(toyworld.arch.kv_keys, "mid"))
+    assert first.patch.steps[0]["results"]["steps"] == QUICK["steps"]
+
+
+@pytest.mark.parametrize("name, value", [
+    ("steps", 0), ("lr", 0), ("prompt_lr", -1), ("lam", 0), ("injection", "prepend"), ("inject_blocks", "down"),
+    ("train", "everything"), ("prompt_size", 0), ("batch", 0), ("resolution", 18), ("ddim_steps", 1),
+])
+def test_bad_parameters_name_the_field(toyworld, name, value):
+    with pytest.raises(InvalidParameterError) as err:
+        erase(toyworld, "kpop", Concepts.build(["circle"]), {**QUICK, name: value})
+    assert err.value.field == name
+
+
+def test_host_without_a_unet_is_refused(tiny_checkpoints):
+    class TextOnly:  # an adapter that offers no denoiser
+        def __init__(self, model):
+            self.inner = model
+
+        def __getattr__(self, name):
+            if name == "denoiser":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    with pytest.raises(UnsupportedModelError, match="U-Net"):
+        erase(TextOnly(CheckpointModel(tiny_checkpoints["sd1"])), "kpop", Concepts.build(["cat"]), QUICK)
