@@ -282,6 +282,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m concept_eraser.toyworld.benchmark",
                                      description="Erasure efficacy of every method on ToyWorld (markdown table).")
     parser.add_argument("--quick", action="store_true", help="the first task only, 16 samples per prompt set")
+    parser.add_argument("--tasks", nargs="*", type=int, default=None, help="task numbers (1-4; default: all)")
     parser.add_argument("--samples", type=int, default=48, help="samples per prompt set")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -297,7 +298,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     bench = Bench(Path(args.checkpoint), judge_module.load(), 16 if args.quick else args.samples, args.seed,
                   args.steps)
-    tasks = TASKS[:1] if args.quick else TASKS
+    tasks = TASKS[:1] if args.quick else [TASKS[i - 1] for i in args.tasks] if args.tasks else TASKS
     base = bench.unerased(bench.n * 2)
     print("| un-erased model | shape | colour | background | all three |\n|---|---|---|---|---|")
     for name, scores in base.items():
