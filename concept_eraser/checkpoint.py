@@ -76,12 +76,20 @@ class CheckpointModel:
             net = ToyUNet(UNetConfig.from_dict(self.arch.extra["toyworld"]["unet"]))
             alphas, factor = toy_diffusion.ALPHA_BAR, 1
         else:
-            net = LDMUNet(config_from_shapes({n: self.reader.infos[k].shape for n, k in tensors.items()},
-                                             self.arch.family))
+            try:
+                net = LDMUNet(config_from_shapes({n: self.reader.infos[k].shape for n, k in tensors.items()},
+                                                 self.arch.family))
+            except (KeyError, ValueError, StopIteration) as exc:
+                raise UnsupportedModelError(f"{self.path.name}: its U-Net cannot be rebuilt for training "
+                                            f"(incomplete or unusual layout: {exc or 'tensors are missing'})") from None
             alphas, factor = sd_alphas_cumprod(), 8
         downsamples = sum(n.endswith(".op.weight") for n in tensors)
         size = training_size(resolution, self.arch.family, prediction, factor * 2 ** downsamples)
-        net.load_state_dict({n: self.reader.get(k) for n, k in tensors.items()})
+        try:
+            net.load_state_dict({n: self.reader.get(k) for n, k in tensors.items()})
+        except RuntimeError as exc:  # names the first missing / unexpected / mis-shaped tensors
+            raise UnsupportedModelError(f"{self.path.name}: its U-Net does not match the layout derived from it: "
+                                        f"{str(exc).splitlines()[1].strip()[:300]}") from None
         net.to(self.device, dtype).requires_grad_(False).eval()
         net.gradient_checkpointing = gradient_checkpointing
         sdxl = self.arch.family == "sdxl"

@@ -83,6 +83,12 @@ BAD_INPUTS = {
                        "does not exist"),
     "non-finite": (["erase", "{dir}/nan.safetensors", "--erase", "x"], "", "NaN or Inf"),
     "bad device": (["erase", "{sd1}", "--erase", "x", "--device", "tpu"], "device", "auto, cpu or cuda"),
+    "kpop bad choice": (["erase", "{sd1}", "--erase", "x", "--method", "kpop", "--set", "injection=prepend"],
+                        "injection", "one of concat, additive"),
+    "kpop without a full U-Net": (["erase", "{sd1}", "--erase", "x", "--method", "kpop"], "",
+                                  "U-Net cannot be rebuilt for training"),
+    "prompt from a closed-form method": (["erase", "{sd1}", "--erase", "x", "--save-prompt", "{dir}/p.safetensors"],
+                                         "--save-prompt", "learned no prompt"),
 }
 
 
@@ -104,6 +110,20 @@ def test_bad_input_gets_a_clear_message_and_leaves_nothing_behind(case, tiny_che
     assert field in err and message in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
+
+
+def test_kpop_writes_a_patch_and_its_learned_prompt(tmp_path, capsys):
+    from concept_eraser.toyworld.pipeline import CHECKPOINT
+
+    patch, prompt = tmp_path / "kpop.safetensors", tmp_path / "prompt.safetensors"
+    code, stdout, err = run(["erase", CHECKPOINT, "--method", "kpop", "--erase", "circle", "--set", "steps=2",
+                             "--set", "ddim_steps=3", "--set", "prompt_size=1", "--format", "patch", "--out", patch,
+                             "--save-prompt", prompt], capsys)
+    assert code == 0, err
+    assert "(learned prompt)" in stdout
+    code, stdout, _ = run(["inspect", prompt], capsys)
+    assert code == 0 and "kpop prompt for circle" in stdout and "re-enables" in stdout
+    assert run(["apply", CHECKPOINT, patch, "--out", tmp_path / "erased.safetensors"], capsys)[0] == 0
 
 
 def test_overwrite_replaces_an_existing_output(tiny_checkpoints, tmp_path, capsys):
