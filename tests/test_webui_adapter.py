@@ -15,6 +15,7 @@ from test_webui_support import (
     install_fake_webui,
     load_fake_a1111,
     tiny_sd1_file,
+    trainable_sd1_file,
 )
 
 from concept_eraser.checkpoint import CheckpointModel, load_patch
@@ -403,3 +404,19 @@ def test_save_patch_and_lora(a1111):
     assert lora["prompt"] == "<lora:erase-van-gogh:1>"
     names = SafetensorsReader(lora["path"]).keys()
     assert any(n.startswith("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k") for n in names)
+
+
+def test_kpop_trains_the_loaded_unet_in_place_and_restores(webui):
+    path, state = trainable_sd1_file(webui.ckpt_dir)
+    model = load_fake_a1111(webui, path, state)
+    service = Service(Host("a1111"))
+    before = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    params = {"steps": 2, "ddim_steps": 2, "prompt_size": 1, "resolution": 64, "lr": 1e-3}
+    service.erase(parse_erase({"method": "kpop", "erase": "van gogh", "params": params}))
+    after = model.model.diffusion_model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn2." in k for k in changed)  # xattn: only cross-attention was written
+    saved = service.save(SaveRequest("learned_prompt", "van-gogh-prompt", False))
+    assert SafetensorsReader(saved["path"]).metadata["concept_eraser.format"] == "learned_prompt"
+    service.restore()
+    assert all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())

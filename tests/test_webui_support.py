@@ -19,11 +19,24 @@ from types import SimpleNamespace
 
 import torch
 
+from concept_eraser.denoiser import sd_alphas_cumprod
 from concept_eraser.models.arch import detect
 from concept_eraser.models.text_encoders import build_text_model, hf_state_dict, text_transformer
 from concept_eraser.safetensors_io import write_safetensors
 from concept_eraser.tiny import tiny_state_dict
 from concept_eraser.tokenizer import clip_tokenizer
+
+
+def runnable_unet(state: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+    """The U-Net as a module that runs (float32: CPU kernels), when `state` holds a complete one."""
+    from concept_eraser.models.unet import LDMUNet, config_from_shapes
+
+    try:
+        net = LDMUNet(config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, "sd1"))
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except (KeyError, ValueError, StopIteration, RuntimeError):
+        return None
+    return net.requires_grad_(False)
 
 
 def param_tree(state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -106,7 +119,9 @@ class FakeLDM(torch.nn.Module):
         prefix = "model.diffusion_model."
         unet = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         self.model = torch.nn.Module()
-        self.model.diffusion_model = param_tree(unet)
+        self.model.diffusion_model = runnable_unet(unet) or param_tree(unet)
+        self.alphas_cumprod = sd_alphas_cumprod()
+        self.parameterization = "eps"
         arch = detect({k: tuple(v.shape) for k, v in state.items()})
         spec = arch.encoders[0]
         text = build_text_model(spec, hf_state_dict(spec, list(state), lambda k: state[k]))
@@ -269,6 +284,23 @@ def tiny_sd1_file(folder: Path, name: str = "tiny-sd1.safetensors", seed: int = 
     state = tiny_state_dict("sd1", seed=seed, dtype=torch.float16)
     path = folder / name
     write_safetensors(path, state, {"modelspec.title": "tiny"})
+    return path, state
+
+
+def trainable_sd1_file(folder: Path, name: str = "trainable-sd1.safetensors") -> tuple[Path, dict]:
+    """A tiny SD1 checkpoint with a complete (small) U-Net, which gradient methods can run."""
+    from concept_eraser.models.unet import LDMConfig, LDMUNet
+
+    state = tiny_state_dict("sd1", seed=0, dtype=torch.float16)
+    width = state["cond_stage_model.transformer.text_model.final_layer_norm.weight"].shape[0]
+    torch.manual_seed(0)
+    unet = LDMUNet(LDMConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
+                             num_res_blocks=(1, 1), transformer_depth=(1, 1), transformer_depth_middle=1,
+                             transformer_depth_output=(1, 1, 1, 1), context_dim=width, num_heads=8))
+    state = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.")}
+    state |= {"model.diffusion_model." + k: v.half() for k, v in unet.state_dict().items()}
+    path = folder / name
+    write_safetensors(path, state, {"modelspec.title": "tiny, complete U-Net"})
     return path, state
 
 
