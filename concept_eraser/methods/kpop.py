@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -125,6 +126,9 @@ class KPOP(ErasureMethod):
         make = getattr(model, "denoiser", None)
         if make is None:
             raise UnsupportedModelError("KPOP trains the U-Net, which this host adapter does not provide")
+        if concepts.preserve:
+            warnings.warn(f"KPOP keeps other concepts through its prompt, not through a list: the {len(concepts.preserve)} "
+                          "preserved concept(s) were not used")
         progress(0, values["steps"], "KPOP: preparing")
         denoiser: Denoiser = make(resolution=values["resolution"] or None,
                                   gradient_checkpointing=values["gradient_checkpointing"])
@@ -144,7 +148,7 @@ class KPOP(ErasureMethod):
         for key in keys:
             new = trainer.weights[key].detach().to(current[key].dtype)
             check_finite(key, new)
-            edits[key] = (DenseEdit(new.cpu() if model.device.type == "cpu" else new),)
+            edits[key] = (DenseEdit(new.to(model.device)),)
         prompt = trainer.prompt
         peak = torch.cuda.max_memory_allocated(denoiser.device) if denoiser.device.type == "cuda" else None
         summary = {
