@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import re
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from concept_eraser.params import resolve  # noqa: E402
 from concept_eraser.safetensors_io import write_safetensors  # noqa: E402
 from concept_eraser.tiny import tiny_state_dict  # noqa: E402
 
-from bench_uce import measure_peak  # noqa: E402
+from bench_uce import measure_peak, setup_device  # noqa: E402
 
 FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}
 KEEP_UNET = re.compile(r"^model\.diffusion_model\.(input_blocks\.0\.0\.weight|label_emb\..*|.*attn2\.to_[kv]\.weight)$")
@@ -88,13 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="sd15,sdxl", help="comma list of sd15, sdxl")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device, hardware = setup_device(p, args)
     print(f"ErasePro benchmark — torch {torch.__version__}, {device} ({hardware}); "
           f"{'tiny (--quick)' if args.quick else 'real-size'} text encoders, fp16 checkpoint, "
           "feature dtype float32, solve dtype float64")

@@ -24,7 +24,6 @@ torch.cuda.max_memory_allocated), by `bench_uce.measure_peak`.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from concept_eraser.params import resolve  # noqa: E402
 from concept_eraser.toyworld.benchmark import KPOP_SETTINGS  # noqa: E402
 from concept_eraser.toyworld.pipeline import CHECKPOINT  # noqa: E402
 
-from bench_uce import measure_peak  # noqa: E402
+from bench_uce import measure_peak, setup_device  # noqa: E402
 
 SD15 = LDMConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
                  num_res_blocks=(2, 2, 2, 2), transformer_depth=(1, 1, 1, 1, 1, 1, 0, 0),
@@ -134,13 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="ToyWorld only, 5 steps")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device, hardware = setup_device(p, args)
     print(f"KPOP benchmark — torch {torch.__version__}, {device} ({hardware})\n")
     bench_toyworld(5 if args.quick else args.toyworld_steps)
     if args.quick:

@@ -184,6 +184,18 @@ def truth_matrices(weights, keys, concepts, preserve, scale_p, device):
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------
 
+def setup_device(parser, args) -> tuple[torch.device, str]:
+    """The benchmark's device from `--device` / `--threads`, and a line describing the hardware."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return device, hardware
+
+
 def make_sync(device: torch.device):
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
