@@ -70,11 +70,10 @@ class ShapedModel:
         self.text_encoder = RandomText()
 
 
-def sd15_denoiser(device: torch.device, resolution: int, checkpointing: bool) -> ModuleDenoiser:
+def sd15_denoiser(device: torch.device, resolution: int) -> ModuleDenoiser:
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     net = LDMUNet(SD15).to(device, dtype).requires_grad_(False).eval()
-    net.gradient_checkpointing = checkpointing
     return ModuleDenoiser(net, UNET_PREFIX, lambda x, t, c, p: ((x, t, c), {}), device=device, dtype=dtype,
                           latent_shape=(4, resolution // 8, resolution // 8), alphas_cumprod=sd_alphas_cumprod())
 
@@ -90,13 +89,11 @@ def bench_toyworld(steps: int) -> None:
           f"parameters; peak +{peak / 2 ** 20:.0f} MiB")
 
 
-def bench_sd15(device: torch.device, steps: int, resolution: int, ddim_steps: int, train: str,
-               checkpointing: bool) -> dict:
-    denoiser = sd15_denoiser(device, resolution, checkpointing)
+def bench_sd15(device: torch.device, steps: int, resolution: int, ddim_steps: int, train: str) -> dict:
+    denoiser = sd15_denoiser(device, resolution)
     model = ShapedModel(denoiser)
     method = get_method("kpop")
-    values = resolve(method.params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
-                                     "gradient_checkpointing": checkpointing}, "kpop")
+    values = resolve(method.params, {"steps": steps, "ddim_steps": ddim_steps, "train": train}, "kpop")
     keys = trainable_keys(list(denoiser.parameters()), train)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timings = {"sampling": 0.0, "update": 0.0, "forwards": 0}
@@ -117,8 +114,7 @@ def bench_sd15(device: torch.device, steps: int, resolution: int, ddim_steps: in
         return trainer
 
     peak, _, seconds, _ = measure_peak(run, device)
-    return {"train": train, "checkpointing": checkpointing, "trained": sum(denoiser.parameters()[k].numel()
-                                                                           for k in keys),
+    return {"train": train, "trained": sum(denoiser.parameters()[k].numel() for k in keys),
             "sampling": timings["sampling"] / steps, "update": timings["update"] / steps,
             "step": seconds / steps, "peak": peak}
 
@@ -143,11 +139,11 @@ def main(argv=None) -> int:
     ddim = args.ddim_steps or (50 if cuda else 4)
     print(f"\nSD1.5-shaped U-Net ({'fp16' if cuda else 'fp32'}, random weights), {args.resolution}², batch 1, "
           f"prompt k = 10 (770 tokens) in the middle block, {steps} steps, z_t from {ddim}-step DDIM:")
-    print(f"  {'train':8s} {'ckpt':5s} {'trained':>12s} {'z_t s/step':>11s} {'update s':>9s} {'step s':>8s} "
+    print(f"  {'train':8s} {'trained':>12s} {'z_t s/step':>11s} {'update s':>9s} {'step s':>8s} "
           f"{'peak GiB':>9s}")
-    for train, checkpointing in (("xattn", False), ("xattn", True), ("noxattn", True)):
-        r = bench_sd15(device, steps, args.resolution, ddim, train, checkpointing)
-        print(f"  {r['train']:8s} {str(r['checkpointing']):5s} {r['trained']:12,d} {r['sampling']:11.2f} "
+    for train in ("kv", "xattn", "noxattn"):
+        r = bench_sd15(device, steps, args.resolution, ddim, train)
+        print(f"  {r['train']:8s} {r['trained']:12,d} {r['sampling']:11.2f} "
               f"{r['update']:9.2f} {r['step']:8.2f} {r['peak'] / 2 ** 30:9.2f}", flush=True)
     print("  z_t: the frozen model's sampling (grows with ddim_steps: ~ddim_steps/2 guided passes per step); "
           "update: the transfer and removal steps; peak: above the process's memory before the run "

@@ -60,7 +60,7 @@ class CheckpointModel:
     def prior_steps(self) -> tuple[dict, ...]:
         return tuple(read_metadata_json(self.reader.metadata, META_PREFIX + "steps", []))
 
-    def denoiser(self, resolution: int | None = None, gradient_checkpointing: bool = False) -> ModuleDenoiser:
+    def denoiser(self, resolution: int | None = None) -> ModuleDenoiser:
         """The file's U-Net rebuilt from its own weights (`models.unet`), for gradient methods: float32 on
         the CPU, float16 on CUDA; latents of `resolution` pixels (default: the model's native size)."""
         from .models.unet import LDMUNet, config_from_shapes, sdxl_vector
@@ -91,7 +91,6 @@ class CheckpointModel:
             raise UnsupportedModelError(f"{self.path.name}: its U-Net does not match the layout derived from it: "
                                         f"{str(exc).splitlines()[1].strip()[:300]}") from None
         net.to(self.device, dtype).requires_grad_(False).eval()
-        net.gradient_checkpointing = gradient_checkpointing
         sdxl = self.arch.family == "sdxl"
 
         def inputs(x, t, context, pooled):

@@ -181,7 +181,7 @@ class A1111Model:
         engines = [A1111Engine(w, self._devices.device, self._devices.autocast) for w in wrappers]
         encoder = HostTextEncoder(engines, [e.pooled for e in arch.encoders])
         return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps,
-                          lambda resolution, _checkpointing: self.denoiser(arch, resolution))
+                          lambda resolution: self.denoiser(arch, resolution))
 
     def denoiser(self, arch: ArchSpec, resolution: int | None) -> ModuleDenoiser:
         """The loaded LDM/SGM U-Net (`sd_model.model.diffusion_model`) on the host's device and dtype; A1111 keeps
@@ -302,7 +302,7 @@ class ForgeModel:
 
         encoder = HostTextEncoder([ForgeEngine(e, load) for e in engines], [e.pooled for e in arch.encoders])
         return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps,
-                          lambda resolution, _checkpointing: self.denoiser(arch, resolution))
+                          lambda resolution: self.denoiser(arch, resolution))
 
     def denoiser(self, arch: ArchSpec, resolution: int | None) -> ModuleDenoiser:
         """Forge's U-Net (the original patcher's `diffusion_model`), loaded by Forge's memory manager; its

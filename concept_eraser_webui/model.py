@@ -100,7 +100,7 @@ class WebUIModel:
     """`EditableModel` over the live tensors of the loaded model; reads only (the session writes)."""
 
     def __init__(self, tensors: LiveTensors, arch: ArchSpec, text_encoder: HostTextEncoder, source: dict,
-                 prior_steps: Sequence[dict] = (), unet: Callable[[int | None, bool], Denoiser] | None = None):
+                 prior_steps: Sequence[dict] = (), unet: Callable[[int | None], Denoiser] | None = None):
         self.tensors = tensors
         self._unet = unet
         self.arch = arch
@@ -127,8 +127,8 @@ class WebUIModel:
     def prior_steps(self) -> tuple[dict, ...]:
         return self._prior
 
-    def denoiser(self, resolution: int | None = None, gradient_checkpointing: bool = False) -> Denoiser:
+    def denoiser(self, resolution: int | None = None) -> Denoiser:
         """The loaded U-Net for gradient methods (KPOP), as the host provides it (`host.py`)."""
         if self._unet is None:
             raise UnsupportedModelError("this WebUI's U-Net cannot be trained by Concept Eraser")
-        return self._unet(resolution, gradient_checkpointing)
+        return self._unet(resolution)

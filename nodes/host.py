@@ -229,11 +229,10 @@ class ComfyModel:
             return (shapes[0][1], shapes[0][0])
         return (sum(s[0] for s in shapes), *shapes[0][1:])
 
-    def denoiser(self, resolution: int | None = None, gradient_checkpointing: bool = False) -> ModuleDenoiser:
+    def denoiser(self, resolution: int | None = None) -> ModuleDenoiser:
         """The host's own U-Net for gradient methods: ComfyUI loads it (with this MODEL's pending patches, e.g.
         earlier erase nodes) onto its device and manages the memory; the solver runs it with its trainable
-        tensors swapped in per call, so the shared module is never written. ComfyUI's U-Net has no activation
-        checkpointing: `gradient_checkpointing` is not available here (train a smaller set instead)."""
+        tensors swapped in per call, so the shared module is never written."""
         import comfy.model_base
         import comfy.model_management
 

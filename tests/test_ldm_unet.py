@@ -2,8 +2,7 @@
 
 What is checked: the config derived from a ComfyUI U-Net's state-dict shapes is the one it was built with; that
 state dict loads strictly and the noise prediction matches ComfyUI's (float32, relative error ≤ 1e-5, odd latent
-sizes included), while halving the heads visibly does not; gradient checkpointing recomputes the blocks and gives
-the same output and parameter gradients; `sdxl_vector` equals ComfyUI's SDXL.encode_adm; the shipped ToyWorld
+sizes included), while halving the heads visibly does not; `sdxl_vector` equals ComfyUI's SDXL.encode_adm; the shipped ToyWorld
 weights are an LDMUNet configuration read from their shapes.
 """
 
@@ -112,30 +111,6 @@ def test_matches_comfyui(comfy, family):
         wrong = LDMUNet(fewer).eval()
         wrong.load_state_dict(state, strict=True)
         assert rel_error(wrong(**args), expected) > 1e-3
-
-
-def test_gradient_checkpointing():
-    """Same output and parameter gradients; the blocks really run again in the backward pass."""
-    gen = torch.Generator().manual_seed(1)
-    unet = LDMUNet(LDMConfig(**CONFIGS["sdxl"]))
-    randomize(unet, gen)
-    args = inputs("sdxl", gen)
-    calls = []
-    unet.input_blocks[4][1].transformer_blocks[0].attn2.to_k.register_forward_hook(lambda *_: calls.append(1))
-    results = []
-    for enabled in (False, True):
-        unet.gradient_checkpointing = enabled
-        unet.zero_grad()
-        calls.clear()
-        out = unet(**args)
-        out.square().mean().backward()
-        results.append((out.detach(), {k: p.grad.clone() for k, p in unet.named_parameters()}, len(calls)))
-    (out, grads, calls_plain), (out_ckpt, grads_ckpt, calls_ckpt) = results
-    assert (calls_plain, calls_ckpt) == (1, 2)
-    assert torch.equal(out, out_ckpt)
-    assert grads.keys() == grads_ckpt.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
 @pytest.mark.host

@@ -69,8 +69,6 @@ KPOP_PARAMS = (
           max=2 ** 31 - 1),
     Param("resolution", int, 0, "image size in pixels of the training latents; 0 = the model's native size",
           min=0, max=4096, step=64),
-    Param("gradient_checkpointing", bool, False,
-          "recompute activations in the backward pass: less memory, ~30 % slower (where the host supports it)"),
 )
 
 
@@ -130,8 +128,7 @@ class KPOP(ErasureMethod):
             warnings.warn(f"KPOP keeps other concepts through its prompt, not through a list: the {len(concepts.preserve)} "
                           "preserved concept(s) were not used")
         progress(0, values["steps"], "KPOP: preparing")
-        denoiser: Denoiser = make(resolution=values["resolution"] or None,
-                                  gradient_checkpointing=values["gradient_checkpointing"])
+        denoiser: Denoiser = make(resolution=values["resolution"] or None)
         current = denoiser.parameters()
         keys = trainable_keys(list(current), values["train"])
         if not keys:

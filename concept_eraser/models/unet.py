@@ -22,7 +22,6 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 # What the shapes cannot tell: the attention heads (and ToyWorld's GroupNorm size) per family.
 FAMILY_DEFAULTS: dict[str, dict] = {
@@ -295,13 +294,11 @@ class Block(nn.Sequential):
 
 class LDMUNet(nn.Module):
     """ε/v-prediction U-Net: forward(x [b, c, h, w], timesteps [b] in [0, 1000), context [b, tokens, context_dim],
-    y [b, adm_in_channels] for SDXL). Set `gradient_checkpointing` to recompute each block's activations in the
-    backward pass instead of keeping them."""
+    y [b, adm_in_channels] for SDXL)."""
 
     def __init__(self, cfg: LDMConfig):
         super().__init__()
         self.config = cfg
-        self.gradient_checkpointing = False
         groups, ch = cfg.norm_groups, cfg.model_channels
         emb = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -341,11 +338,6 @@ class LDMUNet(nn.Module):
                 self.output_blocks.append(Block(*layers))
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def _run(self, block: Block, *args) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         if (y is None) != (self.label_emb is None):
@@ -355,11 +347,11 @@ class LDMUNet(nn.Module):
             emb = emb + self.label_emb(y)
         hs = []
         for block in self.input_blocks:
-            x = self._run(block, x, emb, context)
+            x = block(x, emb, context)
             hs.append(x)
         if self.middle_block is not None:
-            x = self._run(self.middle_block, x, emb, context)
+            x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
             x = torch.cat([x, hs.pop()], dim=1)
-            x = self._run(block, x, emb, context, tuple(hs[-1].shape[2:]) if hs else None)
+            x = block(x, emb, context, tuple(hs[-1].shape[2:]) if hs else None)
         return self.out(x)
