@@ -7,7 +7,7 @@ Host-agnostic solver (torch only). Hosts and the command line call `erase` with 
 __version__ = "0.1.0"
 
 from .api import ErasureResult, erase
-from .checkpoint import CheckpointModel, load_patch, save_checkpoint, save_lora, save_patch
+from .checkpoint import CheckpointModel, load_patch, save_artifacts, save_checkpoint, save_lora, save_patch
 from .concepts import TOKEN_POLICIES, Concepts
 from .errors import (Cancelled, ConvergenceWarning, EraserError, InvalidParameterError, NonFiniteResultError,
                      UnsafeFileError, UnsupportedModelError)
@@ -17,5 +17,6 @@ from .patch import DenseEdit, ErasurePatch, LowRankEdit, SparseEdit
 __all__ = [
     "CheckpointModel", "Cancelled", "Concepts", "ConvergenceWarning", "DenseEdit", "EraserError", "ErasurePatch", "ErasureResult",
     "InvalidParameterError", "LowRankEdit", "METHODS", "NonFiniteResultError", "SparseEdit", "TOKEN_POLICIES", "UnsafeFileError",
-    "UnsupportedModelError", "erase", "get_method", "load_patch", "save_checkpoint", "save_lora", "save_patch",
+    "UnsupportedModelError", "erase", "get_method", "load_patch", "save_artifacts", "save_checkpoint", "save_lora",
+    "save_patch",
 ]
