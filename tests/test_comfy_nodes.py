@@ -382,7 +382,7 @@ def test_checkpoint_unet_predicts_as_comfyui(host, sd15):
     t = torch.tensor([999, 321])
     expected = theirs.eps(z, t, context)
     got = ours.eps(z, t, context)
-    assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()  # measured 1.7e-6 (both float32 on a CPU)
     assert (expected[0] - expected[1]).abs().max() > 0.1 * expected.abs().max()  # would catch mixed-up inputs
 
 
