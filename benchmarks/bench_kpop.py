@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from concept_eraser import CheckpointModel, Concepts, erase  # noqa: E402
-from concept_eraser.denoiser import ModuleDenoiser, sd_alphas_cumprod  # noqa: E402
+from concept_eraser.denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod  # noqa: E402
 from concept_eraser.editable import no_progress  # noqa: E402
 from concept_eraser.encoding import EncodedPrompts  # noqa: E402
 from concept_eraser.methods import get_method  # noqa: E402
@@ -74,7 +74,7 @@ def sd15_denoiser(device: torch.device, resolution: int) -> ModuleDenoiser:
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     net = LDMUNet(SD15).to(device, dtype).requires_grad_(False).eval()
-    return ModuleDenoiser(net, UNET_PREFIX, lambda x, t, c, p: ((x, t, c), {}), device=device, dtype=dtype,
+    return ModuleDenoiser(net, UNET_PREFIX, ldm_inputs("sd1", resolution), device=device, dtype=dtype,
                           latent_shape=(4, resolution // 8, resolution // 8), alphas_cumprod=sd_alphas_cumprod())
 
 

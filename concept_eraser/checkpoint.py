@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from .denoiser import ModuleDenoiser, sd_alphas_cumprod, training_size
+from .denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod, training_size
 from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
 from .models.arch import ArchSpec, UNET_PREFIX, detect
@@ -63,7 +63,7 @@ class CheckpointModel:
     def denoiser(self, resolution: int | None = None) -> ModuleDenoiser:
         """The file's U-Net rebuilt from its own weights (`models.unet`), for gradient methods: float32 on
         the CPU, float16 on CUDA; latents of `resolution` pixels (default: the model's native size)."""
-        from .models.unet import LDMUNet, config_from_shapes, sdxl_vector
+        from .models.unet import LDMUNet, config_from_shapes
         from .toyworld import diffusion as toy_diffusion
         from .toyworld.unet import ToyUNet, UNetConfig
 
@@ -95,13 +95,8 @@ class CheckpointModel:
             raise UnsupportedModelError(f"{self.path.name}: its U-Net does not match the layout derived from it: "
                                         f"{detail[:300]}") from None
         net.requires_grad_(False).eval()
-        sdxl = self.arch.family == "sdxl"
-
-        def inputs(x, t, context, pooled):
-            return (x, t, context), ({"y": sdxl_vector(pooled, size, size).to(x)} if sdxl else {})
-
         channels = self.reader.infos[UNET_PREFIX + "out.2.weight"].shape[0]
-        return ModuleDenoiser(net, UNET_PREFIX, inputs, device=self.device, dtype=dtype,
+        return ModuleDenoiser(net, UNET_PREFIX, ldm_inputs(self.arch.family, size), device=self.device, dtype=dtype,
                               latent_shape=(channels, size // factor, size // factor), alphas_cumprod=alphas,
                               prediction=prediction)
 

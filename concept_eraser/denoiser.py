@@ -21,6 +21,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from .errors import InvalidParameterError, UnsupportedModelError
+from .models.unet import sdxl_vector
 
 INJECTION_MODES = ("concat", "additive")
 T_TRAIN = 1000  # DDPM steps of every supported model
@@ -30,6 +31,11 @@ def sd_alphas_cumprod(steps: int = T_TRAIN) -> torch.Tensor:
     """ᾱ_t of Stable Diffusion 1.x / 2.x / XL: "scaled linear" β from 0.00085 to 0.012."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
+
+
+def alphas_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t from a k-diffusion style σ_t schedule (ComfyUI's, Forge's): ᾱ = 1 / (σ² + 1)."""
+    return 1 / (sigmas.detach().float().cpu() ** 2 + 1)
 
 
 def training_size(resolution: int | None, family: str, prediction: str, multiple: int = 64) -> int:
@@ -70,14 +76,25 @@ class Denoiser(Protocol):
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
             weights: Mapping[str, torch.Tensor] | None = None, prompt: PromptInjection | None = None,
             pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Noise prediction (float32, or float64 for a float64 model) for latents `z_t` at integer timesteps `t` [b] given text features
-        `context` [b, tokens, d] (and SDXL's pooled embedding); `weights` (checkpoint key → tensor) replace
-        the model's for this call, gradients flowing to them and to `prompt`."""
+        """Noise prediction (float32, or float64 for a float64 model) for latents `z_t` at integer timesteps
+        `t` [b] given text features `context` [b, tokens, d] (and SDXL's pooled embedding); `weights`
+        (checkpoint key → tensor) replace the model's for this call, gradients flowing to them and to `prompt`."""
         ...
 
 
 # The host's call of its module: (x, t, context, pooled) → (args, kwargs) for module.forward.
 Inputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[tuple, dict]]
+
+
+def ldm_inputs(family: str, size: int, **host_kwargs) -> Inputs:
+    """How every LDM-style U-Net is called (ours, ComfyUI's, the WebUIs'): forward(x, timesteps=, context=), plus
+    SDXL's `y` (pooled embedding and the `size`-pixel size conditioning) and whatever the host adds."""
+    def inputs(x, t, context, pooled):
+        kwargs = {"timesteps": t, "context": context, **host_kwargs}
+        if family == "sdxl":
+            kwargs["y"] = sdxl_vector(pooled, size, size).to(x)
+        return (x,), kwargs
+    return inputs
 
 
 class ModuleDenoiser:

@@ -25,10 +25,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from concept_eraser.denoiser import ModuleDenoiser, training_size
+from concept_eraser.denoiser import ModuleDenoiser, alphas_from_sigmas, ldm_inputs, training_size
 from concept_eraser.errors import Cancelled, EraserError, UnsupportedModelError
 from concept_eraser.models.arch import ArchSpec
-from concept_eraser.models.unet import sdxl_vector
 from concept_eraser.safetensors_io import read_metadata_json
 
 from .live import FORGE_TEXT_PREFIX, LiveTensors, Slot, a1111_slots, forge_settle_lora, forge_text_slots, settle_lora
@@ -197,13 +196,7 @@ def ldm_denoiser(unet, prefix: str, arch: ArchSpec, resolution: int | None, pred
                  alphas_cumprod: torch.Tensor) -> ModuleDenoiser:
     """`ModuleDenoiser` over a WebUI's LDM-style U-Net, called as the hosts call it (SDXL: with `y`)."""
     size = training_size(resolution, arch.family, prediction)
-    sdxl = arch.family == "sdxl"
-
-    def inputs(x, t, context, pooled):
-        return (x,), {"timesteps": t, "context": context, **({"y": sdxl_vector(pooled, size, size).to(x)} if sdxl
-                                                             else {})}
-
-    return ModuleDenoiser(unet, prefix, inputs, device=torch.device(device), dtype=dtype,
+    return ModuleDenoiser(unet, prefix, ldm_inputs(arch.family, size), device=torch.device(device), dtype=dtype,
                           latent_shape=(4, size // 8, size // 8), alphas_cumprod=alphas_cumprod,
                           prediction=prediction)
 
@@ -314,9 +307,9 @@ class ForgeModel:
         predictor = model.predictor
         prediction = "v" if "v" in str(getattr(predictor, "prediction_type", "eps")).lower() else "eps"
         unet = model.diffusion_model
-        sigmas = predictor.sigmas.detach().float().cpu()
         return ldm_denoiser(unet, "model.diffusion_model.", arch, resolution, prediction,
-                            self.unet_patcher.load_device, next(unet.parameters()).dtype, 1 / (sigmas ** 2 + 1))
+                            self.unet_patcher.load_device, next(unet.parameters()).dtype,
+                            alphas_from_sigmas(predictor.sigmas))
 
 
 # ---- the host ---------------------------------------------------------------------------------------

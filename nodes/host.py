@@ -21,12 +21,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..concept_eraser.denoiser import ModuleDenoiser, training_size
+from ..concept_eraser.denoiser import ModuleDenoiser, alphas_from_sigmas, ldm_inputs, training_size
 from ..concept_eraser.encoding import EncodedPrompts
 from ..concept_eraser.errors import InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import UNET_PREFIX, ArchSpec, detect
 from ..concept_eraser.models.text_encoders import hf_state_dict
-from ..concept_eraser.models.unet import sdxl_vector
 from ..concept_eraser.patch import ErasurePatch, LowRankEdit, check_finite
 
 log = logging.getLogger("concept_eraser")
@@ -243,19 +242,12 @@ class ComfyModel:
         comfy.model_management.load_models_gpu([self.patcher])
         device = self.patcher.load_device
         dtype = base.manual_cast_dtype or base.get_dtype()
-        sigmas = base.model_sampling.sigmas.detach().float().cpu()
         size = training_size(resolution, self.arch.family, kinds[base.model_type])
-        sdxl = self.arch.family == "sdxl"
-
-        def inputs(x, t, context, pooled):
-            kwargs = {"timesteps": t, "context": context, "transformer_options": {}}
-            if sdxl:
-                kwargs["y"] = sdxl_vector(pooled, size, size).to(x)
-            return (x,), kwargs
-
+        inputs = ldm_inputs(self.arch.family, size, transformer_options={})
         return ModuleDenoiser(base.diffusion_model, UNET_PREFIX, inputs, device=device, dtype=dtype,
                               latent_shape=(base.latent_format.latent_channels, size // 8, size // 8),
-                              alphas_cumprod=1 / (sigmas ** 2 + 1), prediction=kinds[base.model_type])
+                              alphas_cumprod=alphas_from_sigmas(base.model_sampling.sigmas),
+                              prediction=kinds[base.model_type])
 
     # ---- host weights --------------------------------------------------------------------------
     def effective_float(self, key: str) -> torch.Tensor:

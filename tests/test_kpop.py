@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from concept_eraser import CheckpointModel, Concepts, InvalidParameterError, UnsupportedModelError, erase
-from concept_eraser.denoiser import ModuleDenoiser, PromptInjection, injection_keys, partial_ddim
+from concept_eraser.denoiser import ModuleDenoiser, PromptInjection, injection_keys, ldm_inputs, partial_ddim
 from concept_eraser.methods.kpop import TrainBatch, removal_loss, trainable_keys, transfer_loss
 from concept_eraser.models.arch import UNET_PREFIX
 from concept_eraser.toyworld.pipeline import CHECKPOINT
@@ -31,11 +31,10 @@ def toyworld():
 
 def float64_denoiser(model: CheckpointModel) -> ModuleDenoiser:
     """ToyWorld's U-Net in float64, for finite differences."""
-    net = model.denoiser().module
-    net = copy.deepcopy(net).double()
-    return ModuleDenoiser(net, UNET_PREFIX, lambda x, t, c, p: ((x, t, c), {}), device=torch.device("cpu"),
-                          dtype=torch.float64, latent_shape=(3, 16, 16),
-                          alphas_cumprod=model.denoiser().alphas_cumprod)
+    plain = model.denoiser()
+    return ModuleDenoiser(copy.deepcopy(plain.module).double(), UNET_PREFIX, ldm_inputs("toyworld", 16),
+                          device=torch.device("cpu"), dtype=torch.float64, latent_shape=plain.latent_shape,
+                          alphas_cumprod=plain.alphas_cumprod)
 
 
 def test_loss_gradients_match_finite_differences(toyworld, rng):

@@ -10,7 +10,7 @@ with ε* = ε_θ(c_n) − η_n (ε_θ(c_e) − ε_θ(c_n)): the paper's Eq. 7 ha
 named "ng 1" (ESD's negative-guidance target), our default. c_e is a concept to erase, c_n its guide
 (the neutral prompt, "" by default), z_t the frozen model's partial DDIM sampling with c_e at guidance 3
 (as ESD), t its timestep. The released model is only θ' (a dense patch of the trained tensors); the
-prompt is dropped, but kept in the result since it re-enables the concept (`save_learned_prompt`).
+prompt is dropped, but kept in the result since it re-enables the concept (`checkpoint.save_artifacts`).
 
 Choices where the paper is vague: the prompt has k × (text window) tokens (the paper's m_p = k·m_c;
 additive: one window), separate tensors for K and V (the authors' code), initialised as Gaussian noise
