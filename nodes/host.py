@@ -238,7 +238,8 @@ class ComfyModel:
         base = self.patcher.model
         kinds = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
         if base.model_type not in kinds:
-            raise UnsupportedModelError(f"gradient methods need an ε- or v-prediction model, not {base.model_type.name}")
+            raise UnsupportedModelError(
+                f"gradient methods need an ε- or v-prediction model, not {base.model_type.name}")
         comfy.model_management.load_models_gpu([self.patcher])
         device = self.patcher.load_device
         dtype = base.manual_cast_dtype or base.get_dtype()

@@ -51,8 +51,10 @@ def test_loss_gradients_match_finite_differences(toyworld, rng):
                .requires_grad_(True) for k in keys}
     layers = injection_keys(toyworld.arch.kv_keys, "mid")
     window, dim = features.shape[1:]
-    prompt = PromptInjection(layers, (0.5 * torch.randn(window, dim, generator=rng, dtype=torch.float64)).requires_grad_(),
-                             (0.5 * torch.randn(window, dim, generator=rng, dtype=torch.float64)).requires_grad_())
+    def random_tokens():
+        return (0.5 * torch.randn(window, dim, generator=rng, dtype=torch.float64)).requires_grad_()
+
+    prompt = PromptInjection(layers, random_tokens(), random_tokens())
 
     def directional(loss_fn, tensors):
         """⟨∇L, d⟩ by autograd and by central differences along a random direction d."""

@@ -120,13 +120,14 @@ class KPOP(ErasureMethod):
     summary = "learnable prompt + adversarial fine-tuning of the U-Net (gradient method; minutes, needs a GPU)"
     params = KPOP_PARAMS
 
-    def run(self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress) -> MethodOutput:
+    def run(self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+            progress: Progress) -> MethodOutput:
         make = getattr(model, "denoiser", None)
         if make is None:
             raise UnsupportedModelError("KPOP trains the U-Net, which this host adapter does not provide")
         if concepts.preserve:
-            warnings.warn(f"KPOP keeps other concepts through its prompt, not through a list: the {len(concepts.preserve)} "
-                          "preserved concept(s) were not used")
+            warnings.warn("KPOP keeps other concepts through its prompt, not through a list: the "
+                          f"{len(concepts.preserve)} preserved concept(s) were not used")
         progress(0, values["steps"], "KPOP: preparing")
         denoiser: Denoiser = make(resolution=values["resolution"] or None)
         current = denoiser.parameters()
@@ -188,7 +189,9 @@ class Trainer:
             window, dim = self.features.shape[1:]
             tokens = window if values["injection"] == "additive" else values["prompt_size"] * window
             scale = self.features[self.target_rows].std().item()
-            init = lambda: (torch.randn(tokens, dim, generator=self.gen) * scale).to(device).requires_grad_(True)  # noqa: E731
+            def init():
+                return (torch.randn(tokens, dim, generator=self.gen) * scale).to(device).requires_grad_(True)
+
             layers = injection_keys(model.arch.kv_keys, values["inject_blocks"])
             self.prompt = PromptInjection(layers, init(), init(), values["injection"])
             self.prompt_optimizer = torch.optim.Adam([self.prompt.k, self.prompt.v], lr=values["prompt_lr"])
