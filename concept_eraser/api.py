@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -12,7 +13,7 @@ from .concepts import Concepts
 from .editable import EditableModel, Progress, no_progress
 from .methods import get_method
 from .params import resolve
-from .patch import ErasurePatch, provenance_step
+from .patch import ErasurePatch, check_written_finite, provenance_step
 from .pooled import check_pooled, with_pooled_edit
 from .probe import brief, recoverability
 
@@ -41,8 +42,10 @@ def erase(
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
+    unnamed = ErasurePatch(model.arch.family, output.edits)
+    layers = layer_changes(model, unnamed)
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
-    probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), concepts.targets, progress=progress)
+    probe = recoverability(model, unnamed, concepts.targets, progress=progress)
     step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
@@ -53,7 +56,7 @@ def erase(
         "architecture": model.arch.family,
         "source": model.source(),
         "seconds": round(seconds, 4),
-        "layers": layer_changes(model, patch),
+        "layers": layers,
         "probe": probe,
         **output.details,
     }
@@ -61,14 +64,25 @@ def erase(
 
 
 def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:
-    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ and the edit's form."""
-    out = {}
+    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ and the edit's form. Refuses a result that is not
+    finite in the model's own dtype (what any host writes or patches in) and warns when the erasure is a no-op
+    or leaves matrices all zero."""
+    out, zeroed = {}, []
     for key, stages in patch.edits.items():
         original = model.weight(key)
         new = patch.apply_to(key, original)
-        base = original.float().norm().item()
+        check_written_finite(key, new)
+        new, original = new.float(), original.float()
+        base = original.norm().item()
         out[key] = {
-            "relative_change": (new.float() - original.float()).norm().item() / base if base else 0.0,
+            "relative_change": (new - original).norm().item() / base if base else 0.0,
             "form": "+".join(s.kind for s in stages),
         }
+        if base and not new.any():
+            zeroed.append(key)
+    if out and not any(v["relative_change"] for v in out.values()):
+        warnings.warn("the erasure changed no weight: every edited matrix is exactly as before", stacklevel=3)
+    if zeroed:
+        warnings.warn(f"{len(zeroed)} of the {len(out)} edited matrices are now all zero, so those layers ignore "
+                      "every prompt (SPACE: lower mu)", stacklevel=3)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -14,7 +15,7 @@ from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
 from .models.arch import ArchSpec, UNET_PREFIX, detect
 from .models.text_encoders import hf_state_dict
-from .patch import EDIT_KINDS, ErasurePatch
+from .patch import ErasurePatch, check_written_finite, edit_from_parts
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
 
 FORMATS = ("checkpoint", "patch", "lora")
@@ -58,7 +59,7 @@ class CheckpointModel:
         return {"name": self.path.name, "sha256": self.reader.sha256()}
 
     def prior_steps(self) -> tuple[dict, ...]:
-        return tuple(read_metadata_json(self.reader.metadata, META_PREFIX + "steps", []))
+        return read_steps(self.reader.metadata, "model")
 
     def denoiser(self, resolution: int | None = None) -> ModuleDenoiser:
         """The file's U-Net rebuilt from its own weights (`models.unet`), for gradient methods: float32 on
@@ -111,6 +112,38 @@ def is_v_prediction(reader: SafetensorsReader, arch: ArchSpec) -> bool:
         unbiased=False).item() > 0.09
 
 
+STEP_FIELDS = {"method": str, "params": dict, "concepts": dict, "source": dict, "results": dict, "created": str,
+               "library": str, "architecture": str, "applied": dict}
+
+
+def read_steps(metadata: Mapping[str, str], field: str = "model") -> tuple[dict, ...]:
+    """The erasures recorded in a file's metadata, checked (inspect and the hosts read their fields)."""
+    steps = read_metadata_json(metadata, META_PREFIX + "steps", [], field)
+    for n, step in enumerate(steps, 1):
+        problem = step_problem(step)
+        if problem:
+            raise InvalidParameterError(field, f"erasure {n} of its metadata {META_PREFIX}steps {problem}; was the "
+                                        "file edited by hand?")
+    return tuple(steps)
+
+
+def step_problem(step) -> str | None:
+    if not isinstance(step, dict):
+        return "is not a JSON object"
+    for name, kind in STEP_FIELDS.items():
+        if name in step and not isinstance(step[name], kind):
+            return f"has a {name} that is not a JSON {'text' if kind is str else 'object'}"
+    for name, texts in step.get("concepts", {}).items():
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return f"has concepts.{name} that is not a list of texts"
+    probe = step.get("results", {}).get("probe", {})
+    if not isinstance(probe, dict) or not all(
+            isinstance(f, dict) and all(isinstance(f.get(k), (int, float)) for k in ("residual", "cosine"))
+            for f in probe.values()):
+        return "has a results.probe that is not {target: {residual, cosine}}"
+    return None
+
+
 def provenance_metadata(patch: ErasurePatch, file_format: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     from . import __version__
 
@@ -126,9 +159,11 @@ def provenance_metadata(patch: ErasurePatch, file_format: str, base: Mapping[str
     return meta
 
 
-def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite: bool = False, extra_meta=None) -> Path:
+def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite: bool = False, extra_meta=None,
+                    field: str = "out") -> Path:
     """The whole checkpoint with the patch applied: same keys, order and dtypes; untouched tensors
-    are copied bit for bit, one tensor in memory at a time."""
+    are copied bit for bit, one tensor in memory at a time. Every edited tensor is checked finite as
+    written (in the model's dtype), so an overflowing or NaN patch fails and leaves nothing."""
     reader = model.reader
     missing = [k for k in patch.edits if k not in reader]
     if missing:
@@ -143,16 +178,27 @@ def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite:
     steps = model.prior_steps() + patch.steps
     full = ErasurePatch(patch.architecture, patch.edits, steps)
     meta = provenance_metadata(full, "checkpoint", reader.metadata)
-    meta[META_PREFIX + "source_sha256"] = patch.steps[-1]["source"].get("sha256", "") if patch.steps else ""
-    title = reader.metadata.get("modelspec.title", model.path.stem)
+    meta[META_PREFIX + "source_sha256"] = reader.sha256()  # the file these tensors were copied from
+    title = ERASED_SUFFIX.sub("", reader.metadata.get("modelspec.title", model.path.stem))
     meta["modelspec.title"] = f"{title} (erased: {meta[META_PREFIX + 'erased']})"
     if model.arch.modelspec_architecture and "modelspec.architecture" not in meta:
         meta["modelspec.architecture"] = model.arch.modelspec_architecture
     meta.update(extra_meta or {})
-    return write_safetensors(out, [(k, source(k)) for k in reader.keys()], meta, overwrite)
+    return write_safetensors(out, [(k, source(k)) for k in reader.keys()], meta, overwrite, field,
+                             check=lambda key, tensor: key in patch.edits and check_written_finite(key, tensor))
 
 
-def save_patch(patch: ErasurePatch, out, overwrite: bool = False) -> Path:
+ERASED_SUFFIX = re.compile(r"( \(erased: [^()]*\))+$")  # what save_checkpoint appends to the title, once
+
+
+def check_tensors_finite(tensors) -> None:
+    """Patch and LoRA factors are written in float32 as they are: refuse NaN or Inf among them."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point():
+            check_written_finite(name, tensor)
+
+
+def save_patch(patch: ErasurePatch, out, overwrite: bool = False, field: str = "out") -> Path:
     """Only the changed tensors: ``{stage}.{part}::{key}`` entries plus a JSON index in the metadata."""
     tensors, index = [], {}
     for key, stages in patch.edits.items():
@@ -161,32 +207,36 @@ def save_patch(patch: ErasurePatch, out, overwrite: bool = False) -> Path:
             tensors += [(f"{i}.{part}::{key}", t.detach().cpu().contiguous()) for part, t in stage.tensors().items()]
     meta = provenance_metadata(patch, "patch")
     meta[META_PREFIX + "edits"] = json.dumps(index)
-    return write_safetensors(out, tensors, meta, overwrite)
+    check_tensors_finite(tensors)
+    return write_safetensors(out, tensors, meta, overwrite, field)
 
 
-def load_patch(path) -> ErasurePatch:
-    reader = SafetensorsReader(path)
+def load_patch(path, field: str = "patch") -> ErasurePatch:
+    """A patch file, checked: its index, every stage's tensors (shapes, dtypes, finite) and its provenance."""
+    reader = SafetensorsReader(path, field)
     meta = reader.metadata
     if meta.get(META_PREFIX + "format") != "patch":
-        raise InvalidParameterError("patch", f"{reader.path.name} is not a Concept Eraser patch file")
-    index = read_metadata_json(meta, META_PREFIX + "edits", None)
-    if not isinstance(index, dict):
-        raise InvalidParameterError("patch", f"{reader.path.name} has no readable edit index")
+        raise InvalidParameterError(field, f"{reader.path.name} is not a Concept Eraser patch file")
+    index = read_metadata_json(meta, META_PREFIX + "edits", {}, field)
     edits = {}
     for key, kinds in index.items():
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise InvalidParameterError(field, f"its edit index lists {kinds!r} for {key}, not a list of edit kinds")
         stages = []
         for i, kind in enumerate(kinds):
-            cls = EDIT_KINDS.get(kind)
-            if cls is None:
-                raise InvalidParameterError("patch", f"unknown edit kind {kind!r} for {key}")
-            fields = {part: reader.get(f"{i}.{part}::{key}") for part in cls.__dataclass_fields__}
-            stages.append(cls(**fields))
+            parts = {name.split("::", 1)[0][len(f"{i}."):]: name for name in reader.keys()
+                     if name.startswith(f"{i}.") and name.split("::", 1)[-1] == key}
+            try:
+                stages.append(edit_from_parts(kind, {part: reader.get(name) for part, name in parts.items()}))
+            except ValueError as exc:
+                raise InvalidParameterError(field, f"stage {i} of {key}: {exc}") from None
         edits[key] = tuple(stages)
-    steps = tuple(read_metadata_json(meta, META_PREFIX + "steps", []))
-    return ErasurePatch(meta.get(META_PREFIX + "architecture", ""), edits, steps)
+    architecture = meta.get(META_PREFIX + "architecture", "")
+    return ErasurePatch(architecture, edits, read_steps(meta, field))
 
 
-def save_artifacts(artifacts: Mapping[str, torch.Tensor], report: Mapping, out, overwrite: bool = False) -> Path:
+def save_artifacts(artifacts: Mapping[str, torch.Tensor], report: Mapping, out, overwrite: bool = False,
+                   field: str = "out") -> Path:
     """What a method learned besides its patch (KPOP's prompt) as safetensors, with the method, concepts,
     layers it feeds and source in the metadata. Whoever has it can bring the concept back: keep it private."""
     meta = {
@@ -198,7 +248,9 @@ def save_artifacts(artifacts: Mapping[str, torch.Tensor], report: Mapping, out, 
         META_PREFIX + "layers": json.dumps(report.get("prompt_layers", [])),
         META_PREFIX + "source": json.dumps(report.get("source", {})),
     }
-    return write_safetensors(out, {k: v.detach().contiguous() for k, v in artifacts.items()}, meta, overwrite)
+    tensors = [(k, v.detach().contiguous()) for k, v in artifacts.items()]
+    check_tensors_finite(tensors)
+    return write_safetensors(out, tensors, meta, overwrite, field)
 
 
 def lora_name(key: str) -> str:
@@ -228,7 +280,8 @@ def lora_modules(key: str, up: torch.Tensor, down: torch.Tensor, arch: ArchSpec 
             for name, part in parts.items()]
 
 
-def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec | None = None) -> Path:
+def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec | None = None,
+              field: str = "out") -> Path:
     """The erasure as a standard LoRA (up/down/alpha = rank, so its scale is 1 at strength 1).
     `arch` (the model's) is needed when the erasure edited the text encoder (ErasePro)."""
     if not patch.is_low_rank():
@@ -253,7 +306,8 @@ def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec 
     if arch:
         meta["modelspec.architecture"] = f"{arch}/lora"
     meta["modelspec.title"] = "Concept Eraser: " + meta[META_PREFIX + "erased"]
-    return write_safetensors(out, tensors, meta, overwrite)
+    check_tensors_finite(tensors)
+    return write_safetensors(out, tensors, meta, overwrite, field)
 
 
 def check_patch_fits(model: CheckpointModel, patch: ErasurePatch, force: bool) -> None:

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
 from .api import erase
-from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits, load_patch, resolve_device,
-                         save_artifacts, save_checkpoint, save_lora, save_patch)
+from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits, load_patch, read_steps,
+                         resolve_device, save_artifacts, save_checkpoint, save_lora, save_patch, step_problem)
 from .concepts import Concepts
-from .errors import EraserError, InvalidParameterError
+from .errors import EraserError, InvalidParameterError, NonFiniteResultError
 from .methods import METHODS
 from .params import parse_assignments
-from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json
+from .patch import ErasurePatch
+from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json, write_json
 
 
 def _method_help() -> str:
@@ -74,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _save(model: CheckpointModel, patch, fmt: str, out: Path, overwrite: bool) -> Path:
     if fmt == "checkpoint":
-        return save_checkpoint(model, patch, out, overwrite)
+        return save_checkpoint(model, patch, out, overwrite, field="--out")
     if fmt == "patch":
-        return save_patch(patch, out, overwrite)
-    return save_lora(patch, out, overwrite, arch=model.arch)
+        return save_patch(patch, out, overwrite, field="--out")
+    return save_lora(patch, out, overwrite, arch=model.arch, field="--out")
 
 
 def _progress(done: int, total: int, message: str) -> None:
@@ -85,73 +90,111 @@ def _progress(done: int, total: int, message: str) -> None:
         print(f"\r{message}: {done}/{total}   ", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def blame(field: str, nonfinite: str | None = None):
+    """Errors that name no field (an unreadable file, an unsupported model, a non-finite result) are about
+    `field` (non-finite results: about `nonfinite`, where given)."""
+    try:
+        yield
+    except InvalidParameterError:
+        raise
+    except EraserError as exc:
+        at_fault = nonfinite if nonfinite and isinstance(exc, NonFiniteResultError) else field
+        raise InvalidParameterError(at_fault, str(exc)) from None
+
+
+def same_file(a: str, b: str) -> bool:
+    """The same file, through symbolic links, hard links or spelling (`a` or `b` may not exist yet)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct(inputs: dict[str, str], outputs: dict[str, str | None]) -> None:
+    """Refuse an output that is an input or another output, before any work (with --overwrite too)."""
+    seen = list(inputs.items())
+    for field, path in outputs.items():
+        if path is None:
+            continue
+        for other_field, other in seen:
+            if same_file(path, other):
+                what = f"the input {other_field}" if other_field in inputs else f"also given as {other_field}"
+                raise InvalidParameterError(field, f"{path} is {what}; choose another name")
+        seen.append((field, path))
+
+
 def cmd_erase(args) -> int:
     # Check everything cheap before any heavy work, so bad input fails at once and writes nothing.
+    check_distinct({"model": args.model}, {"--out": args.out, "--report": args.report,
+                                           "--save-prompt": args.save_prompt})
     out = check_writable(args.out, args.overwrite, "--out")
-    report_path = check_writable_json(args.report, args.overwrite) if args.report else None
-    prompt_path = check_writable(args.save_prompt, args.overwrite, "--save-prompt") if args.save_prompt else None
+    if args.report:
+        check_writable(args.report, args.overwrite, "--report", suffix=None)
+    if args.save_prompt:
+        check_writable(args.save_prompt, args.overwrite, "--save-prompt")
     concepts = Concepts.build(args.erase, args.guide, args.preserve)
     params = parse_assignments(args.set)
-    model = CheckpointModel(args.model, resolve_device(args.device))
+    with blame("model"):
+        model = CheckpointModel(args.model, resolve_device(args.device))
     print(f"{model.path.name}: {model.arch.describe()}")
-    result = erase(model, args.method, concepts, params, _progress)
-    if prompt_path and not result.artifacts:
+    with blame("model", nonfinite="result"):
+        result = erase(model, args.method, concepts, params, _progress)
+    if args.save_prompt and not result.artifacts:
         raise InvalidParameterError("--save-prompt", f"method {args.method} learned no prompt to save")
     start = time.perf_counter()
-    written = _save(model, result.patch, args.format, out, args.overwrite)
+    with blame("model", nonfinite="result"):
+        written = _save(model, result.patch, args.format, out, args.overwrite)
     report = dict(result.report, output={"path": str(written), "format": args.format,
                                           "bytes": written.stat().st_size,
                                           "seconds": round(time.perf_counter() - start, 3)})
     changes = [v["relative_change"] for v in report["layers"].values()]
     print(f"erased {', '.join(concepts.targets)} with {args.method} in {report['seconds']:.2f} s: "
-          f"{len(changes)} matrices changed, relative change mean {sum(changes) / len(changes):.4f}, "
+          f"{sum(c > 0 for c in changes)} matrices changed, relative change mean {sum(changes) / len(changes):.4f}, "
           f"max {max(changes):.4f}")
     print(f"wrote {written} ({args.format}, {written.stat().st_size / 1e6:.1f} MB)")
-    if prompt_path:
-        print(f"wrote {save_artifacts(result.artifacts, result.report, prompt_path, args.overwrite)} (learned prompt)")
-    if report_path:
-        report_path.write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {report_path}")
+    if args.save_prompt:
+        saved = save_artifacts(result.artifacts, result.report, args.save_prompt, args.overwrite, field="--save-prompt")
+        print(f"wrote {saved} (learned prompt)")
+    if args.report:
+        print(f"wrote {write_json(args.report, report, args.overwrite, field='--report')}")
     return 0
 
 
-def check_writable_json(path: str, overwrite: bool) -> Path:
-    path = Path(path)
-    if not path.parent.exists():
-        raise InvalidParameterError("--report", f"the folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise InvalidParameterError("--report", f"{path} already exists; choose another name or pass --overwrite")
-    return path
-
-
-def describe_file(path: str) -> dict:
-    reader = SafetensorsReader(path)
-    meta = reader.metadata
-    info: dict = {"file": reader.path.name, "bytes": reader.path.stat().st_size}
-    fmt = meta.get(META_PREFIX + "format")
-    if fmt in ("patch", "lora"):
-        info["kind"] = fmt
-        info["architecture"] = meta.get(META_PREFIX + "architecture")
-        info["tensors"] = len(reader.keys())
-        if fmt == "patch":
-            info["edits"] = read_metadata_json(meta, META_PREFIX + "edits", {})
-    elif fmt == "learned_prompt":
-        info.update(kind=fmt, method=meta.get(META_PREFIX + "method"),
-                    architecture=meta.get(META_PREFIX + "architecture"),
-                    concepts=read_metadata_json(meta, META_PREFIX + "concepts", {}),
-                    layers=read_metadata_json(meta, META_PREFIX + "layers", []),
-                    tokens={k: list(reader.infos[k].shape) for k in reader.keys()})
-    else:
-        model = CheckpointModel(path)
-        arch = model.arch
-        info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
-                    context_dim=arch.context_dim, summary=arch.describe(),
-                    cross_attention={k: list(reader.infos[k].shape) for k in arch.kv_keys},
-                    text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
-                                    "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
-                                    (", final norm" if e.final_norm else "")} for e in arch.encoders],
-                    dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.kv_keys}))
-    info["erasures"] = read_metadata_json(meta, META_PREFIX + "steps", [])
+def describe_file(path: str, field: str = "file") -> dict:
+    with blame(field):
+        reader = SafetensorsReader(path, field)
+        meta = reader.metadata
+        info: dict = {"file": reader.path.name, "bytes": reader.path.stat().st_size}
+        fmt = meta.get(META_PREFIX + "format")
+        if fmt in ("patch", "lora"):
+            info["kind"] = fmt
+            info["architecture"] = meta.get(META_PREFIX + "architecture")
+            info["tensors"] = len(reader.keys())
+            if fmt == "patch":
+                info["edits"] = read_metadata_json(meta, META_PREFIX + "edits", {}, field)
+        elif fmt == "learned_prompt":
+            concepts = read_metadata_json(meta, META_PREFIX + "concepts", {}, field)
+            problem = step_problem({"concepts": concepts})
+            if problem:
+                raise InvalidParameterError(field, f"its metadata {META_PREFIX}concepts {problem}")
+            info.update(kind=fmt, method=meta.get(META_PREFIX + "method"),
+                        architecture=meta.get(META_PREFIX + "architecture"), concepts=concepts,
+                        layers=read_metadata_json(meta, META_PREFIX + "layers", [], field),
+                        tokens={k: list(reader.infos[k].shape) for k in reader.keys()})
+        else:
+            model = CheckpointModel(path)
+            arch = model.arch
+            info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
+                        context_dim=arch.context_dim, summary=arch.describe(),
+                        cross_attention={k: list(reader.infos[k].shape) for k in arch.kv_keys},
+                        text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
+                                        "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
+                                        (", final norm" if e.final_norm else "")} for e in arch.encoders],
+                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.kv_keys}))
+        info["erasures"] = list(read_steps(meta, field))
     return info
 
 
@@ -187,11 +230,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    check_distinct({"model": args.model, "patch": args.patch}, {"--out": args.out})
     out = check_writable(args.out, args.overwrite, "--out")
-    model = CheckpointModel(args.model)
-    patch = load_patch(args.patch)
-    check_patch_fits(model, patch, args.force)
-    written = save_checkpoint(model, patch, out, args.overwrite)
+    with blame("model"):
+        model = CheckpointModel(args.model)
+    with blame("patch"):
+        patch = load_patch(args.patch)
+        check_patch_fits(model, patch, args.force)
+        # Provenance: the steps were solved on the patch's source; record what they were applied to, and the force.
+        applied = {"to": model.source(), "forced": bool(args.force)}
+        patch = ErasurePatch(patch.architecture, patch.edits, tuple(dict(s, applied=applied) for s in patch.steps))
+        written = save_checkpoint(model, patch, out, args.overwrite, field="--out")
     print(f"applied {len(patch.edits)} edited tensors; wrote {written}")
     return 0
 
@@ -199,22 +248,50 @@ def cmd_apply(args) -> int:
 def cmd_demo(args) -> int:
     from .toyworld import demo
 
-    return demo.run(Path(args.out_dir), main)
+    folder = Path(args.out_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidParameterError("--out-dir", f"cannot create the folder {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidParameterError("--out-dir", f"the folder {folder} is not writable")
+    return demo.run(folder, main)
 
 
 COMMANDS = {"erase": cmd_erase, "inspect": cmd_inspect, "apply": cmd_apply, "demo": cmd_demo}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the exception unwinds through the writers, which remove their partial files."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
+    raise Terminated
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
             return COMMANDS[args.command](args)
     except EraserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        field = getattr(exc, "field", None)
+        print(f"error: {exc}" if field else f"error: {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file-system failure not foreseen by the checks (they name the field)
+        print(f"error: {exc.filename or args.command}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("terminated; no partial file was left", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; no partial file was left", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

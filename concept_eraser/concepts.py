@@ -13,6 +13,7 @@ Token policies (which columns of the 77 × d feature matrix represent a prompt):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +23,12 @@ from .encoding import EncodedPrompts, TextEncoder
 from .errors import InvalidParameterError
 
 TOKEN_POLICIES = ("last_word_to_end", "last_word", "all_tokens")
+
+
+def same_prompt(text: str) -> str:
+    """What the text encoders see of a prompt: CLIP's tokenizer (and ToyWorld's) lower-cases text and
+    collapses whitespace, so "Cat" and "cat " are one prompt."""
+    return " ".join(text.lower().split())
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,8 @@ class Concepts:
         preserve = tuple(p.strip() for p in preserve if p and p.strip())
         if not targets:
             raise InvalidParameterError("erase", "give at least one concept to erase")
-        if len(set(targets)) != len(targets):
-            raise InvalidParameterError("erase", "a concept is listed twice")
+        if len({same_prompt(t) for t in targets}) != len(targets):
+            raise InvalidParameterError("erase", "a concept is listed twice (case and spacing do not count)")
         if len(guides) > len(targets):
             raise InvalidParameterError(
                 "guide", f"{len(guides)} guides for {len(targets)} concepts to erase: give one guide, or one per concept"
@@ -50,9 +57,13 @@ class Concepts:
             )
         if len(guides) <= 1:
             guides = (guides[0] if guides else "",) * len(targets)
-        clash = sorted(set(targets) & set(preserve))
+        clash = [p for p in preserve if same_prompt(p) in {same_prompt(t) for t in targets}]
         if clash:
-            raise InvalidParameterError("preserve", f"{clash[0]!r} is both erased and preserved")
+            raise InvalidParameterError("preserve", f"{clash[0]!r} is both erased and preserved (the text encoders "
+                                        "ignore case and spacing)")
+        for target, guide in zip(targets, guides):
+            if same_prompt(target) == same_prompt(guide):
+                warnings.warn(f"guide: {target!r} is mapped to itself, so it is not erased", stacklevel=2)
         return cls(targets, guides, preserve)
 
     def as_dict(self) -> dict:

@@ -13,6 +13,7 @@ the text's), removed when the call returns.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -46,6 +47,9 @@ def training_size(resolution: int | None, family: str, prediction: str, multiple
     if size % multiple:
         raise InvalidParameterError("resolution", f"{size} is not a multiple of {multiple} (this U-Net's "
                                     f"downsampling); native size: {native}")
+    if size > 2 * native:
+        warnings.warn(f"resolution={size} is {(size / native) ** 2:.0f}× the pixels of this model's native {native}²: "
+                      "every training step costs about that many times more time and memory", stacklevel=2)
     return size
 
 

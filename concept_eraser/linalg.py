@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import NonFiniteResultError
-from .patch import DenseEdit, Edit, LowRankEdit, check_finite
+from .patch import DenseEdit, Edit, LowRankEdit, check_finite, compute_dtype
 
 
 def solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def right_update_edits(
     dense: dict[tuple, torch.Tensor] = {}  # (device, dtype) → A Bᵀ, made on first use
     finite: list[torch.Tensor] = []  # checked once at the end: one device sync, not one per matrix
     for i, (key, weight) in enumerate(weights.items()):
-        where = (weight.device, torch.promote_types(weight.dtype, torch.float32))
+        where = (weight.device, compute_dtype(weight.dtype))
         w = weight.to(where[1])
         out = w.shape[0]
         if rank * (out + d) < out * d:

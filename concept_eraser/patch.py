@@ -57,8 +57,8 @@ class LowRankEdit:
         return self.up @ self.down
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        # float32 for half-precision models; float64 factors or weights keep float64
-        dtype = torch.promote_types(torch.promote_types(weight.dtype, self.up.dtype), torch.float32)
+        # float32 for half-precision and fp8 models; float64 factors or weights keep float64
+        dtype = compute_dtype(weight.dtype, self.up.dtype)
         up, down = self.up.to(weight.device, dtype), self.down.to(weight.device, dtype)
         return torch.addmm(weight.to(dtype), up, down).to(weight.dtype)
 
@@ -121,6 +121,23 @@ Edit = Union[DenseEdit, LowRankEdit, SparseEdit]
 EDIT_KINDS = {"dense": DenseEdit, "low_rank": LowRankEdit, "sparse": SparseEdit}
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The precision to compute edits in: float64 if any input is, else float32 (also for fp8, which torch
+    does not promote)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def check_written_finite(key: str, tensor: torch.Tensor) -> None:
+    """`tensor` as it is written (in the model's dtype): NaN or Inf there (float16 overflows to Inf above 65504)
+    would poison every image."""
+    values = tensor.float() if tensor.element_size() == 1 else tensor  # torch has no isfinite for fp8
+    if not torch.isfinite(values).all():
+        raise NonFiniteResultError(
+            f"{key} would contain NaN or Inf as written in {str(tensor.dtype).replace('torch.', '')} (the edit is "
+            "too large for the dtype, or the patch or model holds NaN/Inf: raise lam, lower erase_scale, or check "
+            "the model's weights); nothing was written")
+
+
 def check_finite(key: str, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if not torch.isfinite(t).all():
@@ -174,3 +191,42 @@ def provenance_step(method: str, params: Mapping, concepts: Mapping, source: Map
         "library": f"concept_eraser {__version__}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+EDIT_PARTS = {"dense": {"new"}, "low_rank": {"up", "down"}, "sparse": {"crow_indices", "col_indices", "values", "size"}}
+
+
+def edit_from_parts(kind: str, parts: Mapping[str, torch.Tensor]) -> Edit:
+    """An edit read back from a patch file, checked (a hand-edited or damaged file raises ValueError that says
+    what is wrong): known kind, exactly its parts, consistent shapes and index ranges, finite values."""
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"unknown edit kind {kind!r} (known: {', '.join(EDIT_KINDS)})")
+    missing, extra = EDIT_PARTS[kind] - set(parts), set(parts) - EDIT_PARTS[kind]
+    if missing or extra:
+        raise ValueError(f"a {kind} edit has the parts {', '.join(EDIT_PARTS[kind])}; "
+                         + (f"missing {', '.join(sorted(missing))}" if missing else f"unexpected {', '.join(extra)}"))
+    floats = {"dense": ("new",), "low_rank": ("up", "down"), "sparse": ("values",)}[kind]
+    for name in floats:
+        if not parts[name].is_floating_point():
+            raise ValueError(f"{name} is {parts[name].dtype}, not floating point")
+        if not torch.isfinite(parts[name].float()).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+    if kind == "dense":
+        if parts["new"].dim() != 2:
+            raise ValueError(f"new has shape {list(parts['new'].shape)}, not a matrix")
+        return DenseEdit(parts["new"])
+    if kind == "low_rank":
+        up, down = parts["up"], parts["down"]
+        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"up {list(up.shape)} and down {list(down.shape)} are not out × r and r × in")
+        return LowRankEdit(up, down)
+    crow, cols, values, size = (parts[n] for n in ("crow_indices", "col_indices", "values", "size"))
+    if any(t.is_floating_point() or t.dim() != 1 for t in (crow, cols, size)) or size.numel() != 2 or values.dim() != 1:
+        raise ValueError("crow_indices, col_indices and size must be integer vectors (size of 2), values a vector")
+    rows, width = (int(n) for n in size)
+    counts = crow[1:].long() - crow[:-1].long()
+    if (rows < 0 or width < 0 or crow.numel() != rows + 1 or int(crow[0]) != 0 or bool((counts < 0).any())
+            or int(crow[-1]) != values.numel() or cols.numel() != values.numel()
+            or bool(((cols.long() < 0) | (cols.long() >= width)).any())):
+        raise ValueError(f"its sparse indices do not describe a {rows} × {width} matrix with {values.numel()} values")
+    return SparseEdit(crow, cols, values, size)

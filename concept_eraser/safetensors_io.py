@@ -10,11 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import stat
 import struct
-import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: an open file cannot be deleted there, which protects a writer's partial file
+    fcntl = None
 
 import torch
 from safetensors import safe_open
@@ -44,17 +54,26 @@ def conversion_hint(path: Path) -> str:
     )
 
 
-def check_readable(path: str | os.PathLike) -> Path:
-    """Refuse missing files, pickle checkpoints and anything that is not safetensors."""
+def check_readable(path: str | os.PathLike, field: str = "model") -> Path:
+    """Refuse missing files, special files, pickle checkpoints and anything that is not safetensors."""
     path = Path(path)
-    if not path.exists():
-        raise InvalidParameterError("model", f"{path} does not exist")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidParameterError(field, f"{path} does not exist") from None
+    except OSError as exc:
+        raise InvalidParameterError(field, f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
         raise InvalidParameterError(
-            "model", f"{path} is a folder; a single-file .safetensors checkpoint is needed (diffusers folders are not supported)"
-        )
-    with open(path, "rb") as f:
-        head = f.read(9)
+            field, f"{path} is a folder; a single-file .safetensors checkpoint is needed (diffusers folders are not "
+            "supported)")
+    if not stat.S_ISREG(mode):  # opening a named pipe would wait for a writer forever
+        raise InvalidParameterError(field, f"{path} is {file_kind(mode)}, not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise InvalidParameterError(field, f"cannot read {path}: {exc.strerror}") from None
     size = path.stat().st_size
     # safetensors: u64 header length, then the JSON header. Its first bytes can be anything, so the
     # pickle signatures (0x80 protocol byte, or "PK" for torch's zip files) are only checked when
@@ -70,6 +89,16 @@ def check_readable(path: str | os.PathLike) -> Path:
     return path
 
 
+def file_kind(mode: int) -> str:
+    """A file type in words, for messages."""
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
@@ -79,15 +108,15 @@ class TensorInfo:
 class SafetensorsReader:
     """Lazy view of one safetensors file: names, shapes, dtypes and metadata; tensors on demand."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = check_readable(path)
+    def __init__(self, path: str | os.PathLike, field: str = "model"):
+        self.path = check_readable(path, field)
         try:
             self._file = safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
             raise UnsafeFileError(f"{self.path.name} is not a valid safetensors file: {exc}") from None
         self.metadata: dict[str, str] = dict(self._file.metadata() or {})
         self.infos: dict[str, TensorInfo] = {}
-        for key in self._file.keys():
+        for key in self._file.keys():  # noqa: SIM118 - safe_open is not iterable
             sl = self._file.get_slice(key)
             self.infos[key] = TensorInfo(_dtype_from_name(sl.get_dtype()), tuple(sl.get_shape()))
         self._sha256: str | None = None
@@ -134,15 +163,144 @@ class LazyTensor:
     load: Callable[[], torch.Tensor]
 
 
-def check_writable(path: str | os.PathLike, overwrite: bool, field: str = "out") -> Path:
+# Partial files: a short fixed-length name (a legal target name never becomes too long) that says what it is.
+# The writer holds an exclusive lock on it, so a partial file nobody locks was left by a killed run.
+PARTIAL_PREFIX, PARTIAL_SUFFIX = ".concept-eraser-", ".partial"
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool, field: str = "out",
+                   suffix: str | None = ".safetensors") -> Path:
+    """Everything about an output path that can be known before the work: suffix, folder, name length,
+    permissions, an existing file (refused unless `overwrite`, special files always). Also removes the
+    partial files of killed runs from the folder."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise InvalidParameterError(field, f"{path.name} must end in .safetensors")
-    if not path.parent.exists():
-        raise InvalidParameterError(field, f"the folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise InvalidParameterError(field, f"{path} already exists; choose another name or pass --overwrite")
+    if suffix and path.suffix.lower() != suffix:
+        raise InvalidParameterError(field, f"{path.name} must end in {suffix}")
+    folder = path.parent
+    if not folder.exists():
+        raise InvalidParameterError(field, f"the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise InvalidParameterError(field, f"{folder} is {file_kind(folder.stat().st_mode)}, not a folder")
+    name_max = _name_max(folder)
+    if len(os.fsencode(path.name)) > name_max:
+        raise InvalidParameterError(field, f"the file name is {len(os.fsencode(path.name))} bytes long; this file "
+                                    f"system allows {name_max}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidParameterError(field, f"the folder {folder} is not writable")
+    if path.is_symlink() or path.exists():
+        if path.exists() and not path.is_file():  # a folder, a named pipe, a device (links followed)
+            raise InvalidParameterError(field, f"{path} is {file_kind(path.stat().st_mode)}; give the name of a "
+                                        "file to write")
+        if not overwrite:
+            raise InvalidParameterError(field, f"{path} already exists; choose another name or pass --overwrite")
+    remove_stale_partials(folder)
     return path
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not POSIX (Windows): its usual limit
+        return 255
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """An exclusive lock on an open file (False if another open file holds it); always True without fcntl."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[str]:
+    """Delete the partial files that killed runs left in `folder` (nobody holds their lock; on Windows: the
+    ones that can be deleted, as an open file cannot), with a warning naming each. Returns their names."""
+    removed = []
+    for entry in Path(folder).glob(PARTIAL_PREFIX + "*" + PARTIAL_SUFFIX):
+        try:
+            fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            # A writer locks its file right after creating it: an empty, unlocked file that is seconds old may be
+            # one in that instant.
+            fresh = info.st_size == 0 and time.time() - info.st_mtime < 60
+            if stat.S_ISREG(info.st_mode) and not fresh and _lock(fd, blocking=False):
+                os.unlink(entry)
+                removed.append(entry.name)
+                warnings.warn(f"removed {entry} ({info.st_size / 1e6:.1f} MB), a partial file left by a run that "
+                              "was killed while writing", stacklevel=2)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, field: str = "out",
+                  suffix: str | None = ".safetensors") -> Iterator[tuple[BinaryIO, Path]]:
+    """Yield (file, its temporary path) in `path`'s folder; when the block ends without error, the file becomes
+    `path`: through a hard link, which fails if `path` appeared meanwhile (kept as it is; the run fails unless
+    `overwrite`). Created with the user's umask (with `overwrite`, an existing file's mode is kept). On any error
+    or signal the partial file is removed; if the process is killed, the next write to the folder removes it."""
+    path = check_writable(path, overwrite, field, suffix)
+    for _ in range(100):
+        partial = path.parent / f"{PARTIAL_PREFIX}{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _write_error(field, path, exc) from None
+    else:
+        raise InvalidParameterError(field, f"cannot create a temporary file in {path.parent}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _lock(f.fileno(), blocking=True)
+            try:
+                yield f, partial
+                f.flush()
+                os.fsync(f.fileno())
+                _publish(partial, path, overwrite, field)  # still locked: no cleaner takes it for a stale one
+            except OSError as exc:
+                raise _write_error(field, path, exc) from None
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def _publish(partial: Path, path: Path, overwrite: bool, field: str) -> None:
+    if overwrite:
+        with suppress(OSError):
+            if path.is_file():
+                os.chmod(partial, stat.S_IMODE(path.stat().st_mode))
+        os.replace(partial, path)
+        return
+    gone = InvalidParameterError(field, f"{path} was created by something else while this run was writing; it "
+                                 "was left as it is (choose another name or pass --overwrite)")
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        raise gone from None
+    except OSError:  # no hard links here (FAT, some network shares): reserve the name, then rename over it
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise gone from None
+        os.replace(partial, path)
+        return
+    os.unlink(partial)
+
+
+def _write_error(field: str, path: Path, exc: OSError) -> InvalidParameterError:
+    return InvalidParameterError(field, f"could not write {path}: {exc.strerror or exc}; nothing was written")
 
 
 def write_safetensors(
@@ -150,9 +308,11 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor | LazyTensor] | Iterable[tuple[str, torch.Tensor | LazyTensor]],
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    field: str = "out",
+    check: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Path:
-    """Stream tensors into `path` (temp file + rename). Lazy tensors are materialised one at a time."""
-    path = check_writable(path, overwrite)
+    """Stream tensors into `path` (see `atomic_output`). Lazy tensors are materialised one at a time;
+    `check(name, tensor)` sees each written tensor first (in the dtype written) and may raise."""
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
     header: dict[str, object] = {}
     offset = 0
@@ -165,22 +325,25 @@ def write_safetensors(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, value in items:
-                tensor = value.load() if isinstance(value, LazyTensor) else value
-                if tensor.dtype != value.dtype or tuple(tensor.shape) != tuple(value.shape):
-                    raise EraserError(f"internal error: {name} changed dtype or shape while saving")
-                f.write(tensor_bytes(tensor))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_output(path, overwrite, field) as (f, _):
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, value in items:
+            tensor = value.load() if isinstance(value, LazyTensor) else value
+            if tensor.dtype != value.dtype or tuple(tensor.shape) != tuple(value.shape):
+                raise EraserError(f"internal error: {name} changed dtype or shape while saving")
+            if check is not None:
+                check(name, tensor)
+            f.write(tensor_bytes(tensor))
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data, overwrite: bool = False, field: str = "out") -> Path:
+    """JSON (a report) written like every other output: atomically, never over a file unless `overwrite`."""
+    text = json.dumps(data, indent=2, default=str).encode("utf-8")
+    with atomic_output(path, overwrite, field, suffix=None) as (f, _):
+        f.write(text)
+    return Path(path)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -196,10 +359,18 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
-def read_metadata_json(metadata: Mapping[str, str], key: str, default):
+def read_metadata_json(metadata: Mapping[str, str], key: str, default, field: str = "model"):
+    """The JSON value stored under `key`, which must have `default`'s type (a hand-edited file may not)."""
     if key not in metadata:
         return default
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError:
-        return default
+        value = _NOT_JSON
+    if not isinstance(value, type(default)):
+        kind = {list: "list", dict: "object", str: "string"}.get(type(default), type(default).__name__)
+        raise InvalidParameterError(field, f"its metadata {key} is not a JSON {kind}; was the file edited by hand?")
+    return value
+
+
+_NOT_JSON = object()

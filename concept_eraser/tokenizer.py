@@ -125,6 +125,7 @@ class WordTokenizer:
         self.vocab = self.SPECIAL + tuple(w for w in words if w not in self.SPECIAL)
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.window = window
+        self._unknown_warned: set[str] = set()
 
     @staticmethod
     def split(text: str) -> list[str]:
@@ -133,6 +134,12 @@ class WordTokenizer:
 
     def __call__(self, text: str) -> Tokens:
         words = [self.index.get(w, 2) for w in self.split(text)]
+        unknown = [w for w in self.split(text) if w not in self.index]
+        if unknown and text not in self._unknown_warned:  # once per prompt: erasure encodes each prompt repeatedly
+            self._unknown_warned.add(text)
+            warnings.warn(f"prompt {text[:40]!r}: {', '.join(unknown)} not in the model's vocabulary of "
+                          f"{len(self.vocab) - len(self.SPECIAL)} words (e.g. {', '.join(self.vocab[3:8])}); unknown "
+                          "words all read as one <|unk|> token", stacklevel=2)
         truncated = len(words) > self.window - 2
         if truncated:
             warnings.warn(f"prompt {text[:40]!r}... is longer than {self.window - 2} words; the rest is dropped",

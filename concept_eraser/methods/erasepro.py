@@ -65,7 +65,7 @@ from ..errors import InvalidParameterError
 from ..linalg import default_rcond, right_update_edits, zero_residual_factors
 from ..models.layerwise import LayerwiseEncoder, blocks_reaching_unet
 from ..params import Param
-from ..patch import Edit, LowRankEdit
+from ..patch import Edit, LowRankEdit, compute_dtype
 from ..tokenizer import WINDOW, tokenizer_for
 from .base import ErasureMethod, MethodOutput
 
@@ -205,7 +205,13 @@ class ErasePro(ErasureMethod):
             seconds["unet"] = round(time.perf_counter() - clock, 4)
 
         worst = max(stages, key=lambda s: s["residual"])
-        if worst["residual"] > RESIDUAL_WARNING:
+        cut = values["rcond"] is not None and worst["rank"] < min(worst["columns"], worst["width"])
+        if worst["residual"] > RESIDUAL_WARNING and cut:  # the user's rcond dropped directions, not the columns
+            warnings.warn(
+                f"ErasePro could not meet its constraints at {worst['stage']} (relative residual "
+                f"{worst['residual']:.2e}): rcond={values['rcond']:g} kept rank {worst['rank']} of its "
+                f"{worst['columns']} columns; lower rcond or leave it empty (max(d, N)·eps)", stacklevel=2)
+        elif worst["residual"] > RESIDUAL_WARNING:
             warnings.warn(
                 f"ErasePro could not meet its constraints exactly at {worst['stage']} (relative residual "
                 f"{worst['residual']:.2e}, {worst['columns']} columns, rank {worst['rank']}): there are more or "
@@ -227,7 +233,7 @@ class ErasePro(ErasureMethod):
         residual = 0.0
         for key, weight in weights.items():
             # ‖W X − W_o Y‖ / ‖W_o Y‖ of the edit as stored, at float32 (float64 for float64 models)
-            dtype, edit = torch.promote_types(weight.dtype, torch.float32), edits[key]
+            dtype, edit = compute_dtype(weight.dtype), edits[key]
             x, y, w = X.to(dtype), Y.to(dtype), weight.to(dtype)
             if isinstance(edit, LowRankEdit):
                 # W X − W_o Y = up (down X) − W_o (Y − X): one product with W_o for both norms
@@ -240,6 +246,7 @@ class ErasePro(ErasureMethod):
         return edits, {
             "keys": len(keys),
             "columns": n,
+            "width": d,
             "rank": A.shape[1],
             "distance": float((X - Y).norm() / Y.norm()),
             "residual": residual,
