@@ -25,10 +25,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from concept_eraser.checkpoint import read_steps
 from concept_eraser.denoiser import ModuleDenoiser, alphas_from_sigmas, ldm_inputs, training_size
 from concept_eraser.errors import Cancelled, EraserError, UnsupportedModelError
 from concept_eraser.models.arch import ArchSpec
-from concept_eraser.safetensors_io import read_metadata_json
 
 from .live import FORGE_TEXT_PREFIX, LiveTensors, Slot, a1111_slots, forge_settle_lora, forge_text_slots, settle_lora
 from .model import EncoderLayer, HostTextEncoder, WebUIModel, host_arch
@@ -38,7 +38,6 @@ A1111 = "a1111"
 FORGE = "forge"
 HOST_TITLES = {A1111: "AUTOMATIC1111 WebUI", FORGE: "Forge"}
 EDITABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-STEPS_META = "concept_eraser.steps"
 FORGE_STALE_LORA_HASH = "concept_eraser: weights changed"
 
 
@@ -69,8 +68,7 @@ def checkpoint_id(obj) -> CheckpointId:
 def _file_steps(obj) -> tuple[dict, ...]:
     info = getattr(obj, "sd_checkpoint_info", None)
     metadata = getattr(info, "metadata", None) or {}
-    steps = read_metadata_json({k: v for k, v in metadata.items() if isinstance(v, str)}, STEPS_META, [])
-    return tuple(s for s in steps if isinstance(s, dict)) if isinstance(steps, list) else ()
+    return read_steps({k: v for k, v in metadata.items() if isinstance(v, str)}, "checkpoint")
 
 
 def _check_dtypes(tensors: LiveTensors, keys: Sequence[str]) -> None:

@@ -7,12 +7,12 @@ import json
 import logging
 import os
 
-from ..concept_eraser.checkpoint import (META_PREFIX, load_patch, provenance_metadata, save_artifacts, save_lora,
-                                         save_patch)
+from ..concept_eraser.checkpoint import (META_PREFIX, load_patch, provenance_metadata, read_steps, save_artifacts,
+                                         save_lora, save_patch)
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import detect
 from ..concept_eraser.patch import ErasurePatch
-from ..concept_eraser.safetensors_io import SafetensorsReader, read_metadata_json
+from ..concept_eraser.safetensors_io import SafetensorsReader, atomic_output
 from .common import CATEGORY, ERASURE, node_error
 
 log = logging.getLogger("concept_eraser")
@@ -78,7 +78,7 @@ class LoadCheckpoint:
             try:  # the header alone: refuse what cannot be edited before reading gigabytes
                 reader = SafetensorsReader(path)
                 detect({k: i.shape for k, i in reader.infos.items()}, reader.metadata)
-                steps = read_metadata_json(reader.metadata, META_PREFIX + "steps", [])
+                steps = list(read_steps(reader.metadata, "ckpt_name"))
             except EraserError as exc:
                 raise node_error(exc, model_field="ckpt_name") from None
         embeddings = folder_paths.get_folder_paths("embeddings")
@@ -130,9 +130,9 @@ class ApplyErasurePatch:
         try:
             meta = SafetensorsReader(path).metadata
             kind = meta.get(META_PREFIX + "format")
-            steps = read_metadata_json(meta, META_PREFIX + "steps", [])
+            steps = list(read_steps(meta, "erasure_name"))
             if kind == "patch":
-                new_model, new_clip = self._apply_patch(model, clip, load_patch(path), strength)
+                new_model, new_clip = self._apply_patch(model, clip, load_patch(path, "erasure_name"), strength)
             elif kind == "lora":
                 new_model, new_clip = self._apply_lora(model, clip, path, strength, steps)
             else:
@@ -260,14 +260,14 @@ class SaveErasure:
             if format == "checkpoint":
                 self._checkpoint(path, erasure, model, clip, vae, prompt, extra_pnginfo)
             elif format == "patch":
-                save_patch(erasure.patch, path)
+                save_patch(erasure.patch, path, field="filename_prefix")
             elif format == "learned_prompt":
                 if not erasure.artifacts:
                     raise InvalidParameterError("format", f"{erasure.report.get('method')} learned no prompt; "
                                                 "'learned_prompt' is for KPOP with use_prompt on")
-                save_artifacts(erasure.artifacts, erasure.report, path)
+                save_artifacts(erasure.artifacts, erasure.report, path, field="filename_prefix")
             else:
-                save_lora(erasure.patch, path, arch=erasure.arch)
+                save_lora(erasure.patch, path, arch=erasure.arch, field="filename_prefix")
         except EraserError as exc:
             raise node_error(exc) from None
         log.info("[Concept Eraser] saved %s (%s)", path, format)
@@ -310,7 +310,9 @@ class SaveErasure:
             metadata["prompt"] = json.dumps(prompt) if prompt is not None else ""
             for key, value in (extra_pnginfo or {}).items():
                 metadata[key] = json.dumps(value)
-        comfy.sd.save_checkpoint(path, model, clip, vae, metadata=metadata, extra_keys=extra_keys)
+        # ComfyUI's writer, into a partial file that becomes `path` only when complete and never over another file
+        with atomic_output(path, field="filename_prefix") as (_, partial):
+            comfy.sd.save_checkpoint(str(partial), model, clip, vae, metadata=metadata, extra_keys=extra_keys)
 
 
 NODE_CLASS_MAPPINGS = {

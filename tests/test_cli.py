@@ -2,13 +2,16 @@
 nothing written."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from concept_eraser import CheckpointModel, Concepts, erase, save_patch
 from concept_eraser.cli import main
 from concept_eraser.tiny import tiny_state_dict
 
@@ -65,10 +68,40 @@ def nonfinite_checkpoint(tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def sd1_patch(tiny_checkpoints, tmp_path_factory):
+    """A low-rank patch of the tiny SD1 model: its tensors and metadata, to damage."""
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    result = erase(model, "uce", Concepts.build(["x"]), {"token_policy": "last_word"})
+    path = save_patch(result.patch, tmp_path_factory.mktemp("patch") / "patch.safetensors")
+    with safe_open(str(path), "pt") as f:
+        return load_file(str(path)), f.metadata()
+
+
+def damaged_patches(folder, tensors, meta):
+    """Patch files with one fault each, as hand editing or a broken copy makes them."""
+    index = json.loads(meta["concept_eraser.edits"])
+    key = next(iter(index))
+    up = f"0.up::{key}"
+    damaged = {
+        "nan": ({**tensors, up: tensors[up].clone().index_fill_(1, torch.tensor([0]), float("nan"))}, {}),
+        "big": ({**tensors, up: tensors[up] * 1e6}, {}),  # finite in float32, Inf once applied in float16
+        "missing": ({k: v for k, v in tensors.items() if k != up}, {}),
+        "shapes": ({**tensors, up: torch.zeros(tensors[up].shape[0], tensors[up].shape[1] + 1)}, {}),
+        "index": (tensors, {"concept_eraser.edits": '"x"'}),
+        "kinds": (tensors, {"concept_eraser.edits": json.dumps({key: "low_rank"})}),
+        "kind": (tensors, {"concept_eraser.edits": json.dumps({key: ["magic"]})}),
+        "steps": (tensors, {"concept_eraser.steps": '{"method": "uce"}'}),
+        "concepts": (tensors, {"concept_eraser.steps": '[{"concepts": {"erase": 5}}]'}),
+    }
+    for name, (t, m) in damaged.items():
+        save_file(t, str(folder / f"patch-{name}.safetensors"), {**meta, **m})
+
+
 BAD_INPUTS = {
     "missing file": (["erase", "{dir}/nope.safetensors", "--erase", "x"], "model", "does not exist"),
-    "pickle": (["erase", "{dir}/model.ckpt", "--erase", "x"], "", "pickle checkpoint"),
-    "unknown architecture": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "", "Flux is not supported"),
+    "pickle": (["erase", "{dir}/model.ckpt", "--erase", "x"], "model", "pickle checkpoint"),
+    "unknown architecture": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "model", "Flux is not supported"),
     "no --erase": (["erase", "{sd1}"], "erase", "at least one concept"),
     "more guides than targets": (["erase", "{sd1}", "--erase", "x", "--guide", "a", "--guide", "b"], "guide",
                                  "2 guides for 1 concepts"),
@@ -81,33 +114,80 @@ BAD_INPUTS = {
                         "already exists"),
     "missing folder": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/no/such/out.safetensors"], "--out",
                        "does not exist"),
-    "non-finite": (["erase", "{dir}/nan.safetensors", "--erase", "x"], "", "NaN or Inf"),
+    "non-finite": (["erase", "{dir}/nan.safetensors", "--erase", "x"], "result", "NaN or Inf"),
     "bad device": (["erase", "{sd1}", "--erase", "x", "--device", "tpu"], "device", "auto, cpu or cuda"),
     "kpop bad choice": (["erase", "{sd1}", "--erase", "x", "--method", "kpop", "--set", "injection=prepend"],
                         "injection", "one of concat, additive"),
-    "kpop without a full U-Net": (["erase", "{sd1}", "--erase", "x", "--method", "kpop"], "",
+    "kpop without a full U-Net": (["erase", "{sd1}", "--erase", "x", "--method", "kpop"], "model",
                                   "U-Net cannot be rebuilt for training"),
     "prompt from a closed-form method": (["erase", "{sd1}", "--erase", "x", "--save-prompt", "{dir}/p.safetensors"],
                                          "--save-prompt", "learned no prompt"),
+    # output paths against each other and the input, before any work (--overwrite does not allow them)
+    "report is the output": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/o.safetensors", "--report",
+                              "{dir}/o.safetensors"], "--report", "also given as --out"),
+    "report is the model": (["erase", "{sd1}", "--erase", "x", "--report", "{sd1}", "--overwrite"], "--report",
+                            "is the input model"),
+    "prompt is the output": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/o.safetensors", "--save-prompt",
+                              "{dir}/o.safetensors"], "--save-prompt", "also given as --out"),
+    "output links to the model": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/link.safetensors",
+                                   "--overwrite"], "--out", "is the input model"),
+    "apply output is the patch": (["apply", "{sd1}", "{dir}/patch-nan.safetensors", "--out",
+                                   "{dir}/patch-nan.safetensors", "--overwrite"], "--out", "is the input patch"),
+    # file-system faults, found before the work
+    "output is a folder": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/dir.safetensors", "--overwrite"],
+                           "--out", "is a folder"),
+    "output under a file": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/exists.safetensors/o.safetensors"],
+                            "--out", "is a file, not a folder"),
+    "read-only folder": (["erase", "{sd1}", "--erase", "x", "--out", "/proc/self/o.safetensors"], "--out",
+                         "is not writable"),
+    "name too long": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/" + "n" * 250 + ".safetensors"], "--out",
+                      "bytes long"),
+    "report in a read-only folder": (["erase", "{sd1}", "--erase", "x", "--report", "/proc/self/r.json"], "--report",
+                                     "is not writable"),
+    "model is a named pipe": (["erase", "{dir}/fifo.safetensors", "--erase", "x"], "model", "is a named pipe"),
+    "patch is a device": (["apply", "{sd1}", "/dev/null"], "patch", "is a character device"),
+    "demo folder is a file": (["demo", "--out-dir", "{dir}/exists.safetensors"], "--out-dir", "cannot create"),
+    # results that are not finite as written (float16), and damaged patches or metadata
+    "overflow in float16": (["erase", "{sd1}", "--erase", "x", "--set", "lam=1e-300", "--set", "erase_scale=1e4"],
+                            "result", "NaN or Inf as written in float16"),
+    "NaN in a patch": (["apply", "{sd1}", "{dir}/patch-nan.safetensors"], "patch", "up contains NaN or Inf"),
+    "patch overflowing float16": (["apply", "{sd1}", "{dir}/patch-big.safetensors"], "patch", "written in float16"),
+    "patch part missing": (["apply", "{sd1}", "{dir}/patch-missing.safetensors"], "patch", "missing up"),
+    "patch factor shapes": (["apply", "{sd1}", "{dir}/patch-shapes.safetensors"], "patch",
+                            "are not out × r and r × in"),
+    "patch index not an object": (["apply", "{sd1}", "{dir}/patch-index.safetensors"], "patch", "not a JSON object"),
+    "patch kinds not a list": (["apply", "{sd1}", "{dir}/patch-kinds.safetensors"], "patch",
+                               "not a list of edit kinds"),
+    "patch unknown kind": (["apply", "{sd1}", "{dir}/patch-kind.safetensors"], "patch", "unknown edit kind 'magic'"),
+    "patch steps not a list": (["apply", "{sd1}", "{dir}/patch-steps.safetensors"], "patch", "not a JSON list"),
+    "inspect steps not a list": (["inspect", "{dir}/patch-steps.safetensors"], "file", "not a JSON list"),
+    "inspect step concepts": (["inspect", "{dir}/patch-concepts.safetensors"], "file",
+                              "concepts.erase that is not a list"),
+    "erased and preserved up to case": (["erase", "{sd1}", "--erase", "Cat", "--preserve", "cat "], "preserve",
+                                        "both erased and preserved"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_a_clear_message_and_leaves_nothing_behind(case, tiny_checkpoints, tmp_path, capsys,
-                                                                   nonfinite_checkpoint):
+                                                                   nonfinite_checkpoint, sd1_patch):
     torch.save({"a": torch.zeros(1)}, tmp_path / "model.ckpt")
     save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)},
               str(tmp_path / "flux.safetensors"))
     (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(tiny_checkpoints["sd1"])
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    damaged_patches(tmp_path, *sd1_patch)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     argv, field, message = BAD_INPUTS[case]
     argv = [a.format(dir=tmp_path, sd1=tiny_checkpoints["sd1"]) for a in argv]
-    if "--out" not in argv:
+    if argv[0] in ("erase", "apply") and "--out" not in argv:
         argv += ["--out", str(tmp_path / "out.safetensors")]
     code, _, err = run(argv, capsys)
     assert code == 2
-    assert err.startswith("error: ") and "Traceback" not in err
-    assert field in err and message in err, err
+    assert err.startswith(f"error: {field}: ") and "Traceback" not in err, err
+    assert message in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
 
