@@ -130,7 +130,8 @@ def cmd_erase(args) -> int:
     # Check everything cheap before any heavy work, so bad input fails at once and writes nothing.
     check_distinct({"model": args.model}, {"--out": args.out, "--report": args.report,
                                            "--save-prompt": args.save_prompt})
-    out = check_writable(args.out, args.overwrite, "--out")
+    whole = os.path.getsize(args.model) if args.format == "checkpoint" and os.path.isfile(args.model) else 0
+    out = check_writable(args.out, args.overwrite, "--out", size=whole)
     if args.report:
         check_writable(args.report, args.overwrite, "--report", suffix=None)
     if args.save_prompt:
@@ -231,7 +232,8 @@ def cmd_inspect(args) -> int:
 
 def cmd_apply(args) -> int:
     check_distinct({"model": args.model, "patch": args.patch}, {"--out": args.out})
-    out = check_writable(args.out, args.overwrite, "--out")
+    whole = os.path.getsize(args.model) if os.path.isfile(args.model) else 0
+    out = check_writable(args.out, args.overwrite, "--out", size=whole)
     with blame("model"):
         model = CheckpointModel(args.model)
     with blame("patch"):

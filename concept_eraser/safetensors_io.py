@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 import struct
 import time
@@ -169,10 +170,10 @@ PARTIAL_PREFIX, PARTIAL_SUFFIX = ".concept-eraser-", ".partial"
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool, field: str = "out",
-                   suffix: str | None = ".safetensors") -> Path:
+                   suffix: str | None = ".safetensors", size: int = 0) -> Path:
     """Everything about an output path that can be known before the work: suffix, folder, name length,
-    permissions, an existing file (refused unless `overwrite`, special files always). Also removes the
-    partial files of killed runs from the folder."""
+    permissions, an existing file (refused unless `overwrite`, special files always), room for `size` bytes.
+    Also removes the partial files of killed runs from the folder."""
     path = Path(path)
     if suffix and path.suffix.lower() != suffix:
         raise InvalidParameterError(field, f"{path.name} must end in {suffix}")
@@ -194,6 +195,10 @@ def check_writable(path: str | os.PathLike, overwrite: bool, field: str = "out",
         if not overwrite:
             raise InvalidParameterError(field, f"{path} already exists; choose another name or pass --overwrite")
     remove_stale_partials(folder)
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise InvalidParameterError(field, f"the folder {folder} has {free / 1e9:.2f} GB free; the output needs about "
+                                    f"{size / 1e9:.2f} GB")
     return path
 
 
@@ -205,9 +210,7 @@ def _name_max(folder: Path) -> int:
 
 
 def _lock(fd: int, blocking: bool) -> bool:
-    """An exclusive lock on an open file (False if another open file holds it); always True without fcntl."""
-    if fcntl is None:
-        return True
+    """An exclusive lock on an open file; False if another open file holds it (and `blocking` is False)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -216,29 +219,37 @@ def _lock(fd: int, blocking: bool) -> bool:
 
 
 def remove_stale_partials(folder: str | os.PathLike) -> list[str]:
-    """Delete the partial files that killed runs left in `folder` (nobody holds their lock; on Windows: the
-    ones that can be deleted, as an open file cannot), with a warning naming each. Returns their names."""
+    """Delete the partial files that killed runs left in `folder`, with a warning naming each; returns their names."""
     removed = []
     for entry in Path(folder).glob(PARTIAL_PREFIX + "*" + PARTIAL_SUFFIX):
         try:
-            fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            size = _remove_if_stale(entry)
         except OSError:
             continue
-        try:
-            info = os.fstat(fd)
-            # A writer locks its file right after creating it: an empty, unlocked file that is seconds old may be
-            # one in that instant.
-            fresh = info.st_size == 0 and time.time() - info.st_mtime < 60
-            if stat.S_ISREG(info.st_mode) and not fresh and _lock(fd, blocking=False):
-                os.unlink(entry)
-                removed.append(entry.name)
-                warnings.warn(f"removed {entry} ({info.st_size / 1e6:.1f} MB), a partial file left by a run that "
-                              "was killed while writing", stacklevel=2)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if size is not None:
+            removed.append(entry.name)
+            warnings.warn(f"removed {entry} ({size / 1e6:.1f} MB), a partial file left by a run that was killed "
+                          "while writing", stacklevel=2)
     return removed
+
+
+def _remove_if_stale(entry: Path) -> int | None:
+    """The size of `entry` if no writer holds it (it is then deleted), else None."""
+    if fcntl is None:  # Windows: deleting fails while a writer has the file open
+        size = entry.stat().st_size
+        os.unlink(entry)
+        return size
+    fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        # A writer locks its file right after creating it: an empty file seconds old may be one in that instant.
+        fresh = info.st_size == 0 and time.time() - info.st_mtime < 60
+        if not stat.S_ISREG(info.st_mode) or fresh or not _lock(fd, blocking=False):
+            return None
+        os.unlink(entry)
+        return info.st_size
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -262,17 +273,20 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, field: str =
         raise InvalidParameterError(field, f"cannot create a temporary file in {path.parent}")
     try:
         with os.fdopen(fd, "wb") as f:
-            _lock(f.fileno(), blocking=True)
-            try:
-                yield f, partial
-                f.flush()
-                os.fsync(f.fileno())
-                _publish(partial, path, overwrite, field)  # still locked: no cleaner takes it for a stale one
-            except OSError as exc:
-                raise _write_error(field, path, exc) from None
-    except BaseException:
+            if fcntl is not None:
+                _lock(f.fileno(), blocking=True)
+            yield f, partial
+            f.flush()
+            os.fsync(f.fileno())
+            if fcntl is not None:  # published while still locked, so that no cleaner takes it for a stale file
+                _publish(partial, path, overwrite, field)
+        if fcntl is None:  # Windows renames and deletes only closed files
+            _publish(partial, path, overwrite, field)
+    except BaseException as exc:
         with suppress(OSError):
             os.unlink(partial)
+        if isinstance(exc, OSError):  # a full disk, a vanished folder: said like every other bad input
+            raise _write_error(field, path, exc) from None
         raise
 
 

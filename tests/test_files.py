@@ -1,6 +1,7 @@
 """Writing files safely: no overwrite of a file that appears meanwhile, concurrent runs, signals, the user's umask,
 long names, fp8 checkpoints, no-op warnings and provenance."""
 
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from concept_eraser import CheckpointModel, Concepts, erase, save_checkpoint, save_patch
 from concept_eraser.cli import main
+from concept_eraser.denoiser import training_size
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.safetensors_io import PARTIAL_PREFIX, LazyTensor, file_sha256, write_safetensors
 from concept_eraser.tiny import make_tiny_checkpoint, tiny_state_dict
@@ -38,6 +40,15 @@ def test_a_file_that_appears_while_writing_is_kept(tmp_path):
     with pytest.raises(InvalidParameterError, match="created by something else while this run was writing"):
         write_safetensors(target, {"a": LazyTensor(torch.float32, (2,), someone_else_writes)})
     assert target.read_bytes() == b"the other run's result" and partials(tmp_path) == []
+
+
+def test_a_full_disk_is_a_clean_error(tmp_path):
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(InvalidParameterError, match="out: could not write .* No space left on device; nothing was"):
+        write_safetensors(tmp_path / "o.safetensors", {"a": LazyTensor(torch.float32, (1,), full)})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_outputs_get_the_users_umask_and_overwrite_keeps_the_mode(tmp_path):
@@ -150,6 +161,7 @@ def test_fp8_checkpoints_are_solved_in_float32_and_written_back_in_fp8(tmp_path)
                                    rtol=0.125, atol=2 ** -9)
 
 
+@pytest.mark.filterwarnings("ignore:the erasure changed no weight")  # also said by rcond=1, seen above
 def test_no_op_erasures_are_warned_about(tiny_checkpoints, tmp_path, capsys):
     sd1 = tiny_checkpoints["sd1"]
     code = main(["erase", str(sd1), "--erase", "a cat", "--guide", "A  Cat", "--set", "token_policy=last_word",
@@ -162,6 +174,8 @@ def test_no_op_erasures_are_warned_about(tiny_checkpoints, tmp_path, capsys):
     with pytest.warns(UserWarning, match="rcond=1 kept rank 0 of its"):
         erase(CheckpointModel(sd1), "erasepro", Concepts.build(["x"]), {"rcond": 1.0, "token_policy": "first_k",
                                                                        "edit_unet": True})
+    with pytest.warns(UserWarning, match="resolution=4096 is 65536× the pixels of this model's native 16²"):
+        training_size(4096, "toyworld", "eps", 4)
     tokenizer = WordTokenizer(["red", "circle"], 8)
     with pytest.warns(UserWarning, match="dragon not in the model's vocabulary of 2 words"):
         tokenizer("a red dragon")
