@@ -19,8 +19,8 @@ from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits
                          resolve_device, save_artifacts, save_checkpoint, save_lora, save_patch, step_problem)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError, NonFiniteResultError
-from .methods import METHODS
-from .params import parse_assignments
+from .methods import METHODS, get_method
+from .params import parse_assignments, resolve
 from .patch import ErasurePatch
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json, write_json
 
@@ -138,13 +138,15 @@ def cmd_erase(args) -> int:
         check_writable(args.save_prompt, args.overwrite, "--save-prompt")
     concepts = Concepts.build(args.erase, args.guide, args.preserve)
     params = parse_assignments(args.set)
+    method = get_method(args.method)
+    if args.save_prompt and not resolve(method.params, params, method.name).get("use_prompt"):
+        raise InvalidParameterError("--save-prompt", f"method {method.name} learns no prompt to save"
+                                    + (" with use_prompt off" if "use_prompt" in params else ""))
     with blame("model"):
         model = CheckpointModel(args.model, resolve_device(args.device))
     print(f"{model.path.name}: {model.arch.describe()}")
     with blame("model", nonfinite="result"):
         result = erase(model, args.method, concepts, params, _progress)
-    if args.save_prompt and not result.artifacts:
-        raise InvalidParameterError("--save-prompt", f"method {args.method} learned no prompt to save")
     start = time.perf_counter()
     with blame("model", nonfinite="result"):
         written = _save(model, result.patch, args.format, out, args.overwrite)

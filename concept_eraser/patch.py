@@ -211,9 +211,7 @@ def edit_from_parts(kind: str, parts: Mapping[str, torch.Tensor]) -> Edit:
             raise ValueError(f"{name} is {parts[name].dtype}, not floating point")
         if not torch.isfinite(parts[name].float()).all():
             raise ValueError(f"{name} contains NaN or Inf")
-    if kind == "dense":
-        if parts["new"].dim() != 2:
-            raise ValueError(f"new has shape {list(parts['new'].shape)}, not a matrix")
+    if kind == "dense":  # any shape (KPOP also trains biases); the model's shape is checked when it is applied
         return DenseEdit(parts["new"])
     if kind == "low_rank":
         up, down = parts["up"], parts["down"]

@@ -121,7 +121,7 @@ BAD_INPUTS = {
     "kpop without a full U-Net": (["erase", "{sd1}", "--erase", "x", "--method", "kpop"], "model",
                                   "U-Net cannot be rebuilt for training"),
     "prompt from a closed-form method": (["erase", "{sd1}", "--erase", "x", "--save-prompt", "{dir}/p.safetensors"],
-                                         "--save-prompt", "learned no prompt"),
+                                         "--save-prompt", "learns no prompt"),
     # output paths against each other and the input, before any work (--overwrite does not allow them)
     "report is the output": (["erase", "{sd1}", "--erase", "x", "--out", "{dir}/o.safetensors", "--report",
                               "{dir}/o.safetensors"], "--report", "also given as --out"),
