@@ -151,6 +151,20 @@ def test_erase_changes_kv_in_place_and_restore_is_bit_identical(a1111):
     assert not service.session.active and "No erasure active" in service.status()["text"]
 
 
+def test_a_text_encoder_edit_refreshes_a1111s_cached_empty_prompt(a1111):
+    """A1111 encodes the empty prompt once at load (`cond_stage_model_empty_prompt`, used to pad prompt and
+    negative prompt to one length): an ErasePro edit of the text encoder must not leave it stale."""
+    webui, service, model, _path, _state = a1111
+    loaded = model.cond_stage_model_empty_prompt.clone()
+    service.erase(parse_erase({"method": "erasepro", "erase": "van gogh", "params": {"token_policy": "first_k"}}))
+    with torch.no_grad():
+        fresh = webui.sd_models.get_empty_cond(model)
+    assert not torch.equal(fresh, loaded)  # the edit reaches the empty prompt
+    assert torch.equal(model.cond_stage_model_empty_prompt, fresh)
+    service.restore()
+    assert torch.equal(model.cond_stage_model_empty_prompt, loaded)
+
+
 def test_erasures_stack_and_are_recorded(a1111):
     _webui, service, model, path, _state = a1111
     live = A1111Model(model)

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_webui_realhost import API, BROWSER, K0, WebUIServer, make_checkpoint
+from test_webui_realhost import (
+    API,
+    BROWSER,
+    K0,
+    QUICK,
+    WebUIServer,
+    check_erase_changes_the_image_and_restore_gives_it_back,
+    make_checkpoint,
+)
 
 FORGE = os.environ.get("CONCEPT_ERASER_FORGE")
 FORGE_PYTHON = os.environ.get("CONCEPT_ERASER_FORGE_PYTHON") or (
@@ -114,6 +122,12 @@ def test_erase_in_place_and_restore_bit_identically(forge, method):
     assert forge.post(f"{API}/restore")[0] == 200
     assert forge.get(f"{API}/weights")["tensors"] == original
     assert forge.get(f"{API}/weights?keys={text_key}")["tensors"] == original_text
+
+
+@pytest.mark.parametrize("method", list(QUICK))
+def test_every_method_changes_the_target_image_and_restore_gives_it_back_bit_for_bit(forge, method):
+    erased = check_erase_changes_the_image_and_restore_gives_it_back(forge, method)
+    assert erased["erased"]["method"] == method
 
 
 def test_forge_lora_merges_never_undo_an_erasure_nor_get_baked_in(forge):
