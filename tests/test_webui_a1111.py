@@ -230,6 +230,8 @@ def test_the_tab_in_a_headless_browser(webui, tmp_path):
     assert "saved" in result["save_message"] and (webui.ckpt_dir / "browser-erased.safetensors").exists()
     assert "restored 32 tensors" in result["restore_message"]
     assert result["status_restored"].startswith("No erasure active")
+    assert "learnable prompt" in result["method_help"] and "KPOP erased van gogh" in result["kpop_message"]
+    assert "restored" in result["kpop_restore_message"]
     assert (shots / "concept_eraser_tab.png").exists()
 
 

@@ -192,3 +192,5 @@ def test_the_tab_in_a_headless_browser(forge, tmp_path):
     assert [c.split(" · ")[0] for c in result["captions"]] == ["original", "erased"] * 2, result["captions"]
     assert "saved" in result["save_message"] and (forge.ckpt_dir / "browser-erased.safetensors").exists()
     assert "restored" in result["restore_message"] and result["status_restored"].startswith("No erasure active")
+    assert "learnable prompt" in result["method_help"] and "KPOP erased van gogh" in result["kpop_message"]
+    assert "restored" in result["kpop_restore_message"]

@@ -344,6 +344,19 @@ try:
     result["restore_message"] = wait(lambda: "restored" in message() and message())
     result["status_restored"] = el("#concept_eraser_status textarea").get_attribute("value")
     d.save_screenshot(shots + "/concept_eraser_restored.png")
+    # KPOP, chosen by its display name, a few steps
+    el("#concept_eraser_method input").click()
+    wait(lambda: [o for o in d.find_elements(By.CSS_SELECTOR, "ul.options li") if o.text.strip() == "KPOP"])[0].click()
+    result["method_help"] = wait(lambda: "prompt" in el("#concept_eraser_method_help").text and
+                                 el("#concept_eraser_method_help").text)
+    toggle("#concept_eraser_parameters")
+    wait(lambda: el("#concept_eraser_kpop_steps input").is_displayed())
+    for name, value in (("steps", "3"), ("ddim_steps", "4"), ("lr", "0.001"), ("resolution", "64")):
+        set_value("#concept_eraser_kpop_%s input" % name, value)
+    el("#concept_eraser_erase_button").click()
+    result["kpop_message"] = wait(lambda: ("erased" in message() or "⚠" in message()) and message(), 900)
+    el("#concept_eraser_restore_button").click()
+    result["kpop_restore_message"] = wait(lambda: "restored" in message() and message())
 finally:
     d.quit()
 print(json.dumps(result))
