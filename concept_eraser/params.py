@@ -7,8 +7,9 @@ and checks ranges, raising `InvalidParameterError` that names the field and the 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import InvalidParameterError
 
@@ -42,17 +43,22 @@ class Param:
                 return None
             if value is None:
                 raise InvalidParameterError(self.name, f"a value is required ({self.describe_range()})")
+        # JSON and Python make true == 1: a boolean is never taken for a number, nor a number for a boolean
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
-            text = str(value).strip().lower()
+            text = value.strip().lower() if isinstance(value, str) else None
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
             raise InvalidParameterError(self.name, f"{value!r} is not true or false")
+        if isinstance(value, bool):
+            raise InvalidParameterError(self.name, f"{value!r} is not {self.describe_range()}")
         if self.kind is str:
-            text = str(value).strip()
+            if not isinstance(value, str):
+                raise InvalidParameterError(self.name, f"{value!r} is not text ({self.describe_range()})")
+            text = value.strip()
             if self.choices and text not in self.choices:
                 raise InvalidParameterError(self.name, f"{text!r} is not {self.describe_range()}")
             return text

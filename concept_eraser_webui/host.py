@@ -161,6 +161,13 @@ class A1111Model:
 
     def after_write(self) -> None:
         clear_condition_caches()
+        # A1111 also keeps the empty prompt's conditioning from load time (it pads prompt and negative prompt
+        # to one length with it, "Pad prompt/negative prompt"): recompute it from the text encoder as it is now
+        if getattr(self.obj, "cond_stage_model_empty_prompt", None) is not None:
+            from modules import sd_models
+
+            with self._devices.autocast(), torch.no_grad():
+                self.obj.cond_stage_model_empty_prompt = sd_models.get_empty_cond(self.obj)
 
     def file_steps(self) -> tuple[dict, ...]:
         return _file_steps(self.obj)

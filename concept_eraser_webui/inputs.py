@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from concept_eraser.checkpoint import FORMATS as FILE_FORMATS
-
-# the model files, and KPOP's learned prompt (which re-enables the concept it erased)
-FORMATS = FILE_FORMATS + ("learned_prompt",)
 from concept_eraser.concepts import Concepts
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.methods import METHODS, get_method
 from concept_eraser.params import resolve
+
+# the model files, and KPOP's learned prompt (which re-enables the concept it erased)
+FORMATS = FILE_FORMATS + ("learned_prompt",)
 
 
 class RequestError(ValueError):

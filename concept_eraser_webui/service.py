@@ -59,17 +59,12 @@ class Service:
     # ---- status ----------------------------------------------------------------------------------
     def status(self, live=None) -> dict:
         live = live if live is not None else self.host.live(load=False)
-        notice = self.session.reconcile(live, self.host.live_for)
-        out = {"host": self.host.title, **self.session.status(live)}
-        if notice:
-            out["notice"] = notice
-        return out
+        self.session.reconcile(live, self.host.live_for)
+        return {"host": self.host.title, **self.session.status(live)}
 
     def on_model_loaded(self, obj) -> None:
         """The host loaded weights into `obj` (a new model, or another checkpoint into a reused one)."""
-        notice = self.session.model_loaded(obj, self.host.live_for)
-        if notice:
-            log.info("concept_eraser: %s", notice)
+        self.session.model_loaded(obj, self.host.live_for)
 
     # ---- erase / restore -------------------------------------------------------------------------
     def erase(self, request: EraseRequest, id_task: str | None = None) -> dict:
@@ -84,12 +79,8 @@ class Service:
     def restore(self, id_task: str | None = None) -> dict:
         with self.host.job("Concept Eraser: restore", id_task):
             live = self.host.live(load=False)
-            notice = self.session.reconcile(live, self.host.live_for)
             count = self.session.restore(live, self.host.live_for)
-            out = {"restored_tensors": count, "status": self.status(live)}
-            if notice:
-                out["notice"] = notice
-            return out
+            return {"restored_tensors": count, "status": self.status(live)}
 
     # ---- inspection -------------------------------------------------------------------------------
     def weights(self, keys: Sequence[str] | None = None) -> dict:

@@ -15,6 +15,7 @@ belong to.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -31,6 +32,8 @@ from concept_eraser.errors import Cancelled, EraserError
 from concept_eraser.patch import ErasurePatch, check_finite
 
 from .live import LiveTensors, digest
+
+log = logging.getLogger("concept_eraser")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Record:
 class ErasureSession:
     def __init__(self):
         self.lock = threading.RLock()
+        self.notice: str | None = None  # why erasures were dropped, shown with the status until the next erasure
         self._clear()
 
     def _clear(self) -> None:
@@ -119,23 +123,23 @@ class ErasureSession:
             ours = self.model_object()
             where = self.checkpoint.title if self.checkpoint else "the previous checkpoint"
             if ours is None:
-                self._clear()
-                return f"the model erasures were applied to ({where}) was unloaded: erasures dropped"
+                return self._drop(f"the model the erasures were applied to ({where}) was unloaded: erasures dropped")
             if live is not None and live.obj is ours:
                 if not live.checkpoint.matches(self.checkpoint):
-                    self._clear()
-                    return f"weights were reloaded into the model ({where} → {live.checkpoint.title}): erasures dropped"
+                    return self._drop(f"weights were reloaded into the model ({where} → {live.checkpoint.title}): "
+                                      "erasures dropped")
                 return None
             if live is None:
                 return None  # nothing current (being loaded); keep the state until we know more
             # another model object is current; ours may still sit in memory, erased: restore it
+            restored = False
             try:
                 old = live_for(ours) if live_for else None
                 restored = old is not None and old.checkpoint.matches(self.checkpoint) and self._write_back(old)
             finally:
-                self._clear()
-            return (f"checkpoint changed ({where} → {live.checkpoint.title}): erasures dropped"
-                    + ("; the erased model still in memory was restored" if restored else ""))
+                notice = self._drop(f"checkpoint changed ({where} → {live.checkpoint.title}): erasures dropped"
+                                    + ("; the erased model still in memory was restored" if restored else ""))
+            return notice
 
     def model_loaded(self, obj, live_for: Callable[[Any], LiveModel | None]) -> str | None:
         """The host just loaded weights into `obj`. If that is our model object, its erasure is gone with
@@ -145,18 +149,28 @@ class ErasureSession:
                 return None
             ours = self.model_object()
             where = self.checkpoint.title if self.checkpoint else "the previous checkpoint"
+            try:
+                loaded = live_for(obj).checkpoint.title
+            except Exception:  # noqa: BLE001 - only for the message
+                loaded = "another checkpoint"
             if ours is None or ours is obj:
-                self._clear()
-                return f"weights were loaded into the model that held the erasures ({where}): erasures dropped"
+                return self._drop(f"{loaded} was loaded into the model that held the erasures on {where}: "
+                                  "erasures dropped (the weights are the new file's)")
             try:
                 old = live_for(ours)
                 restored = old is not None and old.checkpoint.matches(self.checkpoint) and self._write_back(old)
             except Exception:  # noqa: BLE001 - cannot look at it any more: nothing to restore into
                 restored = False
-            finally:
-                self._clear()
-            return (f"another checkpoint was loaded: the erasures on {where} were dropped"
-                    + ("; the erased model still in memory was restored" if restored else ""))
+            return self._drop(f"{loaded} was loaded: the erasures on {where} were dropped"
+                              + ("; the erased model still in memory was restored" if restored else ""))
+
+    def _drop(self, notice: str) -> str:
+        """Forget the erasures (their weights are gone or restored) and say so: in the status until the next
+        erasure, and in the WebUI's console (a warning: the WebUI shows warnings, not info)."""
+        self._clear()
+        self.notice = notice
+        log.warning("concept_eraser: %s", notice)
+        return notice
 
     def _write_back(self, live: LiveModel) -> bool:
         """Restore originals into `live` if every edited tensor still holds exactly what was written.
@@ -223,6 +237,7 @@ class ErasureSession:
                             tuple(result.patch.edits), result.report["seconds"] + time.perf_counter() - start,
                             step, result.report, result.artifacts)
             self.records.append(record)
+            self.notice = None
             return record
 
     # ---- restore -------------------------------------------------------------------------------
@@ -287,6 +302,8 @@ class ErasureSession:
                 "changed_tensors": len(self.backups),
                 "baked_in_file": _concepts(self._file_steps(live)),
             }
+            if self.notice:
+                out["notice"] = self.notice
             out["text"] = status_text(out)
             return out
 

@@ -65,6 +65,21 @@ def message_html(text: str, kind: str = "info") -> str:
     return f'<div class="{ELEM}-message {ELEM}-{kind}">{icon} {html.escape(text)}</div>'
 
 
+def duration(seconds: float) -> str:
+    """"0.04 s" reads as nothing: milliseconds below a second."""
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def method_name(choice: str) -> str:
+    """The method the dropdown's display name (or the internal name, as the route takes it) stands for."""
+    return next((name for name, m in METHODS.items() if choice in (m.title, name)), choice)
+
+
+def method_help(choice: str) -> str:
+    method = METHODS.get(method_name(choice))
+    return f'<div class="{ELEM}-method-help">{html.escape(method.summary)}</div>' if method else ""
+
+
 def problem_text(exc: BaseException) -> str:
     _status, payload = error_payload(exc)
     field = payload.get("field")
@@ -104,12 +119,14 @@ class Tab:
 
     # ---- handlers (values in, widget values out) -------------------------------------------------------
     def erase(self, id_task, targets, guides, preserve, method, *values):
+        method = method_name(method)
+
         def run():
             request = parse_erase({"method": method, "erase": targets or "", "guide": guides or "",
                                    "preserve": preserve or "", "params": self.params_for(method, values)})
             result = self.service.erase(request, id_task or None)
             e = result["erased"]
-            text = (f"{e['method'].upper()} erased {', '.join(e['erase'])} in {e['seconds']:.1f} s "
+            text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
             return json.dumps(jsonable(result["report"]), indent=1)[:20000], message_html(text, "ok")
 
@@ -121,7 +138,7 @@ class Tab:
             result = self.service.restore(id_task or None)
             n = result["restored_tensors"]
             text = f"restored {n} tensors: the weights are the checkpoint's again" if n else "nothing to restore"
-            return None, message_html(result.get("notice", "") + (" " if result.get("notice") else "") + text, "ok")
+            return None, message_html(text, "ok")
 
         _unused, message = self._guard(run, id_task)
         return self.status_line(), message
@@ -163,7 +180,7 @@ class Tab:
         return [elem for elem in TXT2IMG_SETTINGS if elem in TXT2IMG]
 
     def method_visibility(self, method: str) -> list[bool]:
-        return [name == method for name in METHODS]
+        return [name == method_name(method) for name in METHODS]
 
 
 def build(service):
@@ -189,14 +206,15 @@ def build(service):
                                                 "(empty: the empty prompt)")
                 preserve = gr.Textbox(label="Concepts to preserve", lines=3, elem_id=f"{ELEM}_preserve",
                                       placeholder="one per line, e.g.\nMonet\nRembrandt")
-                method = gr.Dropdown(label="Method", choices=list(METHODS), value=next(iter(METHODS)),
-                                     info=" · ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+                first = next(iter(METHODS.values()))
+                method = gr.Dropdown(label="Method", choices=[m.title for m in METHODS.values()], value=first.title,
                                      elem_id=f"{ELEM}_method")
-                with gr.Row():
-                    erase_button = gr.Button("Erase", variant="primary", elem_id=f"{ELEM}_erase_button")
-                    preview_button = gr.Button("Preview", elem_id=f"{ELEM}_preview_button")
-                    restore_button = gr.Button("Restore", elem_id=f"{ELEM}_restore_button")
-                    interrupt_button = gr.Button("Interrupt", elem_id=f"{ELEM}_interrupt_button")
+                help_text = gr.HTML(method_help(first.title), elem_id=f"{ELEM}_method_help")
+                with gr.Row(elem_id=f"{ELEM}_actions"):  # four narrow buttons: one row, Interrupt included
+                    erase_button = gr.Button("Erase", variant="primary", elem_id=f"{ELEM}_erase_button", min_width=60)
+                    preview_button = gr.Button("Preview", elem_id=f"{ELEM}_preview_button", min_width=60)
+                    restore_button = gr.Button("Restore", elem_id=f"{ELEM}_restore_button", min_width=60)
+                    interrupt_button = gr.Button("Interrupt", elem_id=f"{ELEM}_interrupt_button", min_width=60)
                 groups, widgets = [], []
                 with gr.Accordion("Method parameters", open=False, elem_id=f"{ELEM}_parameters"):
                     for name in METHODS:
@@ -224,8 +242,8 @@ def build(service):
                 with gr.Accordion("Report", open=False):
                     report = gr.Code(label="Last erasure", language="json", elem_id=f"{ELEM}_report")
 
-        method.change(lambda m: [gr.update(visible=v) for v in tab.method_visibility(m)], inputs=[method],
-                      outputs=groups)
+        method.change(lambda m: [method_help(m), *(gr.update(visible=v) for v in tab.method_visibility(m))],
+                      inputs=[method], outputs=[help_text, *groups])
         erase_button.click(tab.erase, **submit,
                            inputs=[id_task, targets, guides, preserve, method, *widgets],
                            outputs=[status, message, report])

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_webui_realhost import API, BROWSER, K0, WebUIServer, make_checkpoint
+from test_webui_realhost import (
+    API,
+    BROWSER,
+    K0,
+    QUICK,
+    WebUIServer,
+    check_erase_changes_the_image_and_restore_gives_it_back,
+    make_checkpoint,
+)
 
 WEBUI = os.environ.get("CONCEPT_ERASER_A1111")
 WEBUI_PYTHON = os.environ.get("CONCEPT_ERASER_A1111_PYTHON") or (
@@ -135,6 +143,40 @@ def test_every_method_erases_in_place_and_restores_bit_identically(webui, method
     assert webui.post(f"{API}/encode", {"prompts": ["van gogh"]})[1]["features"] == features
 
 
+@pytest.mark.parametrize("method", list(QUICK))
+def test_every_method_changes_the_target_image_and_restore_gives_it_back_bit_for_bit(webui, method):
+    erased = check_erase_changes_the_image_and_restore_gives_it_back(webui, method)
+    assert erased["erased"]["method"] == method
+
+
+@pytest.mark.parametrize("params", [{}, {"edit_unet": False}, {"token_policy": "first_k"}],
+                         ids=["defaults", "text_encoder_only", "first_k"])
+def test_erasepro_in_place_renders_like_its_saved_checkpoint_with_an_empty_negative_prompt(webui, params):
+    """The WebUI's default negative prompt is empty: after an in-place ErasePro its conditioning must be what
+    the same erasure saved as a checkpoint and loaded fresh gives (finite: no black images). Loading that file
+    drops the in-place erasure, which the status and the console must say."""
+    import numpy as np
+
+    name = "erasepro-" + "-".join(f"{k}_{v}" for k, v in params.items())
+    status, erased = webui.post(f"{API}/erase", {"method": "erasepro", "erase": "van gogh", "params": params})
+    assert status == 200, erased
+    in_place = [webui.txt2img(prompt) for prompt in ("van gogh", "a cat")]
+    status, saved = webui.post(f"{API}/save", {"format": "checkpoint", "name": name})
+    assert status == 200, saved
+    original_title = webui.get(f"{API}/status")["checkpoint"]
+    assert webui.post("/sdapi/v1/options", {"sd_model_checkpoint": saved["title"]})[0] == 200
+    try:
+        status = webui.get(f"{API}/status")
+        assert status["erasures"] == [] and "dropped" in status["notice"] and "van gogh" in status["text"]
+        assert status["notice"] in webui.log.read_text()  # on the console, where the WebUI shows warnings
+        from_file = [webui.txt2img(prompt) for prompt in ("van gogh", "a cat")]
+    finally:
+        assert webui.post("/sdapi/v1/options", {"sd_model_checkpoint": original_title})[0] == 200
+    for mine, theirs in zip(in_place, from_file):
+        assert mine.std() > 1.0, "a flat (black: NaN) image after the in-place erase"
+        assert np.abs(mine - theirs).mean() < 1.0  # the file is fp16, the live weights fp32 (--no-half)
+
+
 def test_saved_checkpoint_loads_back_with_exactly_the_patched_weights(webui):
     from concept_eraser.safetensors_io import SafetensorsReader
     from concept_eraser_webui.live import digest
@@ -188,6 +230,8 @@ def test_the_tab_in_a_headless_browser(webui, tmp_path):
     assert "saved" in result["save_message"] and (webui.ckpt_dir / "browser-erased.safetensors").exists()
     assert "restored 32 tensors" in result["restore_message"]
     assert result["status_restored"].startswith("No erasure active")
+    assert "learnable prompt" in result["method_help"] and "KPOP erased van gogh" in result["kpop_message"]
+    assert "restored" in result["kpop_restore_message"]
     assert (shots / "concept_eraser_tab.png").exists()
 
 

@@ -5,6 +5,7 @@ tests/test_webui_support.py)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -150,6 +151,20 @@ def test_erase_changes_kv_in_place_and_restore_is_bit_identical(a1111):
     assert not service.session.active and "No erasure active" in service.status()["text"]
 
 
+def test_a_text_encoder_edit_refreshes_a1111s_cached_empty_prompt(a1111):
+    """A1111 encodes the empty prompt once at load (`cond_stage_model_empty_prompt`, used to pad prompt and
+    negative prompt to one length): an ErasePro edit of the text encoder must not leave it stale."""
+    webui, service, model, _path, _state = a1111
+    loaded = model.cond_stage_model_empty_prompt.clone()
+    service.erase(parse_erase({"method": "erasepro", "erase": "van gogh", "params": {"token_policy": "first_k"}}))
+    with torch.no_grad():
+        fresh = webui.sd_models.get_empty_cond(model)
+    assert not torch.equal(fresh, loaded)  # the edit reaches the empty prompt
+    assert torch.equal(model.cond_stage_model_empty_prompt, fresh)
+    service.restore()
+    assert torch.equal(model.cond_stage_model_empty_prompt, loaded)
+
+
 def test_erasures_stack_and_are_recorded(a1111):
     _webui, service, model, path, _state = a1111
     live = A1111Model(model)
@@ -284,6 +299,32 @@ def test_model_loaded_callback_for_our_object_drops_the_state(a1111):
     reloaded = snapshot(live)
     service.on_model_loaded(model)
     assert not service.session.active and snapshot(live) == reloaded
+
+
+def test_a_checkpoint_switch_says_the_erasures_were_dropped_in_the_status_and_the_log(a1111, caplog):
+    """A1111 loads another checkpoint into the same object, then calls on_model_loaded: the erasures are gone
+    with the old weights. The status (route and tab) says so until the next erasure; so does the console, as
+    a warning (the WebUI does not configure logging: Python then prints warnings and above, never info)."""
+    from concept_eraser_webui.ui import Tab
+
+    webui, service, model, _path, _state = a1111
+    service.erase(parse_erase(REQUEST))
+    other_path, other_state = tiny_sd1_file(webui.ckpt_dir, "other.safetensors", seed=7)
+    live = A1111Model(model)
+    for key in live.tensors.keys():
+        live.tensors.write(key, other_state[key])
+    model.sd_checkpoint_info = checkpoint_info(other_path, "ef" * 32)
+    with caplog.at_level(logging.WARNING, logger="concept_eraser"):
+        service.on_model_loaded(model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "tiny-sd1.safetensors" in warnings[0] and "dropped" in warnings[0]
+    for _ in range(2):  # not only the first time the status is read
+        status = service.status()
+        assert status["erasures"] == [] and status["notice"] == warnings[0].removeprefix("concept_eraser: ")
+        line = Tab(service).status_line()
+        assert line.startswith("No erasure active on other.safetensors") and "erasures dropped" in line
+    service.erase(parse_erase(REQUEST))
+    assert "notice" not in service.status()
 
 
 def test_switching_to_another_model_object_restores_the_erased_one_in_memory(a1111):

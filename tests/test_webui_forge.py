@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_webui_realhost import API, BROWSER, K0, WebUIServer, make_checkpoint
+from test_webui_realhost import (
+    API,
+    BROWSER,
+    K0,
+    QUICK,
+    WebUIServer,
+    check_erase_changes_the_image_and_restore_gives_it_back,
+    make_checkpoint,
+)
 
 FORGE = os.environ.get("CONCEPT_ERASER_FORGE")
 FORGE_PYTHON = os.environ.get("CONCEPT_ERASER_FORGE_PYTHON") or (
@@ -116,6 +124,12 @@ def test_erase_in_place_and_restore_bit_identically(forge, method):
     assert forge.get(f"{API}/weights?keys={text_key}")["tensors"] == original_text
 
 
+@pytest.mark.parametrize("method", list(QUICK))
+def test_every_method_changes_the_target_image_and_restore_gives_it_back_bit_for_bit(forge, method):
+    erased = check_erase_changes_the_image_and_restore_gives_it_back(forge, method)
+    assert erased["erased"]["method"] == method
+
+
 def test_forge_lora_merges_never_undo_an_erasure_nor_get_baked_in(forge):
     base = forge.get(f"{API}/weights")["tensors"]
     uce = {"erase": "van gogh", "params": {"token_policy": "last_word"}}
@@ -178,3 +192,5 @@ def test_the_tab_in_a_headless_browser(forge, tmp_path):
     assert [c.split(" · ")[0] for c in result["captions"]] == ["original", "erased"] * 2, result["captions"]
     assert "saved" in result["save_message"] and (forge.ckpt_dir / "browser-erased.safetensors").exists()
     assert "restored" in result["restore_message"] and result["status_restored"].startswith("No erasure active")
+    assert "learnable prompt" in result["method_help"] and "KPOP erased van gogh" in result["kpop_message"]
+    assert "restored" in result["kpop_restore_message"]

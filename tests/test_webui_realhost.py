@@ -4,11 +4,12 @@
 ../shared/hosts/a1111/make_tiny_a1111_checkpoint.py does): "tiny" (text encoder 64 wide with one head,
 so the solver's own encoder rebuilds it exactly; 1/10-width U-Net; A1111 loads it with the .yaml
 written beside it) or "full" (the real CLIP-L text encoder and VAE sizes and a 320-wide U-Net: what
-Forge's loader recognises as SD 1.5). ldm zero-initialises every SpatialTransformer's proj_out and the
-U-Net's last conv, so that nothing the text or cross-attention does would reach the image: the maker
-gives them small random values. `WebUIServer` starts a WebUI headless on the CPU from a temporary data
-folder with this repository linked into its extensions/. `BROWSER` drives the tab in headless Chromium
-(selenium) in both WebUIs.
+Forge's loader recognises as SD 1.5). Random init is not a trained model in two ways that matter here, which
+the maker corrects: ldm zero-initialises every SpatialTransformer's proj_out and the U-Net's last conv (then
+nothing the text or cross-attention does reaches the image), and transformers gives LayerNorms weight 1 and
+bias 0 (then A1111's emphasis divides 0 by 0 for some prompts: see MAKER). `WebUIServer` starts a WebUI
+headless on the CPU from a temporary data folder with this repository linked into its extensions/. `BROWSER`
+drives the tab in headless Chromium (selenium) in both WebUIs.
 """
 
 from __future__ import annotations
@@ -127,10 +128,16 @@ torch.manual_seed(1234)
 model = instantiate_from_config(OmegaConf.load(os.path.join(out, name + ".yaml")).model)
 # ldm zero-initialises every SpatialTransformer's proj_out and the U-Net's last conv: then nothing the text
 # or cross-attention does reaches the image. Give them small random values so edits are visible.
+# transformers initialises LayerNorms to weight 1, bias 0: then every token's features after the final norm sum
+# to zero, the prompt's mean is ~1e-8, and A1111's emphasis (z * mean / mean after weighting) divides 0 by 0
+# whenever rounding makes it exactly 0.0 (a NaN conditioning, a black image; 4 of 20 prompts on an unerased
+# model). Trained encoders have learned affine norms: give the text encoder's norms such values.
 with torch.no_grad():
-    for _param_name, p in model.named_parameters():
+    for param_name, p in model.named_parameters():
         if p.dim() >= 2 and not p.any():
             p.normal_(0, 0.05)
+        elif param_name.startswith("cond_stage_model.") and "layer_norm" in param_name:
+            p.normal_(1.0 if param_name.endswith(".weight") else 0.0, 0.1)
 sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()}
 save_file(sd, os.path.join(out, name + ".safetensors"))
 print("ok", len(sd))
@@ -227,18 +234,46 @@ class WebUIServer:
     def post(self, path: str, body=None):
         return self.request("POST", path, body if body is not None else {})
 
-    def txt2img(self, prompt: str, seed: int = 5, size: int = 64):
-        """One small 3-step image through the WebUI's own API, as a float array."""
+    def txt2img(self, prompt: str, seed: int = 5, size: int = 64, negative: str = ""):
+        """One small 3-step image through the WebUI's own API (the negative prompt empty by default, as in the
+        WebUI), as a float array."""
         import base64
         import io
 
         import numpy as np
         from PIL import Image
 
-        status, out = self.post("/sdapi/v1/txt2img", {"prompt": prompt, "seed": seed, "steps": 3, "width": size,
-                                                      "height": size, "sampler_name": "Euler", "cfg_scale": 5})
+        status, out = self.post("/sdapi/v1/txt2img", {"prompt": prompt, "negative_prompt": negative, "seed": seed,
+                                                      "steps": 3, "width": size, "height": size,
+                                                      "sampler_name": "Euler", "cfg_scale": 5})
         assert status == 200, out
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0]))), dtype=np.float64)
+
+
+# Settings that erase with every method in seconds on the CPU (the closed-form methods at their defaults; KPOP a
+# few steps, with a learning rate large enough that three steps show in a 3-step image)
+QUICK = {"uce": {}, "rece": {}, "space": {}, "erasepro": {},
+         "kpop": {"steps": 3, "ddim_steps": 4, "lr": 1e-3, "prompt_lr": 1e-3, "resolution": 64}}
+
+
+def check_erase_changes_the_image_and_restore_gives_it_back(webui, method: str, prompt: str = "van gogh") -> dict:
+    """txt2img of the target prompt before, after an erase, and after Restore: the erased image differs, the
+    restored one is the original bit for bit, and no image is black (NaN). Returns the erase's answer."""
+    import numpy as np
+
+    before = webui.txt2img(prompt)
+    status, erased = webui.post(f"{API}/erase", {"method": method, "erase": prompt, "preserve": "monet",
+                                                 "params": QUICK[method]})
+    assert status == 200, erased
+    after = webui.txt2img(prompt)
+    restore_status, restored = webui.post(f"{API}/restore")
+    assert restore_status == 200 and restored["restored_tensors"] > 0, restored
+    again = webui.txt2img(prompt)
+    for image in (before, after):
+        assert image.std() > 1.0, f"{method}: a flat (black: NaN) image"
+    assert np.abs(after - before).mean() > 1.0, f"{method}: the erasure did not change the image"
+    assert np.array_equal(again, before), f"{method}: restore did not give the original image back"
+    return erased
 
 
 BROWSER = r'''
@@ -309,6 +344,19 @@ try:
     result["restore_message"] = wait(lambda: "restored" in message() and message())
     result["status_restored"] = el("#concept_eraser_status textarea").get_attribute("value")
     d.save_screenshot(shots + "/concept_eraser_restored.png")
+    # KPOP, chosen by its display name, a few steps
+    el("#concept_eraser_method input").click()
+    wait(lambda: [o for o in d.find_elements(By.CSS_SELECTOR, "ul.options li") if o.text.strip() == "KPOP"])[0].click()
+    result["method_help"] = wait(lambda: "prompt" in el("#concept_eraser_method_help").text and
+                                 el("#concept_eraser_method_help").text)
+    toggle("#concept_eraser_parameters")
+    wait(lambda: el("#concept_eraser_kpop_steps input").is_displayed())
+    for name, value in (("steps", "3"), ("ddim_steps", "4"), ("lr", "0.001"), ("resolution", "64")):
+        set_value("#concept_eraser_kpop_%s input" % name, value)
+    el("#concept_eraser_erase_button").click()
+    result["kpop_message"] = wait(lambda: ("erased" in message() or "⚠" in message()) and message(), 900)
+    el("#concept_eraser_restore_button").click()
+    result["kpop_restore_message"] = wait(lambda: "restored" in message() and message())
 finally:
     d.quit()
 print(json.dumps(result))

@@ -212,6 +212,9 @@ def install_fake_webui(monkeypatch, tmp_path: Path, forge: bool = False) -> Simp
         sd_models.listed.append(len(sd_models.checkpoints_list))
 
     sd_models.list_models = list_models
+    # as A1111 computes `sd_model.cond_stage_model_empty_prompt` after loading a model
+    sd_models.get_empty_cond = lambda model: model.cond_stage_model.encode_with_transformers(
+        torch.tensor([[model.cond_stage_model.id_start] + [model.cond_stage_model.id_end] * 76]))
     sd_models.checkpoint_tiles = lambda use_short=False: list(sd_models.checkpoints_list)
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = threading.RLock()
@@ -307,6 +310,8 @@ def trainable_sd1_file(folder: Path, name: str = "trainable-sd1.safetensors") ->
 def load_fake_a1111(webui, path: Path, state: dict, make_current: bool = True) -> FakeLDM:
     info = checkpoint_info(path, hashlib.sha256(path.read_bytes()).hexdigest())
     model = FakeLDM(state, info, webui.opts)
+    with torch.no_grad():
+        model.cond_stage_model_empty_prompt = webui.sd_models.get_empty_cond(model)
     if make_current:
         webui.sd_models.model_data.sd_model = model
     return model

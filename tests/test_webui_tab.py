@@ -3,13 +3,15 @@ handlers (messages naming the field, the status line, Preview reading the txt2im
 
 from __future__ import annotations
 
+import html
+
 import pytest
 from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_file
 
 from concept_eraser.methods import METHODS
 from concept_eraser_webui.host import Host
 from concept_eraser_webui.service import Service
-from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, param_layout, widget_spec
+from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, duration, method_help, param_layout, widget_spec
 
 
 @pytest.fixture
@@ -102,10 +104,31 @@ def test_save_uses_a_default_name_and_never_overwrites(tab):
     assert "saved" in tab.save("patch", "", True)[1]
 
 
-def test_method_choice_shows_only_that_methods_parameters():
+def test_method_choice_shows_only_that_methods_parameters_and_help():
     tab = Tab(service=None)
-    for name in METHODS:
-        assert tab.method_visibility(name) == [n == name for n in METHODS]
+    for name, method in METHODS.items():
+        assert tab.method_visibility(method.title) == [n == name for n in METHODS]
+        assert tab.method_visibility(name) == [n == name for n in METHODS]  # the route's names work too
+        help_html = method_help(method.title)
+        assert html.escape(method.summary) in help_html
+        assert not any(html.escape(m.summary) in help_html for m in METHODS.values() if m is not method)
+
+
+def test_the_tab_offers_display_names_and_erases_with_them(tab):
+    _status, message, report = tab.erase("", "van gogh", "", "", METHODS["uce"].title, *values_for("uce"))
+    assert "UCE erased van gogh" in message and '"method": "uce"' in report
+    _status, message, report = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
+    assert "ErasePro erased monet" in message and '"method": "erasepro"' in report
+
+
+def test_a_fast_erasure_reports_milliseconds():
+    assert duration(0.0123) == "12 ms" and duration(0.9994) == "999 ms"
+    assert duration(1.0) == "1.0 s" and duration(83.26) == "83.3 s"
+
+
+def test_lam_true_is_refused_in_the_tab(tab):
+    _status, message, report = tab.erase("", "van gogh", "", "", "UCE", *values_for("uce", lam=True))
+    assert "params.lam" in message and "⚠" in message and report == ""
 
 
 def test_txt2img_capture_is_module_state():
