@@ -72,8 +72,9 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -87,127 +88,222 @@ from ..safetensors_io import tensor_bytes
 from .base import ErasureMethod, MethodOutput
 from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns
 
-CHECK_EVERY = 10  # iterations between convergence / restart checks (a few passes over W and a device sync)
-AUTO_QUANTILE = 0.8  # default μ zeroes about this share of the entries (see the module docstring)
+SOLVERS = ("newton", "fista")
 STARTS = ("uce", "original")
-GRADIENT_FORMS = ("auto", "low_rank", "dense")
+CHECK_EVERY = 10  # FISTA iterations between certificate / restart checks
+CG_RTOL = 0.1  # inexact Newton: each system to 10 % (the certificate, not CG, decides when to stop)
+CG_MAX = 50  # CG iterations per Newton step at most
+LINE_SEARCH_HALVINGS = 20  # then a row keeps its point for this step (float round-off floor)
+CHUNK_ENTRIES = {"cpu": 2 ** 22, "cuda": 2 ** 26}  # rows solved together: memory stays a few chunk-sized buffers
+MU_SAMPLE_ROWS = 512  # rows (evenly strided over every K/V) on which the automatic μ is searched
+MU_SEARCH_TOL = 0.01  # the automatic μ hits the target sparsity of the sample within this
 
 _UCE = {p.name: p for p in UCE_PARAMS}
 
-SPACE_PARAMS = (
-    Param("mu", float, None,
-          "μ: weight of ‖W‖₁; larger = sparser (0 = UCE). Away from the concepts an entry becomes zero roughly when "
-          "|W_o| < μ/(2λ). Empty = 2λ × the 80th percentile of |W_o| (about 75-80% zeros; the paper grid-searches "
-          "μ per task and reports 80-90% on SDXL)", min=0.0, max=1e3, step=0.005, nullable=True),
-    Param("iterations", int, 1000, "most FISTA iterations (stops earlier once the change is below tol)",
-          min=1, max=100000, step=100),
-    Param("tol", float, 1e-5, "stop when ‖W_k − W_k−1‖/‖W_k‖ falls below this (checked every 10 iterations); "
-          "a warning says when iterations ran out first", min=0.0, min_exclusive=True, max=1.0, step=1e-6),
-    _UCE["lam"],
-    replace(_UCE["erase_scale"], help="s_e: weight of the erase term (target → guide); UCE's current script: 1"),
-    Param("preserve_scale", float, 1.0, "s_p: weight of the preserve term (UCE's current script: 1)",
-          min=0.0, max=1e4, step=0.05),
-    replace(_UCE["token_policy"], default="last_word",
-            help="which token features stand for a prompt: last_word (UCE's current script, which SPACE builds "
-                 "on; few columns keep FISTA fast), last_word_to_end (UCE paper), all_tokens"),
-    replace(_UCE["preserve_empty"], default=False,
-            help="also preserve the empty prompt (UCE's paper code does; its current script and SPACE do not)"),
-    Param("restart", bool, True,
-          "adaptive momentum restart (O'Donoghue & Candès 2015): the same optimum in several times fewer "
-          "iterations; false = the paper's plain FISTA"),
-    Param("start", str, "uce", "FISTA's starting point: uce (the μ = 0 solution; converges sooner) or original (W_o)",
-          choices=STARTS),
-    replace(_UCE["solve_dtype"], default="float32",
-            help="precision of the iterations (float32: half the memory and twice the speed of float64)"),
-)
-
 
 @dataclass(frozen=True)
-class FistaResult:
-    weights: torch.Tensor  # the last iterate W_k, rows as given
-    iterations: int
-    converged: bool
-    relative_change: float  # ‖W_k − W_{k−1}‖ / ‖W_k‖ at the last check
-    form: str  # "low_rank" or "dense": how ∇f was applied
+class Operands:
+    """The text side of the loss, reduced. The optimum depends on U and V only through U Uᵀ and U Vᵀ, so
+    they are replaced by Ũ, Ṽ (d × k, k ≤ min(r, d)) with the same two products and orthogonal columns
+    Ũ_j of squared norms `eig`: Ũ = U P, Ṽ = V P with P the eigenvectors of Uᵀ U (r ≤ d), or Ũ = Q Λ^½,
+    Ṽ = V Uᵀ Q Λ^−½ from U Uᵀ = Q Λ Qᵀ (r > d). Float64; directions with eigenvalue < 1e-13 × the largest
+    (numerically null) are dropped."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    eig: torch.Tensor
 
 
-def space_operands(columns: Columns, erase_scale: float, preserve_scale: float, dtype: torch.dtype):
-    """U = [√s_e C_E, √s_p C_P] and V = [√s_e C_G, √s_p C_P] (d × r) in `dtype`."""
+def space_operands(columns: Columns, erase_scale: float, preserve_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """U = [√s_e C_E, √s_p C_P] and V = [√s_e C_G, √s_p C_P] (d × r, float64; module docstring)."""
     e, p = math.sqrt(erase_scale), math.sqrt(preserve_scale)
-    U = torch.cat([e * columns.erase, p * columns.preserve], 1).to(dtype)
-    V = torch.cat([e * columns.guide, p * columns.preserve], 1).to(dtype)
+    U = torch.cat([e * columns.erase, p * columns.preserve], 1).double()
+    V = torch.cat([e * columns.guide, p * columns.preserve], 1).double()
     return U, V
 
 
-def top_eigenvalue(U: torch.Tensor) -> float:
-    """σ_max(U Uᵀ) = σ_max(Uᵀ U), from the smaller of the two Gram matrices, in float64."""
-    u = U.double()
-    if u.shape[1] == 0:
-        return 0.0
-    gram = u.T @ u if u.shape[1] <= u.shape[0] else u @ u.T
-    return torch.linalg.eigvalsh(gram)[-1].item()
+def reduce_operands(U: torch.Tensor, V: torch.Tensor) -> Operands:
+    U, V = U.double(), V.double()
+    d, r = U.shape
+    if r <= d:
+        eig, P = torch.linalg.eigh(U.T @ U)
+        keep = eig > 1e-13 * eig[-1].clamp_min(1e-300)
+        return Operands(U @ P[:, keep], V @ P[:, keep], eig[keep])
+    eig, Q = torch.linalg.eigh(U @ U.T)
+    keep = eig > 1e-13 * eig[-1].clamp_min(1e-300)
+    eig, Q = eig[keep], Q[:, keep]
+    return Operands(Q * eig.sqrt(), (V @ (U.T @ Q)) / eig.sqrt(), eig)
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    weights: torch.Tensor  # W, rows as given, in the work dtype
+    iterations: int  # passes of all rows through Ũ and Ũᵀ (what one FISTA iteration costs)
+    newton_steps: int  # 0 for FISTA
+    converged: bool
+    gap: float  # certified: F(W) − min F ≤ gap
+    distance: float  # √(gap/λ) / ‖W‖ ≥ ‖W − W*‖ / ‖W‖ (F is 2λ-strongly convex)
+
+
+def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """S_τ(x) = sign(x) max(|x| − τ, 0)  (Eq. 6)."""
+    return x - x.clamp(-tau, tau)
+
+
+def duality_gap(X: torch.Tensor, W_o: torch.Tensor, R: torch.Tensor, U: torch.Tensor, lam: float, mu: float) -> float:
+    """The duality gap of W = X for the dual point y = 2 R, R = X Ũ − W_o Ṽ (float64; module docstring):
+    a sum of non-negative entry terms φ(x) + φ*(s) − s x, φ(x) = λ (x − w_o)² + μ |x|, s = −2 Ũ R, so no
+    large sums cancel. `U` is Ũ in W_o's dtype; the terms in X's."""
+    C = torch.addmm(W_o, R.to(U.dtype), U.T, alpha=-1.0 / lam).to(X.dtype)  # w_o + s/(2λ)
+    X_dual = soft_threshold(C, mu / (2 * lam))  # the minimiser of φ(x) − s x
+    terms = lam * (X - X_dual) * (X + X_dual - 2 * C) + mu * (X.abs() - X_dual.abs())
+    return max(terms.sum(dtype=torch.float64).item(), 0.0)
+
+
+def residual(X: torch.Tensor, ops: Operands, WoV: torch.Tensor) -> torch.Tensor:
+    """R = X Ũ − W_o Ṽ in float64: the difference cancels (it is small where W Ũ ≈ W_o Ṽ is held), so the
+    product is float64 whatever the work dtype (one float64 product per Newton step or FISTA check)."""
+    return torch.addmm(WoV, X.double(), ops.U, alpha=1.0, beta=-1.0)
+
+
+def certificate(X, W_o, R, Uw, lam, mu) -> tuple[float, float]:
+    gap = duality_gap(X, W_o, R, Uw, lam, mu)
+    norm = X.norm().item()
+    return gap, (math.sqrt(gap / lam) / norm if norm > 0 else (0.0 if gap == 0 else math.inf))
+
+
+def dual_start(W_o: torch.Tensor, ops: Operands, uce: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """y = 2 (W_0 Ũ − W_o Ṽ) for the start W_0: W_o, or UCE's W_o + W_o A Bᵀ (= 2 W_o (Ũ + A Bᵀ Ũ − Ṽ))."""
+    P = ops.U - ops.V
+    if uce is not None:
+        P = P + uce[0] @ (uce[1].T @ ops.U)
+    return 2.0 * (W_o.double() @ P)
+
+
+def newton_l1(
+    W_o: torch.Tensor,
+    ops: Operands,
+    lam: float,
+    mu: float,
+    Y: torch.Tensor,
+    iterations: int,
+    tol: float,
+) -> SolveResult:
+    """Minimise ‖W Ũ − W_o Ṽ‖² + λ‖W − W_o‖² + μ‖W‖₁ by semismooth Newton on its dual (module docstring),
+    from the dual point `Y` (n × k float64); W_o (n × d) in the work dtype of the products. Stops when the
+    certified relative distance to the optimum is ≤ `tol`, or after `iterations` passes (one pass = two
+    n × d × k products, the cost of a FISTA iteration). The iterate c = w_o − Ũ y/(2λ) and W = S_τ(c) are kept in
+    float64: a float32 W alone would be off by eps·√κ in the certificate (1e-4 on SDXL's 77-token columns)."""
+    n = W_o.shape[0]
+    dtype, tau = W_o.dtype, mu / (2 * lam)
+    U = ops.U.to(dtype)
+    WoV = W_o.double() @ ops.V
+    C = torch.addmm(W_o, Y.to(dtype), U.T, alpha=-0.5 / lam).double()
+    X = soft_threshold(C, tau)  # x(y), the primal point of the dual point y
+    products, steps, converged = 2, 0, False  # W_o Ṽ and C so far; every n × d × k product counts ½ pass
+    while True:
+        R = residual(X, ops, WoV)
+        gap, distance = certificate(X, W_o, R, U, lam, mu)
+        products += 2
+        if distance <= tol:
+            converged = True
+            break
+        if products >= 2 * iterations:
+            break
+        G = Y / 2 - R  # ∇(−D)(y) = y/2 + Ṽᵀw_o − Ũᵀx
+        active = (C.abs() > tau).to(dtype)  # the generalised Jacobian of x(y): diag(active)
+        step, cg_products = newton_direction(G.to(dtype), active, U, ops.eig.to(dtype), lam)
+        products += cg_products + 1
+        UD = torch.mm(step, U.T).double().mul_(0.5 / lam)  # Ũ Δ/(2λ), row-wise
+        step = step.double()
+        # Backtracking per row on −D(y) = ⟨y, Ṽᵀw_o⟩ + ‖y‖²/4 + λ Σ S_τ(c)² (+ const), by exact differences.
+        slope = (G * step).sum(1)
+        linear, quadratic = (step * (WoV + Y / 2)).sum(1), step.pow(2).sum(1) / 4
+        t = torch.ones(n, 1, dtype=torch.float64, device=W_o.device)
+        for _ in range(LINE_SEARCH_HALVINGS):
+            C_t = torch.addcmul(C, t, UD, value=-1.0)
+            X_t = soft_threshold(C_t, tau)
+            s = t[:, 0]
+            ok = s * linear + s * s * quadratic + lam * ((X_t - X) * (X_t + X)).sum(1) <= 1e-4 * s * slope
+            if bool(ok.all()):
+                break
+            t[~ok] /= 2
+        else:
+            t[~ok] = 0.0  # no decrease measurable for these rows: they keep their point
+            C_t = torch.addcmul(C, t, UD, value=-1.0)
+            X_t = soft_threshold(C_t, tau)
+        Y = Y + t * step
+        C, X = C_t, X_t
+        steps += 1
+    return SolveResult(X, math.ceil(products / 2), steps, converged, gap, distance)
+
+
+def newton_direction(G: torch.Tensor, active: torch.Tensor, U: torch.Tensor, eig: torch.Tensor, lam: float):
+    """Solve H Δ = −G row by row, H = I/2 + Ũᵀ diag(active) Ũ/(2λ), by preconditioned conjugate gradients on
+    all rows at once (one n × d × k product pair per iteration). Preconditioner: H with diag(active) replaced by
+    the row's active share times I, diagonal since Ũ's columns are orthogonal. Returns (Δ, products made)."""
+    scale = G.norm(dim=1, keepdim=True)
+    live = scale > 0
+    B = -G / torch.where(live, scale, torch.ones_like(scale))  # unit rows: one relative tolerance for all
+    inv_diag = 1.0 / (0.5 + active.mean(1, keepdim=True) * eig / (2 * lam))
+    x = torch.zeros_like(B)
+    r = B.clone()
+    z = r * inv_diag
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    products = 0
+    for _ in range(CG_MAX):
+        Hp = torch.mm(active * torch.mm(p, U.T), U).mul_(0.5 / lam).add_(p, alpha=0.5)
+        products += 2
+        pHp = (p * Hp).sum(1, keepdim=True)
+        alpha = torch.where(pHp > 0, rz / pHp.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(pHp))
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, Hp, value=-1.0)
+        if bool((r.norm(dim=1) <= CG_RTOL).all()):
+            break
+        z = r * inv_diag
+        rz_next = (r * z).sum(1, keepdim=True)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(rz))
+        p = z.addcmul_(beta, p)
+        rz = rz_next
+    return x * scale, products
 
 
 def fista_l1(
     W_o: torch.Tensor,
-    U: torch.Tensor,
-    V: torch.Tensor,
+    ops: Operands,
     lam: float,
     mu: float,
+    start: torch.Tensor,
     iterations: int,
     tol: float,
-    start: torch.Tensor | None = None,
     restart: bool = True,
-    form: str = "auto",
-    progress: Callable[[int], None] | None = None,
-) -> FistaResult:
-    """Minimise ‖W U − W_o V‖² + λ‖W − W_o‖² + μ‖W‖₁ over W (n × d) by FISTA (module docstring).
-
-    All tensors share one dtype and device; `start` (default W_o) is W_0 and is used as a work buffer
-    (overwritten), which saves one copy of the largest operand. `restart` drops the momentum when it
-    points uphill at a check (module docstring). `form` forces the dense or low-rank application of
-    ∇f (``auto``: low-rank when 2r < d). `progress(k)` is called at each check with the iteration
-    count reached.
-    """
-    if form not in GRADIENT_FORMS:
-        raise ValueError(f"form {form!r} is not one of {', '.join(GRADIENT_FORMS)}")
-    n, d = W_o.shape
-    r = U.shape[1]
-    sigma = lam + top_eigenvalue(U)  # σ_max(M); L = 2σ
+) -> SolveResult:
+    """The paper's solver: FISTA (Eqs. 7–9) on ‖W Ũ − W_o Ṽ‖² + λ‖W − W_o‖² + μ‖W‖₁ from W_0 = `start` (used
+    as a work buffer), with O'Donoghue & Candès' adaptive restart when `restart`; every CHECK_EVERY iterations
+    the restart test and the certificate (the same stopping rule as Newton's)."""
+    dtype = W_o.dtype
+    U = ops.U.to(dtype)
+    sigma = lam + ops.eig.max().item() if len(ops.eig) else lam  # σ_max(M); L = 2σ
     step, tau = 1.0 / sigma, mu / (2.0 * sigma)  # ∇f/L = (Y M − B)/σ;  threshold μ/L
-    if form == "auto":
-        form = "low_rank" if 2 * r < d else "dense"
-    if form == "low_rank":
-        Ut = U.T.contiguous()
-        WoV = W_o @ V  # W_o V (n × r)
-        small = W_o.new_empty(n, r)
-    else:
-        eye = torch.eye(d, dtype=W_o.dtype, device=W_o.device)
-        K = (1.0 - step * lam) * eye - step * (U @ U.T)  # I − M/σ
-        offset = step * torch.addmm(W_o, W_o @ V, U.T, beta=lam)  # B/σ
-
-    W_prev = W_o.clone() if start is None else start  # W_{k−1}
-    Y = W_prev.clone()
+    WoV = W_o.double() @ ops.V
+    WoV_w = WoV.to(dtype)
+    small = W_o.new_empty(W_o.shape[0], U.shape[1])
+    W_prev, Y = start, start.clone()
     W, Z = torch.empty_like(Y), torch.empty_like(Y)
-    t, change, converged, k = 1.0, math.inf, False, 0
+    t, gap, distance, converged, k = 1.0, math.inf, math.inf, False, 0
     for k in range(1, iterations + 1):
-        # Z = Y − ∇f(Y)/L, written into preallocated buffers (no per-iteration allocation).
-        if form == "low_rank":
-            torch.addmm(WoV, Y, U, beta=-1.0, out=small)  # Y U − W_o V
-            torch.lerp(W_o, Y, 1.0 - step * lam, out=Z)  # Y − λ (Y − W_o)/σ
-            Z.addmm_(small, Ut, alpha=-step)  # − (Y U − W_o V) Uᵀ/σ
-        else:
-            torch.addmm(offset, Y, K, out=Z)
-        # W_k = S_τ(Z) = Z − clamp(Z, −τ, τ)
+        torch.addmm(WoV_w, Y, U, beta=-1.0, out=small)  # Y Ũ − W_o Ṽ
+        torch.lerp(W_o, Y, 1.0 - step * lam, out=Z)  # Y − λ (Y − W_o)/σ
+        Z.addmm_(small, U.T, alpha=-step)  # − (Y Ũ − W_o Ṽ) Ũᵀ/σ
         torch.clamp(Z, -tau, tau, out=W)
-        torch.sub(Z, W, out=W)
+        torch.sub(Z, W, out=W)  # W_k = S_τ(Z)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         beta = (t - 1.0) / t_next
         check = k % CHECK_EVERY == 0 or k == iterations
         if check:
-            torch.sub(W, W_prev, out=Z)  # W_k − W_{k−1} (Z is free once W_k is formed)
-            norm = W.norm().item()
-            change = Z.norm().item() / norm if norm > 0 else 0.0
+            gap, distance = certificate(W, W_o, residual(W, ops, WoV), U, lam, mu)
+            torch.sub(W, W_prev, out=Z)
             z = Z.reshape(-1)
             # Uphill momentum, ⟨Y_k − W_k, W_k − W_{k−1}⟩ > 0: drop it and restart t.
             if restart and torch.dot(Y.reshape(-1), z) > torch.dot(W.reshape(-1), z):
@@ -215,26 +311,86 @@ def fista_l1(
         torch.lerp(W_prev, W, 1.0 + beta, out=Y)  # W_k + ((t_k − 1)/t_{k+1})(W_k − W_{k−1})
         W_prev, W = W, W_prev
         t = t_next
-        if check:
-            if progress:
-                progress(k)
-            if change <= tol:
-                converged = True
-                break
-    return FistaResult(W_prev, k, converged, change, form)
-
-
-def auto_mu(weights: Iterable[torch.Tensor], lam: float, quantile: float = AUTO_QUANTILE) -> float:
-    """μ = 2λ × the `quantile` of |W_o| over the K/V entries, from an evenly strided sample of each
-    matrix (≤ ~20 000 entries each: deterministic and cheap)."""
-    sample = torch.cat([w.reshape(-1)[:: max(1, w.numel() // 20_000)].float().abs() for w in weights])
-    return 2.0 * lam * torch.quantile(sample, quantile).item()
+        if check and distance <= tol:
+            converged = True
+            break
+    return SolveResult(W_prev, k, 0, converged, gap, distance)
 
 
 def space_objective(W, W_o, U, V, lam: float, mu: float) -> float:
     """F(W) = ‖W U − W_o V‖² + λ‖W − W_o‖² + μ‖W‖₁, in float64."""
     W, W_o, U, V = (x.double() for x in (W, W_o, U, V))
     return ((W @ U - W_o @ V).pow(2).sum() + lam * (W - W_o).pow(2).sum() + mu * W.abs().sum()).item()
+
+
+SPACE_PARAMS = (
+    Param("mu", float, None,
+          "μ: weight of ‖W‖₁; larger = sparser (0 = UCE). Empty = the μ whose optimum has `sparsity` zeros on a "
+          "sample of 512 K/V rows (found by bisection; the μ used is reported)", min=0.0, max=1e3, step=0.005,
+          nullable=True),
+    Param("sparsity", float, 0.8,
+          "share of zero entries the automatic μ aims at (the paper reports 80-90 % on SDXL); ignored when mu is set",
+          min=0.0, min_exclusive=True, max=0.99, step=0.05),
+    Param("solver", str, "newton",
+          "newton: semismooth Newton on the dual (tens of passes, whatever the conditioning); fista: the paper's "
+          "FISTA (with `restart`), thousands of passes on 77-token columns", choices=SOLVERS),
+    Param("iterations", int, 500,
+          "most passes over the weights (a Newton step takes a few; a FISTA iteration one); a warning says when "
+          "they run out before tol", min=1, max=100000, step=100),
+    Param("tol", float, 1e-4,
+          "stop when the duality gap certifies ‖W − W*‖/‖W‖ ≤ tol (W* the exact optimum)",
+          min=0.0, min_exclusive=True, max=1.0, step=1e-5),
+    _UCE["lam"],
+    replace(_UCE["erase_scale"], help="s_e: weight of the erase term (target → guide); UCE's current script: 1"),
+    Param("preserve_scale", float, 1.0, "s_p: weight of the preserve term (UCE's current script: 1)",
+          min=0.0, max=1e4, step=0.05),
+    replace(_UCE["token_policy"], help="which token features stand for a prompt: last_word_to_end (UCE paper; "
+            "default), last_word (UCE's current script, which SPACE builds on: one column per prompt), all_tokens"),
+    replace(_UCE["preserve_empty"],
+            help="also preserve the empty prompt, the guidance's unconditional branch (UCE's paper code does)"),
+    Param("restart", bool, True,
+          "solver=fista: adaptive momentum restart (O'Donoghue & Candès 2015); false = the paper's plain FISTA"),
+    Param("start", str, "uce", "starting point: uce (the μ = 0 solution) or original (W_o)", choices=STARTS),
+    replace(_UCE["solve_dtype"], default="float32",
+            help="precision of the products over the weights (the certificate's residual is always float64)"),
+)
+
+
+def auto_mu(weights: Iterable[torch.Tensor], ops: Operands, lam: float, uce, sparsity: float,
+            dtype: torch.dtype) -> tuple[float, float]:
+    """(μ, sparsity reached on the sample): the μ whose optimum has `sparsity` zeros on MU_SAMPLE_ROWS rows
+    evenly strided over all K/V matrices (bracketed from 2λ × that quantile of |W_o|, then bisected in log μ)."""
+    weights = list(weights)
+    total = sum(w.shape[0] for w in weights)
+    stride = max(1, total // MU_SAMPLE_ROWS)
+    rows, offset = [], 0
+    for w in weights:
+        first = (-offset) % stride
+        rows.append(w[first::stride].to(dtype))
+        offset += w.shape[0]
+    W_s = torch.cat(rows)
+    Y = dual_start(W_s, ops, uce)
+
+    def zeros(mu: float) -> float:
+        result = newton_l1(W_s, ops, lam, mu, Y, 200, 1e-3)
+        return (result.weights == 0).double().mean().item()
+
+    mu = 2.0 * lam * torch.quantile(W_s.abs().float().reshape(-1), sparsity).item()
+    reached = zeros(mu)
+    lo, hi = (mu, None) if reached < sparsity else (None, mu)
+    for _ in range(40):  # bracket
+        if lo is not None and hi is not None:
+            break
+        mu = mu * 2 if hi is None else mu / 2
+        reached = zeros(mu)
+        lo, hi = (mu, hi) if reached < sparsity else (lo, mu)
+    for _ in range(20):  # bisect
+        if abs(reached - sparsity) <= MU_SEARCH_TOL:
+            break
+        mu = math.sqrt(lo * hi)
+        reached = zeros(mu)
+        lo, hi = (mu, hi) if reached < sparsity else (lo, mu)
+    return mu, reached
 
 
 def storage_sizes(edits: Mapping[str, SparseEdit], itemsize: int) -> dict[str, Any]:
@@ -257,8 +413,8 @@ def storage_sizes(edits: Mapping[str, SparseEdit], itemsize: int) -> dict[str, A
 class SPACE(ErasureMethod):
     name = "space"
     title = "SPACE"
-    summary = ("Sparse cross-attention erasure: UCE's loss plus an L1 penalty on the weights, solved by FISTA; "
-               "sparse K/V (smaller files), stronger on SDXL; tens of seconds on a GPU")
+    summary = ("Sparse cross-attention erasure: UCE's loss plus an L1 penalty on the weights, solved to a certified "
+               "optimum; sparse K/V (smaller files), stronger on SDXL")
     params = SPACE_PARAMS
 
     def run(
@@ -269,64 +425,97 @@ class SPACE(ErasureMethod):
         dtype = SOLVE_DTYPES[values["solve_dtype"]]
         progress(0, 1, "encoding prompts")
         columns = gather_columns(model, concepts, values)
-        U, V = space_operands(columns, s_e, s_p, dtype)
+        U, V = space_operands(columns, s_e, s_p)
+        ops = reduce_operands(U, V)
         uce = None
         if values["start"] == "uce":
-            uce = [f.to(dtype) for f in uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)]
+            uce = uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)  # float64
 
         weights = {key: model.weight(key) for key in model.arch.kv_keys}
-        mu = auto_mu(weights.values(), lam) if values["mu"] is None else values["mu"]
-        widths: dict[int, list[str]] = {}
-        for key, w in weights.items():
-            widths.setdefault(w.shape[0], []).append(key)
-        total, base = iterations * len(widths), 0
+        reached = None
+        if values["mu"] is None:
+            progress(0, 1, f"choosing μ for {values['sparsity']:.0%} zeros")
+            mu, reached = auto_mu(weights.values(), ops, lam, uce, values["sparsity"], dtype)
+        else:
+            mu = values["mu"]
+        chunks = weight_chunks(weights, CHUNK_ENTRIES.get(model.device.type, CHUNK_ENTRIES["cpu"]))
 
-        edits, matrices, groups = {}, {}, []
-        for width, keys in sorted(widths.items()):
-            # Rows decouple: stack every matrix of this width and iterate them together.
+        edits, matrices, groups = {}, {}, {}
+        gap, norm2, steps, passes, converged = 0.0, 0.0, 0, 0, True
+        for done, keys in enumerate(chunks):
+            progress(done, len(chunks), f"SPACE on the {weights[keys[0]].shape[0]}-wide matrices")
             W_o = torch.cat([weights[key].to(dtype) for key in keys])
-            start = W_o.clone() if uce is None else torch.addmm(W_o, W_o @ uce[0], uce[1].T)  # W_o + W_o A Bᵀ
-            before = [space_objective(start[i * width:(i + 1) * width], weights[key], U, V, lam, mu)
-                      for i, key in enumerate(keys)]
-            result = fista_l1(W_o, U, V, lam, mu, iterations, tol, start, values["restart"],
-                              progress=lambda k: progress(base + k, total, f"SPACE on the {width}-wide matrices"))
-            base += iterations
-            check_finite(f"the {width}-wide matrices", result.weights)
-            if not result.converged:
-                warnings.warn(
-                    f"SPACE stopped at iterations={iterations} on the {len(keys)} {width}-wide matrices with a "
-                    f"relative change of {result.relative_change:.1e} > tol={tol:g}: the result is usable but not "
-                    "the exact optimum; raise iterations (or tol) for a converged solution", ConvergenceWarning)
-            groups.append({"width": width, "matrices": len(keys), "iterations": result.iterations,
-                           "converged": result.converged, "relative_change": result.relative_change,
-                           "gradient": result.form})
-            for i, key in enumerate(keys):
-                rows = slice(i * width, (i + 1) * width)
-                edit = SparseEdit.from_dense(result.weights[rows].to(weights[key].dtype))
+            if values["solver"] == "newton":
+                result = newton_l1(W_o, ops, lam, mu, dual_start(W_o, ops, uce), iterations, tol)
+            else:
+                start = W_o.clone() if uce is None else torch.addmm(W_o, W_o @ uce[0].to(dtype), uce[1].T.to(dtype))
+                result = fista_l1(W_o, ops, lam, mu, start, iterations, tol, values["restart"])
+            check_finite(f"the {weights[keys[0]].shape[0]}-wide matrices", result.weights)
+            gap += result.gap
+            norm2 += result.weights.double().pow(2).sum().item()
+            steps, passes = max(steps, result.newton_steps), max(passes, result.iterations)
+            converged = converged and result.converged
+            row = 0
+            for key in keys:
+                w = weights[key]
+                rows = slice(row, row + w.shape[0])
+                row += w.shape[0]
+                edit = SparseEdit.from_dense(result.weights[rows].to(w.dtype))
                 edits[key] = edit
+                start_w = w if uce is None else torch.addmm(w.double(), w.double() @ uce[0], uce[1].T)
                 matrices[key] = {
-                    "sparsity": 1.0 - edit.nnz / (width * W_o.shape[1]),
-                    "objective": space_objective(result.weights[rows], W_o[rows], U, V, lam, mu),
-                    "objective_start": before[i],
-                    "iterations": result.iterations,
+                    "sparsity": 1.0 - edit.nnz / w.numel(),
+                    "objective": space_objective(result.weights[rows], w, U, V, lam, mu),
+                    "objective_start": space_objective(start_w, w, U, V, lam, mu),
                 }
-        progress(total, total, "SPACE done")
+                group = groups.setdefault(w.shape[0], {"width": w.shape[0], "matrices": 0, "zeros": 0, "entries": 0})
+                group["matrices"] += 1
+                group["zeros"] += w.numel() - edit.nnz
+                group["entries"] += w.numel()
+            del W_o, result
+        progress(len(chunks), len(chunks), "SPACE done")
+        distance = math.sqrt(gap / lam / norm2) if norm2 > 0 else 0.0
+        if not converged:
+            warnings.warn(
+                f"SPACE stopped at iterations={iterations} before its tolerance: the duality gap bounds the distance "
+                f"to the exact optimum by {distance:.1e} (relative) > tol={tol:g}; the result is usable but not the "
+                "optimum: raise iterations (or tol)", ConvergenceWarning)
 
+        by_width = {str(g["width"]): round(g["zeros"] / g["entries"], 4) for g in groups.values()}
         entries = sum(math.prod(e.shape) for e in edits.values())
         storage = storage_sizes(edits, next(iter(weights.values())).element_size())
         totals = {
             "sparsity": 1.0 - sum(e.nnz for e in edits.values()) / entries,
+            "sparsity_by_width": by_width,
             "objective": sum(m["objective"] for m in matrices.values()),
             "objective_start": sum(m["objective_start"] for m in matrices.values()),
-            "iterations": max(g["iterations"] for g in groups),
-            "converged": all(g["converged"] for g in groups),
+            "iterations": passes,
+            "newton_steps": steps,
+            "converged": converged,
+            "duality_gap": gap,
+            "distance_bound": distance,
         }
         return MethodOutput(
             {key: (edit,) for key, edit in edits.items()},
-            {"space": {"mu": mu, "total": totals, "groups": groups, "matrices": matrices, "storage": storage,
-                       "lipschitz": 2.0 * (lam + top_eigenvalue(U)),
-                       "columns": {"erase": columns.erase.shape[1], "preserve": columns.preserve.shape[1]}}},
-            {"mu": mu, "sparsity": round(totals["sparsity"], 4), "iterations": totals["iterations"],
-             "converged": totals["converged"], "storage": {k: storage[k] for k in ("dense_bytes", "sparse_bytes",
-                                                                                   "compressed_bytes")}},
+            {"space": {"mu": mu, "mu_sample_sparsity": reached, "solver": values["solver"], "total": totals,
+                       "matrices": matrices, "storage": storage, "condition": 1.0 + ops.eig.max().item() / lam,
+                       "columns": {"erase": columns.erase.shape[1], "preserve": columns.preserve.shape[1],
+                                   "rank": len(ops.eig)}}},
+            {"mu": mu, "sparsity": round(totals["sparsity"], 4), "sparsity_by_width": by_width,
+             "iterations": passes, "converged": converged, "distance_bound": float(f"{distance:.2e}"),
+             "storage": {k: storage[k] for k in ("dense_bytes", "sparse_bytes", "compressed_bytes")}},
         )
+
+
+def weight_chunks(weights: Mapping[str, torch.Tensor], entries: int) -> list[list[str]]:
+    """Consecutive matrices of one width, grouped up to `entries` entries (at least one matrix each)."""
+    chunks: list[list[str]] = []
+    size, width = 0, None
+    for key in sorted(weights, key=lambda k: weights[k].shape[0]):
+        w = weights[key]
+        if not chunks or w.shape[0] != width or size + w.numel() > entries:
+            chunks.append([])
+            size, width = 0, w.shape[0]
+        chunks[-1].append(key)
+        size += w.numel()
+    return chunks
