@@ -56,8 +56,8 @@ from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns, preserve_scale_for
 
 _UCE = {p.name: p for p in UCE_PARAMS}
 
-# epoch=auto: the last epoch whose preserved prompts' K/V change stays within this bound (see select_epoch).
-AUTO_PRESERVED_CHANGE = 0.1
+# epoch=auto: how much more the epochs may move the preserved prompts' K/V than the UCE step did (see select_epoch).
+AUTO_PRESERVED_BUDGET = 0.01
 
 RECE_PARAMS = (
     Param("epochs", int, 2,
@@ -69,8 +69,8 @@ RECE_PARAMS = (
           min=0.0, min_exclusive=True, max=1e3, step=0.01),
     Param("epoch", int, None,
           "which epoch's weights to return (0 = the UCE step); empty = auto: the last epoch whose preserved "
-          f"prompts' K/V outputs moved by at most {AUTO_PRESERVED_CHANGE:g} (relative), as RECE keeps a "
-          "validation-selected epoch. epoch=k gives exactly the result of epochs=k", min=0, max=50, step=1,
+          f"prompts' K/V outputs moved at most {AUTO_PRESERVED_BUDGET:g} (relative) more than after the UCE step, as "
+          "RECE keeps a validation-selected epoch. epoch=k gives exactly the result of epochs=k", min=0, max=50, step=1,
           nullable=True),
     replace(_UCE["lam"], default=0.1, help="λ: weight of ‖W − W_o‖² in the epochs' UCE solves (RECE: 0.1)"),
     Param("preserve_scale", float, 0.1, "λ_p: weight of the preserve term in the epochs' UCE solves (RECE: 0.1)",
@@ -107,12 +107,17 @@ def relative_change(gram_o: torch.Tensor, moved: torch.Tensor, columns: torch.Te
     return ((shift * (gram_o @ shift)).sum() / before).clamp_min(0).sqrt().item()
 
 
-def select_epoch(figures: Sequence[Mapping[str, Any]], bound: float = AUTO_PRESERVED_CHANGE) -> int:
-    """epoch=auto: the last epoch whose preserved prompts' K/V change is ≤ `bound` (epoch 0, the UCE step,
-    if none is). Every epoch makes the target less recoverable (the probe's residual grows) while moving
-    what the preserved prompts produce; RECE's scripts keep the last epoch before other concepts degrade."""
-    within = [f["epoch"] for f in figures if f["preserved_change"] <= bound]
-    return max(within, default=0)
+def select_epoch(figures: Sequence[Mapping[str, Any]], budget: float = AUTO_PRESERVED_BUDGET) -> int:
+    """epoch=auto: the last epoch whose preserved prompts' K/V change exceeds the UCE step's by at most `budget`.
+
+    RECE's scripts keep the epoch that erases most while other concepts stay within a tolerance of the UCE
+    checkpoint's (objects: other-class accuracy within 0.1 of UCE's). Here both sides come from the model: every
+    epoch makes the target less recoverable (the probe's residual grows), and every epoch moves the preserved
+    prompts' keys/values further. On ToyWorld each epoch adds 0.6–0.9 % to that change on all four benchmark
+    tasks, and judged preservation held after one epoch but fell after two or three (see the README), so the
+    budget of 1 % keeps one epoch there."""
+    start = figures[0]["preserved_change"]
+    return max(f["epoch"] for f in figures if f["preserved_change"] - start <= budget)
 
 
 class RECE(ErasureMethod):
