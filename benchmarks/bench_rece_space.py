@@ -146,6 +146,8 @@ def bench_arch(arch: str, args, device: torch.device, sync) -> dict:
     rece = get_method("rece")
     epochs = 1 if (args.quick and arch == "sdxl") else args.epochs
     values = resolve(rece.params, {"epochs": epochs}, "rece")
+    if device.type == "cuda":  # warm-up: CUDA/cuBLAS/cuSOLVER initialisation is not RECE's time
+        rece.run(model, concepts, values, no_progress)
     peak, _, t_rece, output = measure_peak(lambda: rece.run(model, concepts, values, no_progress), device)
     t_rece *= scale
     residuals = [round(f["targets"][concepts.targets[0]]["residual"], 3) for f in output.details["epochs"]]

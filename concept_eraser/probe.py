@@ -77,6 +77,22 @@ class RecoveryProbe:
         self.change_sq += (w - w_o).double().pow(2).sum()
         self.original_sq += w_o.double().pow(2).sum()
 
+    @classmethod
+    def from_right_map(cls, features: torch.Tensor, gram_o: torch.Tensor, transform: torch.Tensor) -> RecoveryProbe:
+        """The probe of edited weights W_i = W_{o,i} 𝒯 (one d × d map for every matrix, as UCE and RECE
+        apply) from G_o = Σ W_{o,i}ᵀ W_{o,i} alone: every sum is then a d × d product, in G_o's dtype."""
+        probe = cls(features, gram_o.dtype)
+        c = features.to(gram_o)
+        moved = transform - torch.eye(transform.shape[0], dtype=gram_o.dtype, device=gram_o.device)
+        cross_gram = transform.T @ gram_o  # Σ W_iᵀ W_{o,i}
+        change = moved.T @ gram_o @ moved  # Σ (W_i − W_{o,i})ᵀ (W_i − W_{o,i})
+        probe.gram = (cross_gram @ transform).double()
+        probe.cross = (cross_gram @ c).double()
+        probe.target_sq = (c * (gram_o @ c)).sum(0).double()
+        probe.direct_sq = (c * (change @ c)).sum(0).double()
+        probe.change_sq, probe.original_sq = change.trace().double(), gram_o.trace().double()
+        return probe
+
     @property
     def weight_change(self) -> float:
         """‖𝒲 − 𝒲_o‖_F / ‖𝒲_o‖_F over the matrices added."""

@@ -9,6 +9,8 @@ import torch
 
 from concept_eraser import Cancelled, CheckpointModel, Concepts, InvalidParameterError, erase
 from concept_eraser.cli import main
+from concept_eraser.methods.rece import original_gram
+from concept_eraser.probe import RecoveryProbe
 from concept_eraser.tiny import make_tiny_checkpoint
 
 CONCEPTS = Concepts.build(["Van Gogh"], ["a painting"], ["Claude Monet"])
@@ -31,39 +33,65 @@ def uce_reference(W, erase_cols, guide_cols, preserve_cols, lam, s_e, s_p):
 
 
 def test_one_epoch_equals_a_direct_transcription_of_rece(sd1_float32):
+    """The UCE step at UCE's own λ 0.5 / preserve scale max(0.1, 1/#preserved) (RECE's starting checkpoint),
+    then one epoch at RECE's λ = λ_p = 0.1, each solved per matrix in float64 by numpy."""
     model = sd1_float32
     lam, s_e, s_p, lam_r = 0.1, 1.0, 0.1, 0.1
-    result = erase(model, "rece", CONCEPTS, {"epochs": 1, "lam_r": lam_r, "token_policy": "all_tokens"})
+    result = erase(model, "rece", CONCEPTS, {"epochs": 1, "epoch": 1, "lam_r": lam_r, "token_policy": "all_tokens"})
 
     enc = model.text_encoder.encode(["Van Gogh", "a painting", "", "Claude Monet"]).features.double().numpy()
     c, g = enc[0].T, enc[1].T  # all 77 positions, paired position by position
     preserved = np.hstack([enc[2].T, enc[3].T])  # '' (always preserved) and Monet, 77 tokens each
     keys = model.arch.kv_keys
     originals = {k: model.weight(k).double().numpy() for k in keys}
-    first = {k: uce_reference(originals[k], c, g, preserved, lam, s_e, s_p) for k in keys}
+    uce_step = {k: uce_reference(originals[k], c, g, preserved, 0.5, s_e, max(0.1, 1 / 2)) for k in keys}
+    zero = erase(model, "rece", CONCEPTS, {"epochs": 1, "epoch": 0, "token_policy": "all_tokens"})
+    for key in keys:
+        got = zero.patch.apply_to(key, model.weight(key)).double().numpy()
+        np.testing.assert_allclose(got, uce_step[key], rtol=1e-4, atol=1e-5 * np.abs(uce_step[key]).max())
     # c' = argmin Σ‖W_i c' − W_o,i c‖² + λ_r‖c'‖², all 32 matrices stacked.
     d = c.shape[0]
-    X = np.vstack([first[k] for k in keys] + [np.sqrt(lam_r) * np.eye(d)])
+    X = np.vstack([uce_step[k] for k in keys] + [np.sqrt(lam_r) * np.eye(d)])
     Y = np.vstack([originals[k] @ c for k in keys] + [np.zeros_like(c)])
     derived = np.linalg.lstsq(X, Y, rcond=None)[0]
     for key in keys:
-        reference = uce_reference(first[key], derived, g, preserved, lam, s_e, s_p)
+        reference = uce_reference(uce_step[key], derived, g, preserved, lam, s_e, s_p)
         got = result.patch.apply_to(key, model.weight(key)).double().numpy()
-        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
-        assert len(result.patch.edits[key]) == 2  # the UCE stage and one epoch
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
+def test_the_derivation_is_float64_where_a_float32_gram_is_not(sd1_float32):
+    """RECE's Eq. 8 at the art setting λ_r = 1e-3 from G_o = Σ W_oᵀW_o in float64 matches a float64 least-squares
+    solve of the stacked system; the same sums formed in float32 (the earlier probe) do not."""
+    torch.manual_seed(0)
+    keys = sd1_float32.arch.kv_keys
+    weights = [sd1_float32.weight(k).double() * torch.logspace(0, 2, sd1_float32.weight(k).shape[1]) for k in keys]
+    d = weights[0].shape[1]
+    features = torch.randn(d, 12, dtype=torch.float64)
+    transform = torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, dtype=torch.float64)
+    lam_r = 1e-3
+    X = torch.cat([w @ transform for w in weights] + [lam_r ** 0.5 * torch.eye(d, dtype=torch.float64)])
+    Y = torch.cat([w @ features for w in weights] + [torch.zeros(d, 12, dtype=torch.float64)])
+    reference = torch.linalg.lstsq(X, Y, driver="gelsd").solution
+
+    ours = RecoveryProbe.from_right_map(features, original_gram(weights, torch.device("cpu")), transform).derive(lam_r)
+    single = RecoveryProbe(features.float())
+    for w in weights:
+        single.add(w @ transform, w)
+    error = lambda c: ((c - reference).norm() / reference.norm()).item()
+    assert error(ours) < 1e-8 and error(single.derive(lam_r)) > 1e-5, (error(ours), error(single.derive(lam_r)))
 
 
 def test_epoch_zero_is_uce_and_epoch_k_equals_epochs_k(tiny_checkpoints):
     model = CheckpointModel(tiny_checkpoints["sd1"])
-    shared = {"lam": 0.1, "preserve_scale": 0.1}
-    uce = erase(model, "uce", CONCEPTS, shared)
-    zero = erase(model, "rece", CONCEPTS, {**shared, "epochs": 0})
+    uce = erase(model, "uce", CONCEPTS)  # UCE at its defaults = RECE's first step at its defaults
+    zero = erase(model, "rece", CONCEPTS, {"epochs": 0})
     for key in model.arch.kv_keys:
         W = model.weight(key)
         assert torch.equal(zero.patch.apply_to(key, W), uce.patch.apply_to(key, W))
 
     three = erase(model, "rece", CONCEPTS, {"epochs": 3, "epoch": 1})
-    one = erase(model, "rece", CONCEPTS, {"epochs": 1})
+    one = erase(model, "rece", CONCEPTS, {"epochs": 1, "epoch": 1})
     for key in model.arch.kv_keys:
         W = model.weight(key)
         assert torch.equal(three.patch.apply_to(key, W), one.patch.apply_to(key, W))
@@ -76,6 +104,8 @@ def test_epoch_zero_is_uce_and_epoch_k_equals_epochs_k(tiny_checkpoints):
     assert residuals[0] < residuals[1] < residuals[3]
     after = {name: r.report["probe"]["targets"]["Van Gogh"]["residual"] for name, r in (("uce", uce), ("rece", one))}
     assert after["rece"] > after["uce"]
+    # the report's figures equal the probe run on the returned weights (an independent pass over them)
+    assert one.report["epochs"][1]["targets"]["Van Gogh"]["residual"] == pytest.approx(after["rece"], rel=1e-3)
 
     with pytest.raises(InvalidParameterError, match="epoch"):
         erase(model, "rece", CONCEPTS, {"epochs": 2, "epoch": 3})
@@ -103,7 +133,7 @@ def test_bad_settings_name_the_parameter(tiny_checkpoints, tmp_path, capsys, set
 def test_rece_then_space_on_its_output_records_both(tiny_checkpoints, tmp_path, capsys):
     first, second = tmp_path / "rece.safetensors", tmp_path / "rece_space.safetensors"
     code, stdout, err = run(["erase", tiny_checkpoints["sd1"], "--method", "rece", "--erase", "Van Gogh",
-                             "--set", "epochs=2", "--out", first], capsys)
+                             "--set", "epochs=2", "--set", "epoch=2", "--out", first], capsys)
     assert code == 0, err
     code, _, err = run(["erase", first, "--method", "space", "--erase", "Van Gogh", "--set", "iterations=50",
                         "--set", "mu=0.05", "--out", second], capsys)

@@ -44,8 +44,10 @@ Choices the paper leaves open, as implemented:
   ``first_k``: positions 0 … k − 1, the paper's implicit-nudity variants: ErasePro-w = k 5 from
   block 5, ErasePro-s = k 8 from block 1, guide "" (with ``progressive=false``, see below).
 - Preserved prompts (not in the paper) are their own anchors: their current features must give the
-  original outputs — the same hard constraint, added as columns. With `preserve_empty` the empty
-  prompt (the usual negative) is one of them.
+  original outputs — the same hard constraint, added as columns. With `preserve_empty` (default) the
+  empty prompt is one of them: it is the unconditional branch of classifier-free guidance, and an edit
+  that moves it away from the target lets guidance add the target back (ToyWorld, red → "": erased
+  29 % without it, 62 % with it; the paper's setting is ``preserve_empty=false``).
 - ``progressive=false`` is the paper's Algorithm 2 ("ErasePro-modified", used for its implicit runs)
   as we read it: there X^i is computed through block i before that block's update, so every
   stage sees the original model's target features.
@@ -85,7 +87,9 @@ ERASEPRO_PARAMS = (
     Param("progressive", bool, True, "target features of each block computed through the blocks already edited "
           "(the paper's Algorithm 1); false: from the original model (its Algorithm 2, used for implicit nudity)"),
     Param("edit_unet", bool, True, "also edit the U-Net cross-attention K/V, the last stage of the progression"),
-    Param("preserve_empty", bool, False, "also hold the empty prompt (the usual negative) to its original features"),
+    Param("preserve_empty", bool, True,
+          "also hold the empty prompt (the negative of classifier-free guidance) to its original features; off (the "
+          "paper), guidance adds back what the edit pushed out of it (ToyWorld: red erased 29 % off, 62 % on)"),
     Param("rcond", float, None, "pseudo-inverse cut-off, relative to the largest singular value of X; "
           "empty = max(d, N)·eps of feature_dtype", min=0.0, max=1.0, nullable=True),
     Param("feature_dtype", str, "float32", "precision of the text-encoder passes (float64 for exact checks)",

@@ -60,7 +60,11 @@ class Task:
 KPOP_SETTINGS = {"steps": 200, "lr": 3e-3, "prompt_lr": 1e-2, "ddim_steps": 20}
 # Settings per method (others: their defaults), and extra rows: the paper's ablation, KPOP without its prompt.
 METHOD_SETTINGS = {"kpop": KPOP_SETTINGS}
-VARIANTS = {"kpop (no prompt)": ("kpop", {**KPOP_SETTINGS, "use_prompt": False})}
+VARIANTS = {"kpop (no prompt)": ("kpop", {**KPOP_SETTINGS, "use_prompt": False}),
+            # the papers' settings where the defaults differ: RECE's Alg. 1 with T = 5, last epoch kept; ErasePro
+            # without the empty prompt held
+            "rece (paper)": ("rece", {"epochs": 5, "epoch": 5}),
+            "erasepro (paper)": ("erasepro", {"preserve_empty": False})}
 
 
 def runs_for(names: Sequence[str]) -> list[tuple[str, str, dict]]:
