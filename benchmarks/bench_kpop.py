@@ -15,10 +15,14 @@ Not a test: it prints figures.
 Peak memory is measured above what the process held before (CPU: the kernel's high-water mark; CUDA:
 torch.cuda.max_memory_allocated), by `bench_uce.measure_peak`.
 
-    python benchmarks/bench_kpop.py [--device cpu|cuda] [--steps N] [--resolution 512] [--quick]
+    python benchmarks/bench_kpop.py [--device cpu|cuda] [--steps N] [--resolution 512] [--trains xattn]
+        [--latents-per-trajectory 1 5] [--toyworld-steps 0] [--quick]
 
 --quick: ToyWorld only, 5 steps (a smoke test of this script). With --device cuda, SD1.5 runs 1000 steps
-(the paper's setting) unless --steps says otherwise.
+(the paper's setting) unless --steps says otherwise. The GPU timing run (well under a minute on an H200):
+
+    python benchmarks/bench_kpop.py --device cuda --toyworld-steps 0 --trains xattn --steps 10 \
+        --latents-per-trajectory 1 5
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from concept_eraser import CheckpointModel, Concepts, erase  # noqa: E402
 from concept_eraser.denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod  # noqa: E402
-from concept_eraser.editable import no_progress  # noqa: E402
 from concept_eraser.encoding import EncodedPrompts  # noqa: E402
 from concept_eraser.methods import get_method  # noqa: E402
 from concept_eraser.methods.kpop import Trainer, trainable_keys  # noqa: E402
@@ -73,7 +76,8 @@ class ShapedModel:
 def sd15_denoiser(device: torch.device, resolution: int) -> ModuleDenoiser:
     torch.manual_seed(0)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    net = LDMUNet(SD15).to(device, dtype).requires_grad_(False).eval()
+    with torch.device(device):  # initialised where it runs: on a GPU, seconds instead of a minute of CPU
+        net = LDMUNet(SD15).to(dtype).requires_grad_(False).eval()
     return ModuleDenoiser(net, UNET_PREFIX, ldm_inputs("sd1", resolution), device=device, dtype=dtype,
                           latent_shape=(4, resolution // 8, resolution // 8), alphas_cumprod=sd_alphas_cumprod())
 
@@ -89,19 +93,21 @@ def bench_toyworld(steps: int) -> None:
           f"parameters; peak +{peak / 2 ** 20:.0f} MiB")
 
 
-def bench_sd15(device: torch.device, steps: int, resolution: int, ddim_steps: int, train: str) -> dict:
-    denoiser = sd15_denoiser(device, resolution)
+def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str, per_trajectory: int) -> dict:
+    """KPOP's training loop on the SD1.5-shaped U-Net; a first step (warm-up: CUDA kernels, allocator) is not
+    counted. Returns mean seconds per step for making z_t (sampling + the frozen targets) and for the update."""
     model = ShapedModel(denoiser)
-    method = get_method("kpop")
-    values = resolve(method.params, {"steps": steps, "ddim_steps": ddim_steps, "train": train}, "kpop")
+    device = denoiser.device
+    values = resolve(get_method("kpop").params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
+                                                  "latents_per_trajectory": per_trajectory}, "kpop")
     keys = trainable_keys(list(denoiser.parameters()), train)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    timings = {"sampling": 0.0, "update": 0.0, "forwards": 0}
+    times = {"sampling": [], "update": []}
 
     def run():
         with torch.inference_mode(False), torch.enable_grad():
             trainer = Trainer(denoiser, model, Concepts.build(["a concept"]), values, keys)
-            for step in range(steps):
+            for step in range(steps + 1):
                 sync()
                 t0 = time.perf_counter()
                 batch = trainer.sample_batch()
@@ -109,45 +115,55 @@ def bench_sd15(device: torch.device, steps: int, resolution: int, ddim_steps: in
                 t1 = time.perf_counter()
                 trainer.update(batch, step)
                 sync()
-                timings["sampling"] += t1 - t0
-                timings["update"] += time.perf_counter() - t1
+                if step:
+                    times["sampling"].append(t1 - t0)
+                    times["update"].append(time.perf_counter() - t1)
         return trainer
 
-    peak, _, seconds, _ = measure_peak(run, device)
-    return {"train": train, "trained": sum(denoiser.parameters()[k].numel() for k in keys),
-            "sampling": timings["sampling"] / steps, "update": timings["update"] / steps,
-            "step": seconds / steps, "peak": peak}
+    peak, _, _, _ = measure_peak(run, device)
+    sampling, update = (sum(times[k]) / steps for k in ("sampling", "update"))
+    return {"train": train, "k": per_trajectory, "trained": sum(denoiser.parameters()[k].numel() for k in keys),
+            "sampling": sampling, "update": update, "step": sampling + update, "peak": peak}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=None, help="SD1.5 steps (default: 2 on CPU, 1000 on CUDA)")
-    p.add_argument("--toyworld-steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="SD1.5 steps timed (default: 2 on CPU, 1000 on CUDA)")
+    p.add_argument("--toyworld-steps", type=int, default=50, help="0: skip the ToyWorld run")
     p.add_argument("--resolution", type=int, default=512, help="SD1.5 training image size (the paper: 512)")
     p.add_argument("--ddim-steps", type=int, default=None, help="z_t sampling length (default: 4 on CPU, 50 on CUDA)")
+    p.add_argument("--trains", nargs="+", default=["kv", "xattn", "noxattn"], choices=("kv", "xattn", "noxattn"))
+    p.add_argument("--latents-per-trajectory", nargs="+", type=int, default=[1],
+                   help="KPOP's latents_per_trajectory values to compare (1: the paper)")
     p.add_argument("--quick", action="store_true", help="ToyWorld only, 5 steps")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     device, hardware = setup_device(p, args)
     print(f"KPOP benchmark — torch {torch.__version__}, {device} ({hardware})\n")
-    bench_toyworld(5 if args.quick else args.toyworld_steps)
+    if args.quick or args.toyworld_steps:
+        bench_toyworld(5 if args.quick else args.toyworld_steps)
     if args.quick:
         return 0
     cuda = device.type == "cuda"
     steps = args.steps or (1000 if cuda else 2)
     ddim = args.ddim_steps or (50 if cuda else 4)
-    print(f"\nSD1.5-shaped U-Net ({'fp16' if cuda else 'fp32'}, random weights), {args.resolution}², batch 1, "
-          f"prompt k = 10 (770 tokens) in the middle block, {steps} steps, z_t from {ddim}-step DDIM:")
-    print(f"  {'train':8s} {'trained':>12s} {'z_t s/step':>11s} {'update s':>9s} {'step s':>8s} "
+    start = time.perf_counter()
+    denoiser = sd15_denoiser(device, args.resolution)
+    print(f"\nSD1.5-shaped U-Net ({'fp16' if cuda else 'fp32'}, random weights, built in "
+          f"{time.perf_counter() - start:.1f} s), {args.resolution}², batch 1, prompt k = 10 (770 tokens) in the "
+          f"middle block, {steps} steps timed after one warm-up step, z_t from {ddim}-step DDIM; seconds per step:")
+    print(f"  {'train':8s} {'k':>3s} {'trained':>12s} {'z_t':>8s} {'update':>8s} {'step':>8s} {'1000 steps':>11s} "
           f"{'peak GiB':>9s}")
-    for train in ("kv", "xattn", "noxattn"):
-        r = bench_sd15(device, steps, args.resolution, ddim, train)
-        print(f"  {r['train']:8s} {r['trained']:12,d} {r['sampling']:11.2f} "
-              f"{r['update']:9.2f} {r['step']:8.2f} {r['peak'] / 2 ** 30:9.2f}", flush=True)
-    print("  z_t: the frozen model's sampling (grows with ddim_steps: ~ddim_steps/2 guided passes per step); "
-          "update: the transfer and removal steps; peak: above the process's memory before the run "
-          "(incl. the U-Net's frozen copy of inference-mode weights where a host has them, not here).")
+    for train in args.trains:
+        for k in args.latents_per_trajectory:
+            r = bench_sd15(denoiser, steps, ddim, train, k)
+            print(f"  {r['train']:8s} {r['k']:3d} {r['trained']:12,d} {r['sampling']:8.3f} {r['update']:8.3f} "
+                  f"{r['step']:8.3f} {r['step'] * 1000 / 60:9.1f} m {r['peak'] / 2 ** 30:9.2f}", flush=True)
+    print("  k: latents_per_trajectory (z_t per sampling run); z_t: the frozen model's sampling (~ddim_steps/2 "
+          "guided passes per run; with k, ~ddim_steps·k/(k+1) per k steps) and its targets; update: the transfer "
+          "and removal steps; peak: above the process's memory before the run (incl. the U-Net's frozen copy of "
+          "inference-mode weights where a host has them, not here).")
     return 0
 
 

@@ -76,7 +76,7 @@ class CheckpointModel:
         if self.arch.family == "toyworld":  # pixel space, its own noise schedule
             with torch.device("meta"):  # built empty: the file's weights are assigned below (SDXL: 10 GB less)
                 net = ToyUNet(UNetConfig.from_dict(self.arch.extra["toyworld"]["unet"]))
-            alphas, factor = toy_diffusion.ALPHA_BAR, 1
+            alphas, factor, x0_clip = toy_diffusion.ALPHA_BAR, 1, toy_diffusion.X0_CLIP
         else:
             try:
                 with torch.device("meta"):
@@ -85,7 +85,9 @@ class CheckpointModel:
             except (KeyError, ValueError, StopIteration) as exc:
                 raise UnsupportedModelError(f"{self.path.name}: its U-Net cannot be rebuilt for training "
                                             f"(incomplete or unusual layout: {exc or 'tensors are missing'})") from None
-            alphas, factor = sd_alphas_cumprod(), 8
+            # ComfyUI reads a v-prediction file with a `ztsnr` key as a zero-terminal-SNR model (and writes one)
+            zsnr = prediction == "v" and "ztsnr" in self.reader.infos
+            alphas, factor, x0_clip = sd_alphas_cumprod(zero_terminal_snr=zsnr), 8, None
         downsamples = sum(n.endswith(".op.weight") for n in tensors)
         size = training_size(resolution, self.arch.family, prediction, factor * 2 ** downsamples)
         try:
@@ -99,7 +101,7 @@ class CheckpointModel:
         channels = self.reader.infos[UNET_PREFIX + "out.2.weight"].shape[0]
         return ModuleDenoiser(net, UNET_PREFIX, ldm_inputs(self.arch.family, size), device=self.device, dtype=dtype,
                               latent_shape=(channels, size // factor, size // factor), alphas_cumprod=alphas,
-                              prediction=prediction)
+                              prediction=prediction, x0_clip=x0_clip)
 
 
 def is_v_prediction(reader: SafetensorsReader, arch: ArchSpec) -> bool:

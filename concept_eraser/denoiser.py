@@ -28,10 +28,18 @@ INJECTION_MODES = ("concat", "additive")
 T_TRAIN = 1000  # DDPM steps of every supported model
 
 
-def sd_alphas_cumprod(steps: int = T_TRAIN) -> torch.Tensor:
-    """ᾱ_t of Stable Diffusion 1.x / 2.x / XL: "scaled linear" β from 0.00085 to 0.012."""
+def sd_alphas_cumprod(steps: int = T_TRAIN, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """ᾱ_t of Stable Diffusion 1.x / 2.x / XL: "scaled linear" β from 0.00085 to 0.012; `zero_terminal_snr`:
+    rescaled so the last step is (almost) pure noise (Lin et al. 2023), as ComfyUI does for checkpoints with a
+    `ztsnr` key: √ᾱ shifted to end at 0 and scaled to keep its start, the last ᾱ then set to 4.9e-8."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    alphas = torch.cumprod(1 - betas, 0)
+    if zero_terminal_snr:
+        root = alphas.sqrt()
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+        alphas = root ** 2
+        alphas[-1] = 4.8973451890853435e-08
+    return alphas.float()
 
 
 def alphas_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -71,6 +79,9 @@ class Denoiser(Protocol):
     device: torch.device
     dtype: torch.dtype  # the dtype the host runs its U-Net in
     alphas_cumprod: torch.Tensor  # ᾱ_t, [1000], float32, CPU
+    # The model's own sampler clips its x0 prediction to ±x0_clip (ToyWorld's pixel-space DDIM: 1) and
+    # re-derives ε from it; None: no clipping (latent models: ComfyUI and the WebUIs sample SD unclipped).
+    x0_clip: float | None
     latent_shape: tuple[int, int, int]  # (channels, height, width) of a training sample
 
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -106,10 +117,10 @@ class ModuleDenoiser:
 
     def __init__(self, module: torch.nn.Module, prefix: str, inputs: Inputs, *, device: torch.device,
                  dtype: torch.dtype, latent_shape: tuple[int, int, int], alphas_cumprod: torch.Tensor,
-                 prediction: str = "eps"):
+                 prediction: str = "eps", x0_clip: float | None = None):
         self.module, self.prefix, self.inputs = module, prefix, inputs
         self.device, self.dtype, self.latent_shape = device, dtype, latent_shape
-        self.alphas_cumprod, self.prediction = alphas_cumprod, prediction
+        self.alphas_cumprod, self.prediction, self.x0_clip = alphas_cumprod, prediction, x0_clip
         with torch.inference_mode(False):
             # Hosts load weights under inference mode; such tensors cannot be saved for backward, so
             # those get a normal copy (once). The rest are used detached: no gradient reaches the host.
@@ -172,23 +183,37 @@ def injection_keys(kv_keys: Sequence[str], blocks: str) -> tuple[str, ...]:
     return tuple(k for k in kv_keys if any(f".{p}." in f".{k}" for p in parts))
 
 
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, a_next: torch.Tensor,
+              x0_clip: float | None = None) -> torch.Tensor:
+    """One deterministic DDIM step (η = 0) from ᾱ = `a` to `a_next` given the (guided) noise prediction; with
+    `x0_clip`, the x0 prediction is clipped to ±x0_clip and ε re-derived from it, which keeps the step
+    consistent where 1/√ᾱ is huge (ToyWorld's cosine schedule: ᾱ₉₉₉ ≈ 2.4e-9)."""
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    if x0_clip is not None:
+        x0 = x0.clamp(-x0_clip, x0_clip)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
 @torch.no_grad()
-def partial_ddim(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, done: int,
-                 total: int, guidance: float, pooled: torch.Tensor | None = None,
-                 uncond_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`done` of `total` deterministic DDIM steps (η = 0) of the frozen model from `noise` with
-    classifier-free guidance, as ESD makes its training latents; returns (z_t, t [b])."""
+def partial_ddim(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
+                 stops: Sequence[int], total: int, guidance: float, pooled: torch.Tensor | None = None,
+                 uncond_pooled: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen model's deterministic DDIM sampling (η = 0, `total` steps) from `noise` with classifier-free
+    guidance, as ESD makes its training latents, stepping as the model's own sampler does
+    (`denoiser.x0_clip`); returns (z_t, t [b]) after each number of steps in `stops` (one run serves them all)."""
     times = torch.linspace(T_TRAIN - 1, 0, total).round().long()
     alphas = denoiser.alphas_cumprod.to(denoiser.device)
     x = noise.to(denoiser.device).float()
     n = x.shape[0]
     both = torch.cat([cond, uncond.expand(n, -1, -1)])
     both_pooled = None if pooled is None else torch.cat([pooled, uncond_pooled.expand(n, -1)])
-    for i in range(done):
+    latents = {}
+    for i in range(max(stops) + 1):
+        latents[i] = x
+        if i == max(stops):
+            break
         t = times[i]
         e_c, e_u = denoiser.eps(torch.cat([x, x]), t.repeat(2 * n), both, pooled=both_pooled).chunk(2)
-        e = e_u + guidance * (e_c - e_u)
-        a, a_next = alphas[t], alphas[times[i + 1]]
-        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
-    return x, times[done].repeat(n).to(denoiser.device)
+        x = ddim_step(x, e_u + guidance * (e_c - e_u), alphas[t], alphas[times[i + 1]], denoiser.x0_clip)
+    return [(latents[s], times[s].repeat(n).to(denoiser.device)) for s in stops]

@@ -14,7 +14,14 @@ import torch
 from torch.nn import functional as F
 
 from concept_eraser import CheckpointModel, Concepts, InvalidParameterError, UnsupportedModelError, erase
-from concept_eraser.denoiser import ModuleDenoiser, PromptInjection, injection_keys, ldm_inputs, partial_ddim
+from concept_eraser.denoiser import (
+    ModuleDenoiser,
+    PromptInjection,
+    injection_keys,
+    ldm_inputs,
+    partial_ddim,
+    sd_alphas_cumprod,
+)
 from concept_eraser.methods.kpop import TrainBatch, removal_loss, trainable_keys, transfer_loss
 from concept_eraser.models.arch import UNET_PREFIX
 from concept_eraser.toyworld.pipeline import CHECKPOINT
@@ -145,9 +152,9 @@ def test_prompt_free_ablation_equals_plain_fine_tuning(toyworld):
         torch.randint(1, (1,), generator=gen)
         done = int(torch.randint(values["ddim_steps"], (1,), generator=gen))
         noise = torch.randn(1, 3, 16, 16, generator=gen)
-        z_t, t = partial_ddim(den, features[:1], features[2:], noise, done, values["ddim_steps"], 3.0)
+        [(z_t, t)] = partial_ddim(den, features[:1], features[2:], noise, [done], values["ddim_steps"], 3.0)
         with torch.no_grad():
-            e_e, e_n = frozen(z_t, t, features[:1]), frozen(z_t, t, features[1:2])
+            e_e, e_n = frozen(z_t.repeat(2, 1, 1, 1), t.repeat(2), features[:2]).chunk(2)  # one pass, as documented
         loss = F.mse_loss(reference(z_t, t, features[:1]), e_n - (e_e - e_n))
         optimizer.zero_grad()
         loss.backward()
@@ -218,3 +225,127 @@ def test_host_without_a_unet_is_refused(tiny_checkpoints):
 
     with pytest.raises(UnsupportedModelError, match="U-Net"):
         erase(TextOnly(CheckpointModel(tiny_checkpoints["sd1"])), "kpop", Concepts.build(["cat"]), QUICK)
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact denoiser of Gaussian data x0 ~ N(0, s² I) under the schedule ᾱ: E[ε | z_t] = √(1−ᾱ) z / v and
+    E[x0 | z_t] = √ᾱ s² z / v with v = ᾱ s² + 1 − ᾱ, output as ε or as v = √ᾱ ε − √(1−ᾱ) x0 (in float64, so the
+    reference is exact). Its sampler is known in closed form: z_t keeps the standard deviation √v_t."""
+
+    def __init__(self, alphas: torch.Tensor, s: float, prediction: str):
+        super().__init__()
+        self.alphas, self.s, self.prediction = alphas.double(), s, prediction
+
+    def forward(self, x, timesteps, context):
+        a = self.alphas[timesteps].view(-1, 1, 1, 1)
+        z = x.double()
+        var = a * self.s ** 2 + 1 - a
+        eps, x0 = (1 - a).sqrt() * z / var, a.sqrt() * self.s ** 2 * z / var
+        return (eps if self.prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0).to(x.dtype)
+
+
+@pytest.mark.parametrize("prediction, zsnr", [("eps", False), ("v", False), ("v", True)])
+def test_sampled_latents_keep_the_schedules_statistics_on_sd(prediction, zsnr, rng):
+    """SD's schedules (also zero terminal SNR, v-prediction) need no clipping: with the exact denoiser of Gaussian
+    data, z_t after every number of DDIM steps has the standard deviation √(ᾱ s² + 1 − ᾱ) the schedule implies."""
+    alphas = sd_alphas_cumprod(zero_terminal_snr=zsnr)
+    s, total = 0.5, 50
+    den = ModuleDenoiser(GaussianOracle(alphas, s, prediction), UNET_PREFIX, ldm_inputs("sd1", 256),
+                         device=torch.device("cpu"), dtype=torch.float32, latent_shape=(4, 32, 32),
+                         alphas_cumprod=alphas, prediction=prediction)
+    assert den.x0_clip is None
+    context = torch.zeros(1, 2, 8)
+    noise = torch.randn(2, 4, 32, 32, generator=rng)
+    for z_t, t in partial_ddim(den, context.expand(2, -1, -1), context, noise, list(range(total)), total, 3.0):
+        a = alphas[t[0]].double()
+        expected = (a * s ** 2 + 1 - a).sqrt().item()
+        assert 0.9 <= z_t.std().item() / expected <= 1.03, (int(t[0]), z_t.std().item(), expected)
+
+
+def test_zero_terminal_snr_schedule():
+    """Lin et al.'s rescaling as ComfyUI applies it: √ᾱ an affine map of SD's √ᾱ that keeps the first value and
+    ends (almost) at zero."""
+    plain, zsnr = sd_alphas_cumprod().double(), sd_alphas_cumprod(zero_terminal_snr=True).double()
+    assert zsnr[0] == pytest.approx(plain[0].item(), rel=1e-6) and zsnr[-1].item() == pytest.approx(4.8973e-8, rel=1e-4)
+    slope = (zsnr[0].sqrt() - zsnr[500].sqrt()) / (plain[0].sqrt() - plain[500].sqrt())
+    torch.testing.assert_close(zsnr[:-1].sqrt(), zsnr[0].sqrt() + slope * (plain[:-1].sqrt() - plain[0].sqrt()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_toyworld_latents_stay_on_distribution(toyworld, rng):
+    """ToyWorld's cosine schedule (ᾱ₉₉₉ ≈ 2.4e-9) needs its sampler's x0 clipping: with it, z_t after every number
+    of the 20 DDIM steps stays unit-order; DDIM without it ends with a standard deviation in the hundreds."""
+    den = toyworld.denoiser()
+    assert den.x0_clip == 1.0
+    features = toyworld.text_encoder.encode(["a red circle", ""]).features
+    noise = torch.randn(4, 3, 16, 16, generator=rng)
+    latents = partial_ddim(den, features[:1].expand(4, -1, -1), features[1:], noise, list(range(20)), 20, 3.0)
+    stds = [z.std().item() for z, _ in latents]
+    assert all(0.3 <= s <= 1.2 for s in stds) and max(z.abs().max().item() for z, _ in latents) < 6, stds
+    den.x0_clip = None
+    unclipped = partial_ddim(den, features[:1].expand(4, -1, -1), features[1:], noise, [1, 5], 20, 3.0)
+    assert all(z.std().item() > 50 for z, _ in unclipped)
+
+
+def test_one_sampling_run_serves_several_steps(toyworld, monkeypatch):
+    """latents_per_trajectory = 3: one sampling run per three steps, each z_t what a run stopped there gives."""
+    from concept_eraser.methods import get_method, kpop
+    from concept_eraser.params import resolve
+
+    values = resolve(get_method("kpop").params, {**QUICK, "latents_per_trajectory": 3, "ddim_steps": 10}, "kpop")
+    den = toyworld.denoiser()
+    runs = []
+    monkeypatch.setattr(kpop, "partial_ddim", lambda *a, **k: runs.append(a) or partial_ddim(*a, **k))
+    trainer = kpop.Trainer(den, toyworld, Concepts.build(["circle"]), values, trainable_keys(den.parameters(), "kv"))
+    batches = [trainer.sample_batch() for _ in range(3)]
+    assert len(runs) == 1
+    _, cond, uncond, noise, stops, total, guidance, *_ = runs[0]
+    for batch, stop in zip(batches, stops):
+        [(z_t, t)] = partial_ddim(den, cond, uncond, noise, [stop], total, guidance)
+        torch.testing.assert_close(batch.z_t, z_t)
+        assert torch.equal(batch.t, t)
+    trainer.sample_batch()
+    assert len(runs) == 2
+
+
+def test_training_wordings():
+    from concept_eraser.methods.kpop import training_wordings
+
+    assert training_wordings(["circle"], ["square"], "as_given") == [("circle", "square")]
+    pairs = training_wordings(["Van Gogh", "cat"], ["", "dog"], "art")
+    assert len(pairs) == 12 and ("painting by Van Gogh", "") in pairs and ("style of cat", "style of dog") in pairs
+    assert training_wordings(["circle"], [""], "a {}; a picture of a {}") == [("a circle", ""),
+                                                                           ("a picture of a circle", "")]
+    with pytest.raises(InvalidParameterError) as err:
+        training_wordings(["circle"], [""], "a circle")
+    assert err.value.field == "wordings"
+
+
+def test_preservation_term_uses_the_preserve_list(toyworld):
+    """preserve_weight > 0: ESD's term joins the removal loss and keeps a preserved concept's noise prediction
+    closer to the original than the same training without it; at 0 the list is unused, with a warning."""
+    concepts = Concepts.build(["circle"], ["square"], ["triangle"])
+    values = {**QUICK, "steps": 12, "ddim_steps": 10, "use_prompt": False, "seed": 3}
+    with pytest.warns(UserWarning, match="preserve_weight"):
+        plain = erase(toyworld, "kpop", concepts, values)
+    kept = erase(toyworld, "kpop", concepts, {**values, "preserve_weight": 10.0})
+    assert "Lp" in kept.patch.steps[0]["results"]["final_losses"]
+
+    den = toyworld.denoiser()
+    features = toyworld.text_encoder.encode(["triangle"]).features.expand(8, -1, -1)
+    z, t = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5)), torch.arange(900, 100, -100)
+    original = den.eps(z, t, features)
+    moved = [(den.eps(z, t, features, {k: e[0].new for k, e in r.patch.edits.items()}) - original).norm()
+             for r in (plain, kept)]
+    assert moved[1] < 0.6 * moved[0], moved  # measured: 1.66 against 4.52
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # new torch deprecates torch.cuda.amp.GradScaler
+def test_without_torch_amp_grad_scaler(toyworld, monkeypatch):
+    """torch < 2.3 (A1111 1.10 ships 2.1.2) has no torch.amp.GradScaler, only torch.cuda.amp.GradScaler."""
+    from concept_eraser.methods.kpop import grad_scaler
+
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    scaler = grad_scaler(torch.device("cpu"), enabled=True)
+    assert isinstance(scaler, torch.cuda.amp.GradScaler) and not scaler.is_enabled()
+    assert erase(toyworld, "kpop", Concepts.build(["circle"]), {**QUICK, "steps": 1}).patch.edits

@@ -64,6 +64,17 @@ KPOP_PARAMS = (
           min=0.0, max=30.0, step=0.5),
     Param("ddim_steps", int, 50, "DDIM steps of that sampling (z_t stops after a random number of them)",
           min=2, max=1000),
+    Param("latents_per_trajectory", int, 1, "training steps served by one sampling run (z_t taken after as many "
+          "random numbers of steps): fewer sampling passes per step; 1 = the paper (a new run every step)",
+          min=1, max=64),
+    Param("wordings", str, "as_given", "training wordings of each concept and its guide: as_given (the words "
+          "typed, the paper), object / art (UCE's prompt expansion: the words plus 'image of {}', 'photo of {}', "
+          "'portrait of {}', 'picture of {}', 'painting of {}' / 'painting by {}', 'art by {}', 'artwork by {}', "
+          "'picture by {}', 'style of {}'), or your own templates separated by ';', each with {} for the words; "
+          "an empty guide stays empty"),
+    Param("preserve_weight", float, 0.0, "weight of ESD's preservation term ‖ε'(z_t, c_p) − ε(z_t, c_p)‖² on the "
+          "preserved concepts (a random one per step); 0 = the paper's KPOP, which uses no preserve list",
+          min=0.0, max=1e4, step=0.1),
     Param("batch", int, 1, "samples per step", min=1, max=64),
     Param("seed", int, 0, "seed of the prompt initialisation, noise, timesteps and concept order", min=0,
           max=2 ** 31 - 1),
@@ -85,6 +96,34 @@ def trainable_keys(keys, train: str) -> list[str]:
     raise InvalidParameterError("train", f"{train!r} is not one of {', '.join(TRAIN_SETS)}")
 
 
+# UCE's scripts' prompt expansion (`expand_prompts`): the words as given plus five templates per concept.
+WORDING_SETS = {
+    "as_given": ("{}",),
+    "object": ("{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
+    "art": ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
+}
+
+
+def training_wordings(targets, guides, spec: str) -> list[tuple[str, str]]:
+    """(target wording, guide wording) pairs: every template of `spec` (a set's name or templates separated by
+    ';') applied to each target and its guide alike; an empty guide stays empty (the unconditional prompt)."""
+    templates = WORDING_SETS.get(spec) or tuple(t.strip() for t in spec.split(";") if t.strip())
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise InvalidParameterError("wordings", f"{spec!r} is not one of {', '.join(WORDING_SETS)} nor templates "
+                                    "separated by ';' with one {} each (e.g. 'a {}; a photo of a {}')")
+    pairs = [(t.format(target), t.format(guide) if guide else "") for target, guide in zip(targets, guides)
+             for t in templates]
+    return list(dict.fromkeys(pairs))
+
+
+def grad_scaler(device: torch.device, enabled: bool):
+    """A dynamic loss scale for fp16 training: `torch.amp.GradScaler` from torch 2.3; before, the CUDA-only
+    `torch.cuda.amp.GradScaler` (A1111 1.10 ships torch 2.1.2)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+
+
 @dataclass
 class TrainBatch:
     """One step's inputs: z_t at t, the targets' features, and the frozen model's outputs."""
@@ -95,6 +134,7 @@ class TrainBatch:
     pooled: torch.Tensor | None
     eps_target: torch.Tensor  # ε_θ(z_t, c_e)
     eps_removal: torch.Tensor  # ε* = ε_θ(c_n) − η (ε_θ(c_e) − ε_θ(c_n))
+    preserve: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None  # (c_p, its pooled, ε_θ(z_t, c_p))
 
 
 def transfer_loss(denoiser: Denoiser, batch: TrainBatch, weights: Mapping[str, torch.Tensor],
@@ -105,13 +145,20 @@ def transfer_loss(denoiser: Denoiser, batch: TrainBatch, weights: Mapping[str, t
 
 
 def removal_loss(denoiser: Denoiser, batch: TrainBatch, weights: Mapping[str, torch.Tensor],
-                 prompt: PromptInjection | None, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_r = L1 + λ L2 (L2 only with a prompt); returns the loss and its parts."""
+                 prompt: PromptInjection | None, lam: float,
+                 preserve_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_r = L1 + λ L2 (L2 only with a prompt) + w_p L_p (ESD's preservation term, when the batch has one);
+    returns the loss and its parts."""
     l1 = F.mse_loss(denoiser.eps(batch.z_t, batch.t, batch.context, weights, None, batch.pooled), batch.eps_removal)
-    if prompt is None:
-        return l1, {"L1": l1.item()}
-    l2 = transfer_loss(denoiser, batch, weights, prompt)
-    return l1 + lam * l2, {"L1": l1.item(), "L2": l2.item()}
+    loss, parts = l1, {"L1": l1.item()}
+    if prompt is not None:
+        l2 = transfer_loss(denoiser, batch, weights, prompt)
+        loss, parts["L2"] = loss + lam * l2, l2.item()
+    if batch.preserve is not None and preserve_weight > 0:
+        context, pooled, eps = batch.preserve
+        lp = F.mse_loss(denoiser.eps(batch.z_t, batch.t, context, weights, None, pooled), eps)
+        loss, parts["Lp"] = loss + preserve_weight * lp, lp.item()
+    return loss, parts
 
 
 class KPOP(ErasureMethod):
@@ -125,9 +172,10 @@ class KPOP(ErasureMethod):
         make = getattr(model, "denoiser", None)
         if make is None:
             raise UnsupportedModelError("KPOP trains the U-Net, which this host adapter does not provide")
-        if concepts.preserve:
-            warnings.warn("KPOP keeps other concepts through its prompt, not through a list: the "
-                          f"{len(concepts.preserve)} preserved concept(s) were not used")
+        if concepts.preserve and not values["preserve_weight"]:
+            warnings.warn(f"KPOP keeps other concepts through its prompt: the {len(concepts.preserve)} preserved "
+                          "concept(s) were not used (preserve_weight > 0 adds ESD's preservation term for them)")
+        training_wordings(concepts.targets, concepts.guides, values["wordings"])  # bad templates: fail before work
         progress(0, values["steps"], "KPOP: preparing")
         denoiser: Denoiser = make(resolution=values["resolution"] or None)
         current = denoiser.parameters()
@@ -151,6 +199,7 @@ class KPOP(ErasureMethod):
         peak = torch.cuda.max_memory_allocated(denoiser.device) if denoiser.device.type == "cuda" else None
         summary = {
             "steps": values["steps"],
+            "training_wordings": len(trainer.pairs),
             "trained_tensors": len(keys),
             "trained_parameters": sum(current[k].numel() for k in keys),
             "final_losses": history[-1]["losses"] if history else {},
@@ -158,7 +207,8 @@ class KPOP(ErasureMethod):
         }
         if peak is not None:
             summary["peak_gpu_memory_gib"] = round(peak / 2 ** 30, 2)
-        details = {"losses": history, "prompt_layers": list(prompt.keys) if prompt else []}
+        details = {"losses": history, "prompt_layers": list(prompt.keys) if prompt else [],
+                   "wordings": [{"erase": target, "guide": guide} for target, guide in trainer.pairs]}
         artifacts = {} if prompt is None else {"prompt_k": prompt.k.detach().float().cpu(),
                                                 "prompt_v": prompt.v.detach().float().cpu()}
         return MethodOutput(edits, details, summary, artifacts)
@@ -171,16 +221,20 @@ class Trainer:
                  keys: list[str]):
         self.denoiser, self.values = denoiser, values
         self.gen = torch.Generator().manual_seed(values["seed"])
-        prompts = list(dict.fromkeys(concepts.targets + concepts.guides + ("",)))
+        self.pairs = training_wordings(concepts.targets, concepts.guides, values["wordings"])
+        preserved = concepts.preserve if values["preserve_weight"] else ()
+        prompts = list(dict.fromkeys([p for pair in self.pairs for p in pair] + [""] + list(preserved)))
         encoded = model.text_encoder.encode(prompts)
         row = {p: i for i, p in enumerate(prompts)}
         device = denoiser.device
         # clone: a host's encoder may have made inference tensors, which autograd cannot save
         self.features = encoded.features.to(device).clone()
         self.pooled = None if encoded.pooled is None else encoded.pooled.to(device).clone()
-        self.target_rows = [row[p] for p in concepts.targets]
-        self.guide_rows = [row[p] for p in concepts.guides]
+        self.target_rows = [row[target] for target, _ in self.pairs]
+        self.guide_rows = [row[guide] for _, guide in self.pairs]
+        self.preserve_rows = [row[p] for p in preserved]
         self.uncond_row = row[""]
+        self.pending: list[TrainBatch] = []  # batches drawn from the last sampling run, not yet trained on
         current = denoiser.parameters()
         self.weights = {k: current[k].detach().to(device, torch.float32).clone().requires_grad_(True) for k in keys}
         self.optimizer = torch.optim.Adam(self.weights.values(), lr=values["lr"])
@@ -196,27 +250,44 @@ class Trainer:
             self.prompt = PromptInjection(layers, init(), init(), values["injection"])
             self.prompt_optimizer = torch.optim.Adam([self.prompt.k, self.prompt.v], lr=values["prompt_lr"])
         # fp16 hosts: scale the loss so small gradients survive the half-precision backward pass
-        self.scaler = torch.amp.GradScaler(device.type, enabled=denoiser.dtype == torch.float16)
+        self.scaler = grad_scaler(device, enabled=denoiser.dtype == torch.float16)
+
+    def _rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.features[rows], None if self.pooled is None else self.pooled[rows]
 
     def sample_batch(self) -> TrainBatch:
+        """The next step's batch; a sampling run makes `latents_per_trajectory` of them at once."""
+        if not self.pending:
+            self.pending = self._sample_trajectory()
+        return self.pending.pop(0)
+
+    def _sample_trajectory(self) -> list[TrainBatch]:
         v, den = self.values, self.denoiser
         n = v["batch"]
         pick = torch.randint(len(self.target_rows), (n,), generator=self.gen).tolist()
-        done = int(torch.randint(v["ddim_steps"], (1,), generator=self.gen))
+        stops = torch.randint(v["ddim_steps"], (v["latents_per_trajectory"],), generator=self.gen).tolist()
         noise = torch.randn(n, *den.latent_shape, generator=self.gen)
-        c_e = self.features[[self.target_rows[i] for i in pick]]
-        c_n = self.features[[self.guide_rows[i] for i in pick]]
-        uncond = self.features[self.uncond_row:self.uncond_row + 1]
-        pooled = pooled_n = pooled_u = None
-        if self.pooled is not None:
-            pooled = self.pooled[[self.target_rows[i] for i in pick]]
-            pooled_n = self.pooled[[self.guide_rows[i] for i in pick]]
-            pooled_u = self.pooled[self.uncond_row:self.uncond_row + 1]
-        z_t, t = partial_ddim(den, c_e, uncond, noise, done, v["ddim_steps"], v["start_guidance"], pooled, pooled_u)
-        with torch.no_grad():
-            e_e = den.eps(z_t, t, c_e, pooled=pooled)
-            e_n = den.eps(z_t, t, c_n, pooled=pooled_n)
-        return TrainBatch(z_t, t, c_e, pooled, e_e, e_n - v["negative_guidance"] * (e_e - e_n))
+        c_e, pooled = self._rows([self.target_rows[i] for i in pick])
+        c_n, pooled_n = self._rows([self.guide_rows[i] for i in pick])
+        uncond, pooled_u = self._rows([self.uncond_row])
+        latents = partial_ddim(den, c_e, uncond, noise, stops, v["ddim_steps"], v["start_guidance"], pooled,
+                               pooled_u)
+        batches = []
+        for z_t, t in latents:
+            # the frozen model's outputs for c_e, c_n (and a preserved c_p) in one pass
+            contexts, pooleds = [c_e, c_n], [pooled, pooled_n]
+            if self.preserve_rows:
+                c_p, pooled_p = self._rows([self.preserve_rows[i] for i in
+                                            torch.randint(len(self.preserve_rows), (n,), generator=self.gen)])
+                contexts.append(c_p)
+                pooleds.append(pooled_p)
+            with torch.no_grad():
+                outs = den.eps(z_t.repeat(len(contexts), 1, 1, 1), t.repeat(len(contexts)), torch.cat(contexts),
+                               pooled=None if pooled is None else torch.cat(pooleds)).chunk(len(contexts))
+            e_e, e_n = outs[0], outs[1]
+            preserve = (contexts[2], pooleds[2], outs[2]) if self.preserve_rows else None
+            batches.append(TrainBatch(z_t, t, c_e, pooled, e_e, e_n - v["negative_guidance"] * (e_e - e_n), preserve))
+        return batches
 
     def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> None:
         if not math.isfinite(loss.item()):
@@ -237,7 +308,8 @@ class Trainer:
             self._step(loss_e, self.prompt_optimizer, step)
             losses["transfer"] = loss_e.item()
             held = PromptInjection(self.prompt.keys, self.prompt.k.detach(), self.prompt.v.detach(), self.prompt.mode)
-        loss_r, parts = removal_loss(self.denoiser, batch, self.weights, held, self.values["lam"])
+        loss_r, parts = removal_loss(self.denoiser, batch, self.weights, held, self.values["lam"],
+                                     self.values["preserve_weight"])
         self._step(loss_r, self.optimizer, step)
         return losses | parts
 

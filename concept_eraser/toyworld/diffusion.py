@@ -13,8 +13,11 @@ from typing import Callable
 
 import torch
 
+from ..denoiser import ddim_step
+
 T = 1000
 MIN_SNR = 5.0
+X0_CLIP = 1.0  # images live in [-1, 1]: the sampler clips its x0 prediction there
 
 
 def alphas_cumprod(steps: int = T) -> torch.Tensor:
@@ -61,9 +64,6 @@ def ddim_sample(
     for i, t in enumerate(times):
         e_c, e_u = eps(torch.cat([x, x]), t.repeat(2 * n), both).chunk(2)
         e = e_u + guidance * (e_c - e_u)
-        a = ALPHA_BAR[t]
-        x0 = ((x - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1)
-        e = (x - a.sqrt() * x0) / (1 - a).sqrt()  # re-derive ε from the clipped x0, keeps DDIM consistent
         a_next = ALPHA_BAR[times[i + 1]] if i + 1 < steps else torch.tensor(1.0)
-        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
+        x = ddim_step(x, e, ALPHA_BAR[t], a_next, X0_CLIP)
     return (x.clamp(-1, 1) + 1) / 2
