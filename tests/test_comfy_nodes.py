@@ -86,8 +86,25 @@ def pack_module(name: str):
     return importlib.import_module(f"{load_pack().__name__}.{name}")
 
 
-def node(host, node_id: str):
-    return host["pack"].NODE_CLASS_MAPPINGS[node_id]()
+class Executed:
+    """A node whose calls run as ComfyUI's executor runs them: under torch.inference_mode()."""
+
+    def __init__(self, instance):
+        self.instance = instance
+
+    def __getattr__(self, name):
+        attr = getattr(self.instance, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with torch.inference_mode():
+                return attr(*args, **kwargs)
+        return call
+
+
+def node(host, node_id: str) -> Executed:
+    return Executed(host["pack"].NODE_CLASS_MAPPINGS[node_id]())
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +113,9 @@ def sd15(host):
     import comfy.sd
 
     path = checkpoint("sd15")
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
+    with torch.inference_mode():  # as the executor runs a loader node: the weights are inference tensors
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
     return {"path": path, "model": model, "clip": clip, "vae": vae}
 
 
