@@ -12,7 +12,7 @@ from .concepts import Concepts
 from .editable import EditableModel, Progress, no_progress
 from .methods import get_method
 from .params import resolve
-from .patch import ErasurePatch, provenance_step
+from .patch import ErasurePatch, fingerprint, provenance_step
 from .pooled import check_pooled, with_pooled_edit
 from .probe import brief, recoverability
 
@@ -43,7 +43,9 @@ def erase(
     seconds = time.perf_counter() - start
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
     probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), concepts.targets, progress=progress)
-    step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
+    # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
+    source = dict(model.source(), fingerprint=fingerprint(model.arch.kv_keys, model.weight))
+    step = provenance_step(chosen.name, values, concepts.as_dict(), source, model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
     report = {
@@ -51,7 +53,7 @@ def erase(
         "params": values,
         "concepts": concepts.as_dict(),
         "architecture": model.arch.family,
-        "source": model.source(),
+        "source": source,
         "seconds": round(seconds, 4),
         "layers": layer_changes(model, patch),
         "probe": probe,
@@ -61,7 +63,8 @@ def erase(
 
 
 def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:
-    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ and the edit's form."""
+    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖, the edit's form and, for a sparse edit, the
+    fraction of zeros in the new weights."""
     out = {}
     for key, stages in patch.edits.items():
         original = model.weight(key)
@@ -71,4 +74,6 @@ def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[s
             "relative_change": (new.float() - original.float()).norm().item() / base if base else 0.0,
             "form": "+".join(s.kind for s in stages),
         }
+        if stages[-1].kind == "sparse":
+            out[key]["zeros"] = 1.0 - stages[-1].nnz / new.numel()
     return out

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from . import __version__
 from .api import erase
-from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits, load_patch, resolve_device,
+from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, load_patch, resolve_device,
                          save_artifacts, save_checkpoint, save_lora, save_patch)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError
 from .methods import METHODS
 from .params import parse_assignments
+from .patch import check_fits
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json
 
 
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _save(model: CheckpointModel, patch, fmt: str, out: Path, overwrite: bool) -> Path:
     if fmt == "checkpoint":
         return save_checkpoint(model, patch, out, overwrite)
-    if fmt == "patch":
-        return save_patch(patch, out, overwrite)
+    if fmt == "patch":  # dense and sparse edits as changes to the weights they were solved on
+        return save_patch(patch.relative(model.weight), out, overwrite)
     return save_lora(patch, out, overwrite, arch=model.arch)
 
 
@@ -190,7 +191,9 @@ def cmd_apply(args) -> int:
     out = check_writable(args.out, args.overwrite, "--out")
     model = CheckpointModel(args.model)
     patch = load_patch(args.patch)
-    check_patch_fits(model, patch, args.force)
+    check_fits(patch, model.arch.family, model.arch.kv_keys, model.weight,
+               lambda key: model.reader.infos[key].shape if key in model.reader else None, args.force, "patch",
+               "pass --force")
     written = save_checkpoint(model, patch, out, args.overwrite)
     print(f"applied {len(patch.edits)} edited tensors; wrote {written}")
     return 0

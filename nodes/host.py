@@ -26,7 +26,7 @@ from ..concept_eraser.encoding import EncodedPrompts
 from ..concept_eraser.errors import InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import UNET_PREFIX, ArchSpec, detect
 from ..concept_eraser.models.text_encoders import hf_state_dict
-from ..concept_eraser.patch import ErasurePatch, LowRankEdit, check_finite
+from ..concept_eraser.patch import DeltaEdit, ErasurePatch, LowRankEdit, check_finite
 
 log = logging.getLogger("concept_eraser")
 
@@ -306,7 +306,8 @@ def _lora(up: torch.Tensor, down: torch.Tensor):
 
 def host_patches(model: ComfyModel, patch: ErasurePatch) -> tuple[dict, dict]:
     """(U-Net patches, CLIP patches) in ComfyUI's formats: a low-rank erasure as the host's LoRA patch, a
-    dense or sparse one as a "diff" against the weight the model has now (so strength s gives W + s·ΔW)."""
+    dense or sparse one as a "diff" against the weight the model has now (so strength s gives W + s·ΔW), a
+    stored change (`DeltaEdit`) as that "diff"."""
     unet, text = {}, {}
     for key, stages in patch.edits.items():
         if key.startswith(UNET_PREFIX):
@@ -330,8 +331,11 @@ def host_patches(model: ComfyModel, patch: ErasurePatch) -> tuple[dict, dict]:
             for target, part in zip(targets, up.split(rows, 0) if not transpose else [up]):
                 into[target] = _lora(part.contiguous(), down.contiguous())
             continue
-        current = model.effective_float(key)
-        delta = patch.apply_to(key, current) - current
+        if all(isinstance(s, DeltaEdit) for s in stages):  # stored as a change: added as it is
+            delta = sum((s.delta for s in stages[1:]), stages[0].delta)
+        else:
+            current = model.effective_float(key)
+            delta = patch.apply_to(key, current) - current
         check_finite(key, delta)
         delta = delta.T if transpose else delta
         for target, part in zip(targets, delta.split(rows, 0)):
