@@ -172,7 +172,7 @@ class ErasurePatch:
             edits[key] = edits.get(key, ()) + stages
         return ErasurePatch(self.architecture, edits, self.steps + later.steps)
 
-    def relative(self, weight: Callable[[str], torch.Tensor]) -> "ErasurePatch":
+    def relative(self, weight: Callable[[str], torch.Tensor]) -> ErasurePatch:
         """This patch with the stages of every key that has dense or sparse ones as one `DeltaEdit` from
         `weight(key)`, the weights it was solved on (on the CPU). Low-rank stages are changes already."""
         edits = {}

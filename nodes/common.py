@@ -125,6 +125,8 @@ def widget(p: Param) -> tuple[str, dict]:
         text = "auto" if default is None else str(default)
         return "STRING", {"default": text, "multiline": False, "tooltip": tooltip}
     low = -UNBOUNDED if p.min is None else p.min
+    if p.min is not None and p.min_exclusive:  # the least value the solver accepts (ComfyUI's min is inclusive)
+        low = p.min + 1 if p.kind is int else math.nextafter(p.min, math.inf)
     high = UNBOUNDED if p.max is None else p.max
     if p.kind is int:
         return "INT", {"default": int(default), "min": int(low), "max": int(high), "step": int(p.step or 1),

@@ -11,8 +11,7 @@ from ..concept_eraser.errors import EraserError
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.params import resolve
 from ..concept_eraser.patch import ErasurePatch
-from .common import (CATEGORY, ERASURE, Erasure, headline, lines, method_values, node_error, param_inputs,
-                     unknown_inputs)
+from .common import CATEGORY, ERASURE, Erasure, headline, lines, method_values, node_error, param_inputs, unknown_inputs
 
 log = logging.getLogger("concept_eraser")
 

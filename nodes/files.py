@@ -42,6 +42,13 @@ def _file_signature(folder: str, name: str) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _choice(name: str, value, choices) -> str | None:
+    """The message for a value that is not one of `choices` (None: not known yet, or fine)."""
+    if value is None or value in choices:
+        return None
+    return f"{name}: {value!r} is not one of {', '.join(choices)}"
+
+
 def _shape_of(adapter):
     """The model's shape of a checkpoint key, None when it has no such tensor (for `check_fits`)."""
     def shape(key: str):
@@ -241,14 +248,18 @@ class SaveErasure:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, format=None, folder=None):
+        """Checked when the prompt is queued, before any node runs (an input fed by a link is checked in save)."""
+        return _choice("format", format, FORMATS) or _choice("folder", folder, FOLDERS) or True
+
     def save(self, erasure, format, folder, filename_prefix, model=None, clip=None, vae=None, prompt=None,
              extra_pnginfo=None):
         import folder_paths
 
-        if format not in FORMATS:
-            raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
-        if folder not in FOLDERS:
-            raise ValueError(f"folder: {folder!r} is not one of {', '.join(FOLDERS)}")
+        invalid = _choice("format", format, FORMATS) or _choice("folder", folder, FOLDERS)
+        if invalid:
+            raise ValueError(invalid)
         if format == "checkpoint":
             for name, value in (("model", model), ("clip", clip), ("vae", vae)):
                 if value is None:
@@ -280,8 +291,7 @@ class SaveErasure:
         except EraserError as exc:
             raise node_error(exc) from None
         log.info("[Concept Eraser] saved %s (%s)", path, format)
-        shown = os.path.relpath(path, root)
-        return {"ui": {"text": [f"{format}: {folder}/{shown}"]}, "result": (path,)}
+        return {"ui": {"text": [f"{format} saved to {path}"]}, "result": (path,)}
 
     @staticmethod
     def _checkpoint(path, erasure, model, clip, vae, prompt, extra_pnginfo):

@@ -180,6 +180,13 @@ class ComfyModel:
                 f"ComfyUI loaded this as {self.host_model} ({type(config).__name__}), whose text encoders are not "
                 f"laid out like Stable Diffusion 1.x/2.x/XL ones ({type(exc).__name__}: {exc})") from None
         shapes |= {k: tuple(v.shape) for k, v in saved.items()}
+        # a CLIP from another family (SD1.5's with an SDXL model) is the CLIP's fault, not the model's
+        context = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+        width = sum(s[0] for k, s in self.clip_shapes.items() if k.endswith("final_layer_norm.weight"))
+        if context and width and context != width:
+            raise InvalidParameterError(
+                "clip", f"this CLIP gives {width}-wide text features, the model reads {context}-wide ones: it belongs "
+                "to another model family; connect the checkpoint's own CLIP")
         try:
             arch = detect(shapes)
         except UnsupportedModelError as exc:

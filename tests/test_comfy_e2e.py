@@ -2,8 +2,9 @@
 its custom_nodes, driven over its HTTP/websocket API like the frontend drives it.
 
 The example workflows (UI format, converted to API format here) run on generated SD1.5 and SDXL
-checkpoints that ComfyUI's own detector recognises, at 64×64 with 2 steps. Checked: the pack and its
-frontend module load; every example produces its images and files; the saved checkpoint loads back
+checkpoints that ComfyUI's own detector recognises, at 64×64 with 2 steps (KPOP: 3 training steps). Checked:
+the pack and its frontend module load; each example loads in the real frontend (headless Chromium) without a
+link it has to repair; every example produces its images and files; the saved checkpoint loads back
 through ComfyUI's loader and holds exactly the weights ComfyUI computes for the erased model; a branch
 from the same loader renders bit-identically to a graph without the erase node, after an erase and
 after a cancelled erase (so the loader's cached MODEL was never modified); bad inputs come back as node
