@@ -230,7 +230,8 @@ def layer_plot(erasure, width: int = 960, height: int = 420) -> torch.Tensor:
             color = (70, 110, 200) if key.endswith("to_k.weight") else (235, 140, 50)
         xa = x0 + i * slot + max(0.5, slot * 0.1)
         xb = x0 + (i + 1) * slot - max(0.5, slot * 0.1)
-        draw.rectangle((xa, y1 - (y1 - y0) * value / top_value, max(xa, xb), y1 - 1), fill=color)
+        top = min(y1 - 1, y1 - (y1 - y0) * value / top_value)  # an unchanged tensor: a 1-pixel bar
+        draw.rectangle((xa, top, max(xa, xb), y1 - 1), fill=color)
         if key in sparsity:
             y = y1 - (y1 - y0) * sparsity[key]
             draw.line((xa, y, max(xa, xb), y), fill=(200, 30, 30), width=2)
