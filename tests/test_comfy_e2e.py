@@ -2,7 +2,7 @@
 its custom_nodes, driven over its HTTP/websocket API like the frontend drives it.
 
 The example workflows (UI format, converted to API format here) run on generated SD1.5 and SDXL
-checkpoints that ComfyUI's own detector recognises, at 64×64 with 2 steps (KPOP: 3 training steps). Checked:
+checkpoints that ComfyUI's own detector recognises, at 64×64 with 2 steps (KPOP: 2 training steps). Checked:
 the pack and its frontend module load; each example loads in the real frontend (headless Chromium) without a
 link it has to repair; every example produces its images and files; the saved checkpoint loads back
 through ComfyUI's loader and holds exactly the weights ComfyUI computes for the erased model; a branch
@@ -106,54 +106,21 @@ ERASE_WIDGETS = """(() => {
 })()"""
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless Chromium's DevTools port, shared by the frontend tests."""
-    if chromium_binary() is None:
-        pytest.skip("no chromium binary for the frontend tests (Debian: apt install chromium)")
-    process, port = start_browser(tmp_path_factory.mktemp("chromium"))
-    try:
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-async def load_examples(server, port: int) -> dict[str, tuple[list[str], dict]]:
-    """Each shipped example loaded into the frontend: (console messages meanwhile, the graph it serialises)."""
+async def frontend_session(server, port: int, workflow: dict) -> dict:
+    """One page of the frontend: each shipped example loaded (console messages meanwhile, the graph it
+    serialises), then `workflow` with its Erase node switched from UCE to SPACE."""
     import aiohttp
 
-    out = {}
     async with aiohttp.ClientSession() as session:
         tools = await open_frontend(session, port, server)
         await tools.call("Runtime.enable")
+        out = {"examples": {}}
         for name in examples():
             tools.events.clear()
-            workflow = (EXAMPLES / name).read_text()
-            await tools.evaluate(f"window.comfyAPI.app.app.loadGraphData({workflow})")
+            await tools.evaluate(f"window.comfyAPI.app.app.loadGraphData({(EXAMPLES / name).read_text()})")
             await asyncio.sleep(0.5)
-            out[name] = (tools.console(), await tools.evaluate("window.comfyAPI.app.app.graph.serialize()"))
-        await tools.ws.close()
-    return out
-
-
-def test_examples_load_in_the_frontend_without_repairs(server, browser):
-    """ComfyUI's real frontend loads every example as it is: no link it has to repair (its link fixer logs
-    'Expected node to match patched data' when a target_slot does not point at the linked input), and its own
-    serialisation of the loaded graph has the file's links, slots included."""
-    loaded = asyncio.run(asyncio.wait_for(load_examples(server, browser), 300))
-    for name, (console, saved) in loaded.items():
-        assert not [m for m in console if "patched data" in m or "bad link" in m.lower()], (name, console)
-        workflow = json.loads((EXAMPLES / name).read_text())
-        assert sorted(saved["links"]) == sorted(workflow["links"]), name
-
-
-async def frontend_session(server, port: int, workflow: dict) -> dict:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        tools = await open_frontend(session, port, server)
-        out = {}
+            out["examples"][name] = (tools.console(),
+                                     await tools.evaluate("window.comfyAPI.app.app.graph.serialize()"))
         await tools.evaluate(f"window.comfyAPI.app.app.loadGraphData({json.dumps(workflow)})")
         await asyncio.sleep(1)
         out["uce"] = await tools.evaluate(ERASE_WIDGETS)
@@ -171,15 +138,39 @@ async def frontend_session(server, port: int, workflow: dict) -> dict:
     return out
 
 
-def test_frontend_shows_only_the_chosen_methods_parameters(server, browser):
-    """In ComfyUI's real frontend (headless Chromium): the Erase node shows only the chosen method's
-    parameters, labelled by their own names; switching the method switches them; the pack's nodes save their
-    widget values by name; and the frontend's own API-format prompt agrees with the conversion these tests use."""
+@pytest.fixture(scope="module")
+def frontend(server, tmp_path_factory):
+    """What ComfyUI's real frontend, in headless Chromium, did with the examples (see frontend_session)."""
+    if chromium_binary() is None:
+        pytest.skip("no chromium binary for the frontend tests (Debian: apt install chromium)")
     workflow, _ = example("concept_eraser_sd15_erase_preview_save.json", "tiny_sd15.safetensors")
     for node in workflow["nodes"]:
         if node["type"] == "ConceptEraserLoadCheckpoint":
             node["widgets_values"]["ckpt_name"] = "tiny_sd15.safetensors"
-    seen = asyncio.run(asyncio.wait_for(frontend_session(server, browser, workflow), 300))
+    browser, port = start_browser(tmp_path_factory.mktemp("chromium"))
+    try:
+        seen = asyncio.run(asyncio.wait_for(frontend_session(server, port, workflow), 300))
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+    return {"workflow": workflow, **seen}
+
+
+def test_examples_load_in_the_frontend_without_repairs(frontend):
+    """ComfyUI's real frontend loads every example as it is: no link it has to repair (its link fixer logs
+    'Expected node to match patched data' when a target_slot does not point at the linked input), and its own
+    serialisation of the loaded graph has the file's links, slots included."""
+    for name, (console, saved) in frontend["examples"].items():
+        assert not [m for m in console if "patched data" in m or "bad link" in m.lower()], (name, console)
+        workflow = json.loads((EXAMPLES / name).read_text())
+        assert sorted(saved["links"]) == sorted(workflow["links"]), name
+
+
+def test_frontend_shows_only_the_chosen_methods_parameters(server, frontend):
+    """In ComfyUI's real frontend (headless Chromium): the Erase node shows only the chosen method's
+    parameters, labelled by their own names; switching the method switches them; the pack's nodes save their
+    widget values by name; and the frontend's own API-format prompt agrees with the conversion these tests use."""
+    workflow, seen = frontend["workflow"], frontend
     optional = server.get("/object_info/ConceptEraserErase")["ConceptEraserErase"]["input"]["optional"]
     own = ["method", "targets", "guides", "preserve", "strength"]
     for method in ("uce", "space"):
@@ -219,6 +210,7 @@ def test_sd15_example_erases_previews_and_saves_a_checkpoint(server):
     assert grid.size == (2 * 64 + 3 * 6, 28 + 2 * (22 + 64))  # two rows: original | erased, labelled
     assert server.image(outputs[node_id(prompt, "ConceptEraserReport")]["images"][0]).size == (960, 420)
     assert "Van Gogh" in outputs[node_id(prompt, "ConceptEraserReport")]["text"][0]
+    assert outputs[erase]["text"][0].startswith("uce: erased Van Gogh in ")  # the headline, shown in the node
     saved = server.base / "models" / "checkpoints" / "concept_eraser" / "sd15_no_van_gogh_00001_.safetensors"
     patch_file = server.base / "output" / "check" / "sd15_00001_.safetensors"
     assert saved.is_file() and patch_file.is_file()
@@ -303,7 +295,7 @@ def test_kpop_example_trains_in_the_server(server):
     checkpoint: the erased model previews, the patch and the learned prompt are saved."""
     from safetensors import safe_open
 
-    quick = {"kpop_steps": 3, "kpop_ddim_steps": 2, "kpop_prompt_size": 1, "kpop_resolution": 64}
+    quick = {"kpop_steps": 2, "kpop_ddim_steps": 2, "kpop_prompt_size": 1, "kpop_resolution": 64}
     workflow, prompt = example("concept_eraser_sd15_kpop.json", "tiny_sd15.safetensors", ConceptEraserErase=quick)
     entry = server.run(prompt, workflow)
     assert_success(entry)
