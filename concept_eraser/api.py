@@ -13,7 +13,7 @@ from .concepts import Concepts
 from .editable import EditableModel, Progress, no_progress
 from .methods import get_method
 from .params import resolve
-from .patch import ErasurePatch, check_written_finite, provenance_step
+from .patch import ErasurePatch, check_written_finite, fingerprint, provenance_step
 from .pooled import check_pooled, with_pooled_edit
 from .probe import brief, recoverability
 
@@ -46,7 +46,9 @@ def erase(
     layers = layer_changes(model, unnamed)
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
     probe = recoverability(model, unnamed, concepts.targets, progress=progress)
-    step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
+    # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
+    source = dict(model.source(), fingerprint=fingerprint(model.arch.kv_keys, model.weight))
+    step = provenance_step(chosen.name, values, concepts.as_dict(), source, model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
     report = {
@@ -54,7 +56,7 @@ def erase(
         "params": values,
         "concepts": concepts.as_dict(),
         "architecture": model.arch.family,
-        "source": model.source(),
+        "source": source,
         "seconds": round(seconds, 4),
         "layers": layers,
         "probe": probe,
@@ -64,9 +66,9 @@ def erase(
 
 
 def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:
-    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ and the edit's form. Refuses a result that is not
-    finite in the model's own dtype (what any host writes or patches in) and warns when the erasure is a no-op
-    or leaves matrices all zero."""
+    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖, the edit's form and, for a sparse edit, the
+    fraction of zeros in the new weights. Refuses a result that is not finite in the model's own dtype (what any
+    host writes or patches in) and warns when the erasure is a no-op or leaves matrices all zero."""
     out, zeroed = {}, []
     for key, stages in patch.edits.items():
         original = model.weight(key)
@@ -78,6 +80,8 @@ def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[s
             "relative_change": (new - original).norm().item() / base if base else 0.0,
             "form": "+".join(s.kind for s in stages),
         }
+        if stages[-1].kind == "sparse":
+            out[key]["zeros"] = 1.0 - stages[-1].nnz / new.numel()
         if base and not new.any():
             zeroed.append(key)
     if out and not any(v["relative_change"] for v in out.values()):

@@ -310,23 +310,3 @@ def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec 
     meta["modelspec.title"] = "Concept Eraser: " + meta[META_PREFIX + "erased"]
     check_tensors_finite(tensors)
     return write_safetensors(out, tensors, meta, overwrite, field)
-
-
-def check_patch_fits(model: CheckpointModel, patch: ErasurePatch, force: bool) -> None:
-    """Refuse a patch made for another checkpoint (unless forced) or with mismatching shapes."""
-    if patch.architecture and patch.architecture != model.arch.family:
-        raise InvalidParameterError("patch", f"made for {patch.architecture}, but the model is {model.arch.family}")
-    for key, stages in patch.edits.items():
-        if key not in model.reader:
-            raise InvalidParameterError("patch", f"edits {key}, which the model does not have")
-        shape = model.reader.infos[key].shape
-        for s in stages:
-            got = tuple(s.shape)
-            if got != shape:
-                raise InvalidParameterError("patch", f"{key} has shape {list(shape)} in the model, {list(got)} in the patch")
-    expected = patch.steps[0]["source"].get("sha256") if patch.steps else None
-    if expected and not force and expected != model.reader.sha256():
-        raise InvalidParameterError(
-            "patch", f"it was made for a checkpoint with SHA-256 {expected[:12]}…, not {model.path.name} "
-            f"({model.reader.sha256()[:12]}…); pass --force to apply it anyway"
-        )

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from . import __version__
 from .api import erase
-from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits, load_patch, read_steps,
+from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, load_patch, read_steps,
                          resolve_device, save_artifacts, save_checkpoint, save_lora, save_patch, step_problem)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError, NonFiniteResultError
 from .methods import METHODS, get_method
 from .params import parse_assignments, resolve
-from .patch import ErasurePatch
+from .patch import ErasurePatch, check_fits
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json, write_json
 
 
@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _save(model: CheckpointModel, patch, fmt: str, out: Path, overwrite: bool) -> Path:
     if fmt == "checkpoint":
         return save_checkpoint(model, patch, out, overwrite, field="--out")
-    if fmt == "patch":
-        return save_patch(patch, out, overwrite, field="--out")
+    if fmt == "patch":  # dense and sparse edits as changes to the weights they were solved on
+        return save_patch(patch.relative(model.weight), out, overwrite, field="--out")
     return save_lora(patch, out, overwrite, arch=model.arch, field="--out")
 
 
@@ -240,7 +240,9 @@ def cmd_apply(args) -> int:
         model = CheckpointModel(args.model)
     with blame("patch"):
         patch = load_patch(args.patch)
-        check_patch_fits(model, patch, args.force)
+        check_fits(patch, model.arch.family, model.arch.kv_keys, model.weight,
+                   lambda key: model.reader.infos[key].shape if key in model.reader else None, args.force, "patch",
+                   "pass --force")
         # Provenance: the steps were solved on the patch's source; record what they were applied to, and the force.
         applied = {"to": model.source(), "forced": bool(args.force)}
         patch = ErasurePatch(patch.architecture, patch.edits, tuple(dict(s, applied=applied) for s in patch.steps))

@@ -121,9 +121,11 @@ class ModuleDenoiser:
         self.module, self.prefix, self.inputs = module, prefix, inputs
         self.device, self.dtype, self.latent_shape = device, dtype, latent_shape
         self.alphas_cumprod, self.prediction, self.x0_clip = alphas_cumprod, prediction, x0_clip
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             # Hosts load weights under inference mode; such tensors cannot be saved for backward, so
-            # those get a normal copy (once). The rest are used detached: no gradient reaches the host.
+            # those get a normal copy (once). Without history: ComfyUI's are inference tensors that
+            # require grad, and a copy made with grad on would chain every training step to one graph.
+            # The rest are used detached: no gradient reaches the host.
             self.frozen = {name: p.clone() if p.is_inference() else p.detach()
                            for name, p in module.named_parameters()}
 

@@ -9,12 +9,13 @@ composes two patches (erasing again on an erased model).
 from __future__ import annotations
 
 import datetime as _dt
+import zlib
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
-from .errors import NonFiniteResultError
+from .errors import InvalidParameterError, NonFiniteResultError
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,29 @@ class SparseEdit:
                 "size": self.size}
 
 
-Edit = Union[DenseEdit, LowRankEdit, SparseEdit]
-EDIT_KINDS = {"dense": DenseEdit, "low_rank": LowRankEdit, "sparse": SparseEdit}
+@dataclass(frozen=True)
+class DeltaEdit:
+    """``W ← W + delta``: a dense or sparse edit stored relative to the weights it was solved on (float32, or
+    float64 for float64 models), so that applied to other weights it is still a change, not their replacement."""
+
+    delta: torch.Tensor
+
+    kind = "delta"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.delta.shape)
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(torch.promote_types(weight.dtype, self.delta.dtype), torch.float32)
+        return (weight.to(dtype) + self.delta.to(weight.device, dtype)).to(weight.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"delta": self.delta}
+
+
+Edit = Union[DenseEdit, LowRankEdit, SparseEdit, DeltaEdit]
+EDIT_KINDS = {"dense": DenseEdit, "low_rank": LowRankEdit, "sparse": SparseEdit, "delta": DeltaEdit}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -167,6 +189,21 @@ class ErasurePatch:
             edits[key] = edits.get(key, ()) + stages
         return ErasurePatch(self.architecture, edits, self.steps + later.steps)
 
+    def relative(self, weight: Callable[[str], torch.Tensor]) -> ErasurePatch:
+        """This patch with the stages of every key that has dense or sparse ones as one `DeltaEdit` from
+        `weight(key)`, the weights it was solved on (on the CPU). Low-rank stages are changes already."""
+        edits = {}
+        for key, stages in self.edits.items():
+            if all(isinstance(s, (LowRankEdit, DeltaEdit)) for s in stages):
+                edits[key] = stages
+                continue
+            base = weight(key)
+            dtype = torch.promote_types(base.dtype, torch.float32)
+            delta = self.apply_to(key, base).to(dtype) - base.to(dtype)
+            check_finite(key, delta)
+            edits[key] = (DeltaEdit(delta.cpu()),)
+        return ErasurePatch(self.architecture, edits, self.steps)
+
     def is_low_rank(self) -> bool:
         return all(isinstance(s, LowRankEdit) for stages in self.edits.values() for s in stages)
 
@@ -193,7 +230,8 @@ def provenance_step(method: str, params: Mapping, concepts: Mapping, source: Map
     }
 
 
-EDIT_PARTS = {"dense": {"new"}, "low_rank": {"up", "down"}, "sparse": {"crow_indices", "col_indices", "values", "size"}}
+EDIT_PARTS = {"dense": {"new"}, "low_rank": {"up", "down"}, "sparse": {"crow_indices", "col_indices", "values", "size"},
+              "delta": {"delta"}}
 
 
 def edit_from_parts(kind: str, parts: Mapping[str, torch.Tensor]) -> Edit:
@@ -205,7 +243,7 @@ def edit_from_parts(kind: str, parts: Mapping[str, torch.Tensor]) -> Edit:
     if missing or extra:
         raise ValueError(f"a {kind} edit has the parts {', '.join(EDIT_PARTS[kind])}; "
                          + (f"missing {', '.join(sorted(missing))}" if missing else f"unexpected {', '.join(extra)}"))
-    floats = {"dense": ("new",), "low_rank": ("up", "down"), "sparse": ("values",)}[kind]
+    floats = {"dense": ("new",), "low_rank": ("up", "down"), "sparse": ("values",), "delta": ("delta",)}[kind]
     for name in floats:
         if not parts[name].is_floating_point():
             raise ValueError(f"{name} is {parts[name].dtype}, not floating point")
@@ -213,6 +251,8 @@ def edit_from_parts(kind: str, parts: Mapping[str, torch.Tensor]) -> Edit:
             raise ValueError(f"{name} contains NaN or Inf")
     if kind == "dense":  # any shape (KPOP also trains biases); the model's shape is checked when it is applied
         return DenseEdit(parts["new"])
+    if kind == "delta":
+        return DeltaEdit(parts["delta"])
     if kind == "low_rank":
         up, down = parts["up"], parts["down"]
         if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
@@ -228,3 +268,56 @@ def edit_from_parts(kind: str, parts: Mapping[str, torch.Tensor]) -> Edit:
             or bool(((cols.long() < 0) | (cols.long() >= width)).any())):
         raise ValueError(f"its sparse indices do not describe a {rows} × {width} matrix with {values.numel()} values")
     return SparseEdit(crow, cols, values, size)
+
+
+# ---- which checkpoint a patch fits -------------------------------------------------------------------------
+
+FINGERPRINT_SIZE = 8
+# Relative distance under which two fingerprints are the same checkpoint. Measured on an fp16 SD1-layout file:
+# read as fp32 0, as bf16 1.3e-3, as fp8 e4m3 1.9e-2 (e5m2 4.9e-2: fp8 weights need `force`); its weights
+# × (1 + 1 % noise) 6.2e-3, × 1.01 1.0e-2; another seed 0.92. A fine-tune or merge moves it by its own change.
+FINGERPRINT_TOLERANCE = 1e-2
+
+
+def fingerprint(keys: Sequence[str], weight: Callable[[str], torch.Tensor]) -> list[float]:
+    """What identifies the weights a patch is solved on in every host, whatever dtype it reads them in:
+    FINGERPRINT_SIZE numbers Σ_k u_kᵢᵀ W_k v_kᵢ over the tensors `keys` (the model's cross-attention K/V),
+    with Gaussian u, v seeded by each key's name (a file's SHA-256 is not known to hosts that load it)."""
+    out = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)
+    for key in keys:
+        w = weight(key).detach().to("cpu", torch.float64)
+        rng = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        u = torch.randn(FINGERPRINT_SIZE, w.shape[0], generator=rng, dtype=torch.float64)
+        v = torch.randn(w.shape[1], FINGERPRINT_SIZE, generator=rng, dtype=torch.float64)
+        out += ((u @ w) * v.T).sum(1)
+    return [float(f"{x:.8g}") for x in out]
+
+
+def check_fits(patch: ErasurePatch, family: str, kv_keys: Sequence[str], weight: Callable[[str], torch.Tensor],
+               shape: Callable[[str], tuple | None], force: bool, field: str, force_hint: str) -> None:
+    """Refuse a patch that cannot be applied to a model (another architecture, a tensor the model lacks or
+    shapes apart) and, unless `force`, one made for another checkpoint: the source fingerprint recorded in
+    the patch's first step (`fingerprint` of the model it was solved on) against the model's own. `shape(key)`
+    is the model's shape of a tensor (None: no such tensor); errors name `field`; `force_hint` says how to force."""
+    if patch.architecture and patch.architecture != family:
+        raise InvalidParameterError(field, f"the patch was made for {patch.architecture}, the model is {family}")
+    for key, stages in patch.edits.items():
+        have = shape(key)
+        if have is None:
+            raise InvalidParameterError(field, f"the patch edits {key}, which this model does not have")
+        for stage in stages:
+            if tuple(stage.shape) != tuple(have):
+                raise InvalidParameterError(field, f"{key} has shape {list(have)} in the model, "
+                                            f"{list(stage.shape)} in the patch")
+    source = patch.steps[0].get("source", {}) if patch.steps else {}
+    expected = source.get("fingerprint")
+    if force or not expected:
+        return
+    got = torch.tensor(fingerprint(kv_keys, weight), dtype=torch.float64)
+    want = torch.tensor(expected, dtype=torch.float64)
+    distance = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    if distance > FINGERPRINT_TOLERANCE:
+        raise InvalidParameterError(
+            field, f"the patch was made for another checkpoint, {source.get('name', 'unnamed')} (its cross-attention "
+            f"weights differ from this model's by {distance:.1%} in the source fingerprint); connect that model, or "
+            f"{force_hint} to apply it anyway as a change to this model's weights")

@@ -46,6 +46,31 @@ def lines(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
+def headline(erasure: Erasure) -> list[str]:
+    """What a user checks first after an erase, as lines: what was erased how fast, whether the solver
+    converged, the sparsity of a sparse edit, how recoverable each target is, then every warning."""
+    r = erasure.report
+    layers = r.get("layers", {})
+    changes = [v["relative_change"] for v in layers.values()]
+    out = [f"{r.get('method')}: erased {', '.join(r.get('concepts', {}).get('erase', []))} in "
+           f"{r.get('seconds', 0.0):.2f} s; {len(layers)} tensors changed"
+           + (f" (mean relative change {sum(changes) / len(changes):.3g})" if changes else "")
+           + f", strength {erasure.strength:g}"]
+    results = erasure.patch.steps[-1].get("results", {}) if erasure.patch.steps else {}
+    if "converged" in results:
+        iterations = f" after {results['iterations']} iterations" if "iterations" in results else ""
+        out.append(f"converged: {'yes' if results['converged'] else 'NO'}{iterations}")
+    zeros = [v["zeros"] for v in layers.values() if "zeros" in v]
+    if zeros:
+        out.append(f"sparsity: {sum(zeros) / len(zeros):.1%} zeros in the edited weights")
+    probe = (r.get("probe") or {}).get("targets") or {}
+    if probe:
+        out.append("recoverability (residual 0 = fully recoverable): "
+                   + ", ".join(f"{t} {f['residual']:.3f}" for t, f in probe.items()))
+    out += [f"WARNING: {w}" for w in r.get("warnings", [])]
+    return out
+
+
 # ---- method parameters as node inputs ------------------------------------------------------------
 
 def is_common(param: Param) -> bool:
@@ -100,6 +125,8 @@ def widget(p: Param) -> tuple[str, dict]:
         text = "auto" if default is None else str(default)
         return "STRING", {"default": text, "multiline": False, "tooltip": tooltip}
     low = -UNBOUNDED if p.min is None else p.min
+    if p.min is not None and p.min_exclusive:  # the least value the solver accepts (ComfyUI's min is inclusive)
+        low = p.min + 1 if p.kind is int else math.nextafter(p.min, math.inf)
     high = UNBOUNDED if p.max is None else p.max
     if p.kind is int:
         return "INT", {"default": int(default), "min": int(low), "max": int(high), "step": int(p.step or 1),

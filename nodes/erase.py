@@ -11,7 +11,7 @@ from ..concept_eraser.errors import EraserError
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.params import resolve
 from ..concept_eraser.patch import ErasurePatch
-from .common import CATEGORY, ERASURE, Erasure, lines, method_values, node_error, param_inputs, unknown_inputs
+from .common import CATEGORY, ERASURE, Erasure, headline, lines, method_values, node_error, param_inputs, unknown_inputs
 
 log = logging.getLogger("concept_eraser")
 
@@ -94,18 +94,23 @@ class EraseConcept:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = erase(adapter, method, concepts, values, progress)
-            for w in caught:
-                log.warning("[Concept Eraser] %s", w.message)
+            report = dict(result.report, warnings=[str(w.message) for w in caught])
+            for text in report["warnings"]:
+                log.warning("[Concept Eraser] %s", text)
             # Every figure is known before anything is patched; a cancel up to here leaves nothing behind.
             step = dict(result.patch.steps[-1], strength=float(strength), host="ComfyUI")
-            new_model, new_clip = apply_erasure(model, clip, adapter, result.patch, float(strength), (step,))
+            # dense and sparse edits as changes to the weights they were solved on: that is how they are
+            # patched in, and how a saved patch stays a change on a model it is forced onto
+            patch = ErasurePatch(result.patch.architecture, result.patch.relative(adapter.effective_float).edits,
+                                 (step,))
+            new_model, new_clip = apply_erasure(model, clip, adapter, patch, float(strength), (step,))
         except EraserError as exc:
             raise node_error(exc, method) from None
-        erasure = Erasure(ErasurePatch(result.patch.architecture, result.patch.edits, (step,)), result.report,
-                          float(strength), adapter.arch, adapter.prior_steps() + (step,), result.artifacts)
+        erasure = Erasure(patch, report, float(strength), adapter.arch, adapter.prior_steps() + (step,),
+                          result.artifacts)
         log.info("[Concept Eraser] %s erased %s in %.2f s (%d tensors patched at strength %.2f)", method,
                  ", ".join(concepts.targets), result.report.get("seconds", 0.0), len(result.patch.edits), strength)
-        return (new_model, new_clip, erasure)
+        return {"ui": {"text": ["\n".join(headline(erasure))]}, "result": (new_model, new_clip, erasure)}
 
 
 NODE_CLASS_MAPPINGS = {"ConceptEraserErase": EraseConcept}

@@ -11,7 +11,7 @@ from ..concept_eraser.checkpoint import (META_PREFIX, load_patch, provenance_met
                                          save_lora, save_patch)
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import detect
-from ..concept_eraser.patch import ErasurePatch
+from ..concept_eraser.patch import ErasurePatch, check_fits
 from ..concept_eraser.safetensors_io import SafetensorsReader, atomic_output
 from .common import CATEGORY, ERASURE, node_error
 
@@ -40,6 +40,23 @@ def _file_signature(folder: str, name: str) -> str:
         return ""
     stat = os.stat(path)
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _choice(name: str, value, choices) -> str | None:
+    """The message for a value that is not one of `choices` (None: not known yet, or fine)."""
+    if value is None or value in choices:
+        return None
+    return f"{name}: {value!r} is not one of {', '.join(choices)}"
+
+
+def _shape_of(adapter):
+    """The model's shape of a checkpoint key, None when it has no such tensor (for `check_fits`)."""
+    def shape(key: str):
+        try:
+            return adapter.weight_shape(key)
+        except KeyError:
+            return None
+    return shape
 
 
 class LoadCheckpoint:
@@ -117,27 +134,39 @@ class ApplyErasurePatch:
                              {"tooltip": "A patch file or erasure LoRA from the models/erasures folder."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "How much of the erasure is applied: 0 = none, 1 = all of it."}),
+        }, "optional": {
+            "force": ("BOOLEAN", {"default": False, "tooltip": "Apply the erasure even to a model it was not made "
+                                  "for (another checkpoint of the same architecture), as a change to that model's "
+                                  "weights. Off: such a model is refused, naming the checkpoint the erasure is for."}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, model, clip, erasure_name, strength):
+    def IS_CHANGED(cls, model, clip, erasure_name, strength, force=False):
         return _file_signature(ERASURES_FOLDER, erasure_name)
 
-    def apply(self, model, clip, erasure_name, strength):
+    def apply(self, model, clip, erasure_name, strength, force=False):
         import folder_paths
+
+        from .host import ComfyModel
 
         path = folder_paths.get_full_path_or_raise(ERASURES_FOLDER, erasure_name)
         try:
             meta = SafetensorsReader(path).metadata
             kind = meta.get(META_PREFIX + "format")
             steps = list(read_steps(meta, "erasure_name"))
-            if kind == "patch":
-                new_model, new_clip = self._apply_patch(model, clip, load_patch(path, "erasure_name"), strength)
-            elif kind == "lora":
-                new_model, new_clip = self._apply_lora(model, clip, path, strength, steps)
-            else:
+            if kind not in ("patch", "lora"):
                 raise InvalidParameterError("erasure_name", f"{erasure_name} is not a Concept Eraser patch or erasure "
                                             "LoRA (use the core LoRA loader for other LoRAs)")
+            adapter = ComfyModel(model, clip)
+            # a LoRA's tensors are checked by the host's key mapping; its source like a patch's
+            patch = load_patch(path, "erasure_name") if kind == "patch" else ErasurePatch(
+                meta.get(META_PREFIX + "architecture", ""), {}, tuple(steps))
+            check_fits(patch, adapter.arch.family, adapter.arch.kv_keys, adapter.weight, _shape_of(adapter),
+                       bool(force), "erasure_name", "set force to true")
+            if kind == "patch":
+                new_model, new_clip = self._apply_patch(model, clip, adapter, patch, strength)
+            else:
+                new_model, new_clip = self._apply_lora(model, clip, path, strength, steps)
         except EraserError as exc:
             raise node_error(exc) from None
         info = "\n".join(f"{i}. {s.get('method')}: erase {', '.join(s.get('concepts', {}).get('erase', []))} "
@@ -147,22 +176,9 @@ class ApplyErasurePatch:
         return {"ui": {"text": [info]}, "result": (new_model, new_clip, info)}
 
     @staticmethod
-    def _apply_patch(model, clip, patch: ErasurePatch, strength: float):
-        from .host import ComfyModel, apply_erasure
+    def _apply_patch(model, clip, adapter, patch: ErasurePatch, strength: float):
+        from .host import apply_erasure
 
-        adapter = ComfyModel(model, clip)
-        if patch.architecture and patch.architecture != adapter.arch.family:
-            raise InvalidParameterError("erasure_name", f"the patch was made for {patch.architecture}, "
-                                        f"the model is {adapter.arch.family}")
-        for key, stages in patch.edits.items():
-            try:
-                shape = tuple(adapter.weight_shape(key))
-            except KeyError:
-                raise InvalidParameterError("erasure_name",
-                                            f"the patch edits {key}, which this model does not have") from None
-            if any(tuple(s.shape) != shape for s in stages):
-                raise InvalidParameterError("erasure_name", f"{key} has shape {list(shape)} in the model, "
-                                            f"{list(stages[0].shape)} in the patch")
         steps = tuple(dict(s, strength=float(strength)) for s in patch.steps)
         return apply_erasure(model, clip, adapter, patch, float(strength), steps)
 
@@ -232,14 +248,18 @@ class SaveErasure:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, format=None, folder=None):
+        """Checked when the prompt is queued, before any node runs (an input fed by a link is checked in save)."""
+        return _choice("format", format, FORMATS) or _choice("folder", folder, FOLDERS) or True
+
     def save(self, erasure, format, folder, filename_prefix, model=None, clip=None, vae=None, prompt=None,
              extra_pnginfo=None):
         import folder_paths
 
-        if format not in FORMATS:
-            raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
-        if folder not in FOLDERS:
-            raise ValueError(f"folder: {folder!r} is not one of {', '.join(FOLDERS)}")
+        invalid = _choice("format", format, FORMATS) or _choice("folder", folder, FOLDERS)
+        if invalid:
+            raise ValueError(invalid)
         if format == "checkpoint":
             for name, value in (("model", model), ("clip", clip), ("vae", vae)):
                 if value is None:
@@ -271,8 +291,7 @@ class SaveErasure:
         except EraserError as exc:
             raise node_error(exc) from None
         log.info("[Concept Eraser] saved %s (%s)", path, format)
-        shown = os.path.relpath(path, root)
-        return {"ui": {"text": [f"{format}: {folder}/{shown}"]}, "result": (path,)}
+        return {"ui": {"text": [f"{format} saved to {path}"]}, "result": (path,)}
 
     @staticmethod
     def _checkpoint(path, erasure, model, clip, vae, prompt, extra_pnginfo):

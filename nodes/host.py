@@ -26,7 +26,7 @@ from ..concept_eraser.encoding import EncodedPrompts
 from ..concept_eraser.errors import InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import UNET_PREFIX, ArchSpec, detect
 from ..concept_eraser.models.text_encoders import hf_state_dict
-from ..concept_eraser.patch import ErasurePatch, LowRankEdit, check_finite
+from ..concept_eraser.patch import DeltaEdit, ErasurePatch, LowRankEdit, check_finite
 
 log = logging.getLogger("concept_eraser")
 
@@ -180,6 +180,13 @@ class ComfyModel:
                 f"ComfyUI loaded this as {self.host_model} ({type(config).__name__}), whose text encoders are not "
                 f"laid out like Stable Diffusion 1.x/2.x/XL ones ({type(exc).__name__}: {exc})") from None
         shapes |= {k: tuple(v.shape) for k, v in saved.items()}
+        # a CLIP from another family (SD1.5's with an SDXL model) is the CLIP's fault, not the model's
+        context = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+        width = sum(s[0] for k, s in self.clip_shapes.items() if k.endswith("final_layer_norm.weight"))
+        if context and width and context != width:
+            raise InvalidParameterError(
+                "clip", f"this CLIP gives {width}-wide text features, the model reads {context}-wide ones: it belongs "
+                "to another model family; connect the checkpoint's own CLIP")
         try:
             arch = detect(shapes)
         except UnsupportedModelError as exc:
@@ -306,7 +313,8 @@ def _lora(up: torch.Tensor, down: torch.Tensor):
 
 def host_patches(model: ComfyModel, patch: ErasurePatch) -> tuple[dict, dict]:
     """(U-Net patches, CLIP patches) in ComfyUI's formats: a low-rank erasure as the host's LoRA patch, a
-    dense or sparse one as a "diff" against the weight the model has now (so strength s gives W + s·ΔW)."""
+    dense or sparse one as a "diff" against the weight the model has now (so strength s gives W + s·ΔW), a
+    stored change (`DeltaEdit`) as that "diff"."""
     unet, text = {}, {}
     for key, stages in patch.edits.items():
         if key.startswith(UNET_PREFIX):
@@ -330,8 +338,11 @@ def host_patches(model: ComfyModel, patch: ErasurePatch) -> tuple[dict, dict]:
             for target, part in zip(targets, up.split(rows, 0) if not transpose else [up]):
                 into[target] = _lora(part.contiguous(), down.contiguous())
             continue
-        current = model.effective_float(key)
-        delta = patch.apply_to(key, current) - current
+        if all(isinstance(s, DeltaEdit) for s in stages):  # stored as a change: added as it is
+            delta = sum((s.delta for s in stages[1:]), stages[0].delta)
+        else:
+            current = model.effective_float(key)
+            delta = patch.apply_to(key, current) - current
         check_finite(key, delta)
         delta = delta.T if transpose else delta
         for target, part in zip(targets, delta.split(rows, 0)):

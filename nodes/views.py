@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..concept_eraser.models.arch import UNET_PREFIX, natural_key
-from .common import CATEGORY, ERASURE, lines
+from .common import CATEGORY, ERASURE, headline, lines
 
 PAD = 6
 COLUMNS = ("original", "erased")
@@ -140,7 +140,8 @@ def report_text(erasure) -> str:
     concepts = r.get("concepts", {})
     layers = r.get("layers", {})
     changes = [v["relative_change"] for v in layers.values()]
-    out = [
+    out = headline(erasure) + [
+        "",
         f"method: {r.get('method')}   architecture: {r.get('architecture')}   strength: {erasure.strength:g}",
         f"erased: {', '.join(concepts.get('erase', []))}",
         f"guides: {', '.join(g or '(empty prompt)' for g in concepts.get('guide', []))}",
@@ -162,7 +163,7 @@ def report_text(erasure) -> str:
             out.append(f"  {target}: residual {f['residual']:.3f}, cosine {f['cosine']:.3f}, "
                        f"direct change {f['direct']:.3f}, norm ratio {f['norm_ratio']:.3f}")
     extra = {k: v for k, v in r.items() if k not in ("method", "params", "concepts", "architecture", "source",
-                                                     "seconds", "layers", "probe")}
+                                                     "seconds", "layers", "probe", "warnings")}
     for key, value in extra.items():
         text = json.dumps(value, default=str)
         out.append(f"{key}: {text if len(text) <= 600 else text[:600] + '…'}")
@@ -170,13 +171,8 @@ def report_text(erasure) -> str:
 
 
 def sparsity_by_key(erasure) -> dict[str, float]:
-    out = {}
-    for key, stages in erasure.patch.edits.items():
-        last = stages[-1]
-        if last.kind == "sparse":
-            rows, cols = last.shape
-            out[key] = 1.0 - last.nnz / (rows * cols)
-    return out
+    """The fraction of zeros in the new weights of every sparse edit (the report's `layers` record it)."""
+    return {key: v["zeros"] for key, v in erasure.report.get("layers", {}).items() if "zeros" in v}
 
 
 def short_name(key: str) -> str:
@@ -186,6 +182,13 @@ def short_name(key: str) -> str:
                      ("encoder.layers.", "L"), ("transformer.resblocks.", "L")):
         name = name.replace(old, new)
     return name
+
+
+def plot_title(erasure) -> str:
+    """ASCII only: the font PIL bundles has no dash or double-bar glyphs (they were drawn as boxes)."""
+    r = erasure.report
+    erased = ", ".join(r.get("concepts", {}).get("erase", []))
+    return f"{r.get('method')}: {erased} - relative change |dW|/|W| per tensor"
 
 
 def layer_plot(erasure, width: int = 960, height: int = 420) -> torch.Tensor:
@@ -200,9 +203,7 @@ def layer_plot(erasure, width: int = 960, height: int = 420) -> torch.Tensor:
     draw = ImageDraw.Draw(image)
     font = _font(13)
     left, right, top, bottom = 64, 16, 40, 56
-    r = erasure.report
-    erased = ", ".join(r.get("concepts", {}).get("erase", []))
-    title = f"{r.get('method')}: {erased} — relative change ‖ΔW‖/‖W‖ per tensor"
+    title = plot_title(erasure)
     draw.text((left, 10), _fit(draw, title, font, width - left - right), fill=(0, 0, 0), font=font)
     x0, x1, y0, y1 = left, width - right, top, height - bottom
     draw.line((x0, y1, x1, y1), fill=(0, 0, 0))
@@ -229,7 +230,8 @@ def layer_plot(erasure, width: int = 960, height: int = 420) -> torch.Tensor:
             color = (70, 110, 200) if key.endswith("to_k.weight") else (235, 140, 50)
         xa = x0 + i * slot + max(0.5, slot * 0.1)
         xb = x0 + (i + 1) * slot - max(0.5, slot * 0.1)
-        draw.rectangle((xa, y1 - (y1 - y0) * value / top_value, max(xa, xb), y1 - 1), fill=color)
+        top = min(y1 - 1, y1 - (y1 - y0) * value / top_value)  # an unchanged tensor: a 1-pixel bar
+        draw.rectangle((xa, top, max(xa, xb), y1 - 1), fill=color)
         if key in sparsity:
             y = y1 - (y1 - y0) * sparsity[key]
             draw.line((xa, y, max(xa, xb), y), fill=(200, 30, 30), width=2)

@@ -257,20 +257,35 @@ def chromium_binary() -> str | None:
 
 
 class DevTools:
-    """The few Chrome DevTools protocol calls the tests need, over aiohttp's websocket client."""
+    """The few Chrome DevTools protocol calls the tests need, over aiohttp's websocket client. Events that
+    arrive meanwhile (console messages once `Runtime.enable` was called) are kept in `events`."""
 
     def __init__(self, ws):
         self.ws, self.next_id = ws, 0
+        self.events: list[dict] = []
 
     async def call(self, method: str, **params):
         self.next_id += 1
         await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
         while True:
             message = await self.ws.receive_json()
+            if "method" in message:
+                self.events.append(message)
             if message.get("id") == self.next_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
+
+    def console(self) -> list[str]:
+        """The page's console messages and uncaught exceptions so far, as text."""
+        out = []
+        for event in self.events:
+            if event["method"] == "Runtime.consoleAPICalled":
+                out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in event["params"]["args"]))
+            elif event["method"] == "Runtime.exceptionThrown":
+                details = event["params"]["exceptionDetails"]
+                out.append(details.get("exception", {}).get("description", details.get("text", "")))
+        return out
 
     async def evaluate(self, expression: str):
         result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)

@@ -15,14 +15,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "example_workflows"
 
-# Input order of each node (sockets and widgets, as the node declares them): link slots are indices into it.
-INPUTS = {
-    "ConceptEraserLoadCheckpoint": ["ckpt_name"],
-    "ConceptEraserErase": ["model", "clip", "method", "targets", "guides", "preserve", "strength"],
-    "ConceptEraserPreview": ["model", "clip", "erased_model", "erased_clip", "vae", "prompts", "negative", "seed",
-                             "steps", "cfg", "sampler_name", "scheduler", "width", "height", "erasure"],
-    "ConceptEraserSave": ["erasure", "format", "folder", "filename_prefix", "model", "clip", "vae"],
-    "ConceptEraserReport": ["erasure"],
+# The socket inputs of each node (inputs that take a link, not widgets), in declared order. The frontend lists
+# them first in a node's `inputs` and a link's target_slot indexes them (widget inputs come after them).
+SOCKETS = {
+    "ConceptEraserLoadCheckpoint": [],
+    "ConceptEraserErase": [("model", "MODEL"), ("clip", "CLIP")],
+    "ConceptEraserPreview": [("model", "MODEL"), ("clip", "CLIP"), ("erased_model", "MODEL"),
+                             ("erased_clip", "CLIP"), ("vae", "VAE"), ("erasure", "ERASURE")],
+    "ConceptEraserSave": [("erasure", "ERASURE"), ("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
+    "ConceptEraserReport": [("erasure", "ERASURE")],
 }
 OUTPUTS = {
     "ConceptEraserLoadCheckpoint": [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("layout", "STRING")],
@@ -49,7 +50,8 @@ class Graph:
         node_id = len(self.nodes) + 1
         node = {
             "id": node_id, "type": node_type, "pos": list(pos), "size": list(size or SIZES[node_type]), "flags": {},
-            "order": node_id - 1, "mode": 0, "inputs": [],
+            "order": node_id - 1, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in SOCKETS[node_type]],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                         for i, (n, t) in enumerate(OUTPUTS[node_type])],
             "properties": {"Node name for S&R": node_type}, "widgets_values": dict(widgets),
@@ -64,14 +66,12 @@ class Graph:
         slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == output)
         kind = src["outputs"][slot]["type"]
         link_id = len(self.links) + 1
-        self.links.append([link_id, source, slot, target, INPUTS[dst["type"]].index(input_name), kind])
+        target_slot = [name for name, _ in SOCKETS[dst["type"]]].index(input_name)
+        self.links.append([link_id, source, slot, target, target_slot, kind])
         src["outputs"][slot]["links"].append(link_id)
-        dst["inputs"].append({"name": input_name, "type": kind, "link": link_id})
+        dst["inputs"][target_slot]["link"] = link_id
 
     def workflow(self) -> dict:
-        for node in self.nodes:
-            order = INPUTS[node["type"]]
-            node["inputs"].sort(key=lambda i: order.index(i["name"]))
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
                 "version": 0.4}
@@ -136,6 +136,33 @@ def chain_two_methods() -> dict:
     return g.workflow()
 
 
+def kpop_erase() -> dict:
+    """KPOP with its defaults (the settings for a real model; CI overrides the steps and size), saving the
+    erasure as a patch and the learned prompt beside it."""
+    g = Graph()
+    load = g.add("ConceptEraserLoadCheckpoint", (40, 160), {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"})
+    erase = g.add("ConceptEraserErase", (420, 160), {
+        "method": "kpop", "targets": "Van Gogh", "guides": "", "preserve": "", "strength": 1.0},
+        title="Erase Concept (KPOP: Van Gogh)", size=[360, 640])
+    preview = g.add("ConceptEraserPreview", (820, 60), {
+        "prompts": "a painting in the style of Van Gogh\na painting in the style of Claude Monet",
+        "negative": "blurry, low quality", "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "width": 512, "height": 512})
+    patch = g.add("ConceptEraserSave", (420, 840), {"format": "patch", "folder": "models",
+                                                    "filename_prefix": "concept_eraser/sd15_kpop_no_van_gogh"})
+    learned = g.add("ConceptEraserSave", (820, 840), {"format": "learned_prompt", "folder": "output",
+                                                      "filename_prefix": "concept_eraser/sd15_kpop_prompt"})
+    report = g.add("ConceptEraserReport", (1280, 60), {})
+    for name in ("model", "clip"):
+        g.link(load, name, erase, name)
+        g.link(load, name, preview, name)
+        g.link(erase, name, preview, f"erased_{name}")
+    g.link(load, "vae", preview, "vae")
+    for target in (preview, patch, learned, report):
+        g.link(erase, "erasure", target, "erasure")
+    return g.workflow()
+
+
 def examples() -> dict[str, dict]:
     return {
         "concept_eraser_sd15_erase_preview_save.json": erase_preview_save(
@@ -143,6 +170,7 @@ def examples() -> dict[str, dict]:
         "concept_eraser_sdxl_erase_preview_save.json": erase_preview_save(
             "sd_xl_base_1.0.safetensors", 1024, 25, "lora", "concept_eraser/sdxl_no_van_gogh"),
         "concept_eraser_chain_uce_then_rece.json": chain_two_methods(),
+        "concept_eraser_sd15_kpop.json": kpop_erase(),
     }
 
 

@@ -2,8 +2,9 @@
 its custom_nodes, driven over its HTTP/websocket API like the frontend drives it.
 
 The example workflows (UI format, converted to API format here) run on generated SD1.5 and SDXL
-checkpoints that ComfyUI's own detector recognises, at 64×64 with 2 steps. Checked: the pack and its
-frontend module load; every example produces its images and files; the saved checkpoint loads back
+checkpoints that ComfyUI's own detector recognises, at 64×64 with 2 steps (KPOP: 2 training steps). Checked:
+the pack and its frontend module load; each example loads in the real frontend (headless Chromium) without a
+link it has to repair; every example produces its images and files; the saved checkpoint loads back
 through ComfyUI's loader and holds exactly the weights ComfyUI computes for the erased model; a branch
 from the same loader renders bit-identically to a graph without the erase node, after an erase and
 after a cancelled erase (so the loader's cached MODEL was never modified); bad inputs come back as node
@@ -22,7 +23,7 @@ import torch
 
 from comfy_host import (PACK_DIR, checkpoint, chromium_binary, host_threads, import_comfy, load_pack, open_frontend,
                         release_comfy_path, start_browser, start_server)
-from comfy_workflows import EXAMPLES, INPUTS, examples, to_api
+from comfy_workflows import EXAMPLES, SOCKETS, examples, to_api
 
 pytestmark = pytest.mark.host
 
@@ -58,9 +59,9 @@ def assert_success(entry: dict) -> None:
     assert entry["status"]["status_str"] == "success", messages.get("execution_error", messages)
 
 
-def example(name: str, ckpt: str) -> tuple[dict, dict]:
+def example(name: str, ckpt: str, **overrides) -> tuple[dict, dict]:
     workflow = json.loads((EXAMPLES / name).read_text())
-    overrides = dict(SMALL, ConceptEraserLoadCheckpoint={"ckpt_name": ckpt})
+    overrides = dict(SMALL, ConceptEraserLoadCheckpoint={"ckpt_name": ckpt}, **overrides)
     return workflow, to_api(workflow, overrides)
 
 
@@ -72,10 +73,13 @@ def node_id(prompt: dict, class_type: str, nth: int = 0) -> str:
 
 def test_server_loads_the_pack_and_its_frontend(server):
     info = server.get("/object_info")
-    for node in INPUTS:
+    widget_types = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+    for node in SOCKETS:
         assert node in info, node
-        declared = list(info[node]["input"]["required"]) + list(info[node]["input"].get("optional", {}))
-        assert declared[:len(INPUTS[node])] == INPUTS[node], node  # the link slots the examples use
+        declared = {**info[node]["input"]["required"], **info[node]["input"].get("optional", {})}
+        sockets = [(name, spec[0]) for name, spec in declared.items()
+                   if isinstance(spec[0], str) and spec[0] not in widget_types]
+        assert sockets == SOCKETS[node], node  # the link slots the examples use
     assert "ConceptEraserApplyPatch" in info
     log = server.log.read_text()
     # Only the pack's own import counts: ComfyUI's audio nodes fail without torchaudio, which CI leaves out.
@@ -103,11 +107,20 @@ ERASE_WIDGETS = """(() => {
 
 
 async def frontend_session(server, port: int, workflow: dict) -> dict:
+    """One page of the frontend: each shipped example loaded (console messages meanwhile, the graph it
+    serialises), then `workflow` with its Erase node switched from UCE to SPACE."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
         tools = await open_frontend(session, port, server)
-        out = {}
+        await tools.call("Runtime.enable")
+        out = {"examples": {}}
+        for name in examples():
+            tools.events.clear()
+            await tools.evaluate(f"window.comfyAPI.app.app.loadGraphData({(EXAMPLES / name).read_text()})")
+            await asyncio.sleep(0.5)
+            out["examples"][name] = (tools.console(),
+                                     await tools.evaluate("window.comfyAPI.app.app.graph.serialize()"))
         await tools.evaluate(f"window.comfyAPI.app.app.loadGraphData({json.dumps(workflow)})")
         await asyncio.sleep(1)
         out["uce"] = await tools.evaluate(ERASE_WIDGETS)
@@ -125,22 +138,39 @@ async def frontend_session(server, port: int, workflow: dict) -> dict:
     return out
 
 
-def test_frontend_shows_only_the_chosen_methods_parameters(server, tmp_path):
-    """In ComfyUI's real frontend (headless Chromium): the Erase node shows only the chosen method's
-    parameters, labelled by their own names; switching the method switches them; the pack's nodes save their
-    widget values by name; and the frontend's own API-format prompt agrees with the conversion these tests use."""
+@pytest.fixture(scope="module")
+def frontend(server, tmp_path_factory):
+    """What ComfyUI's real frontend, in headless Chromium, did with the examples (see frontend_session)."""
     if chromium_binary() is None:
-        pytest.skip("no chromium binary for the frontend test (Debian: apt install chromium)")
+        pytest.skip("no chromium binary for the frontend tests (Debian: apt install chromium)")
     workflow, _ = example("concept_eraser_sd15_erase_preview_save.json", "tiny_sd15.safetensors")
     for node in workflow["nodes"]:
         if node["type"] == "ConceptEraserLoadCheckpoint":
             node["widgets_values"]["ckpt_name"] = "tiny_sd15.safetensors"
-    browser, port = start_browser(tmp_path / "chromium")
+    browser, port = start_browser(tmp_path_factory.mktemp("chromium"))
     try:
         seen = asyncio.run(asyncio.wait_for(frontend_session(server, port, workflow), 300))
     finally:
         browser.terminate()
         browser.wait(timeout=30)
+    return {"workflow": workflow, **seen}
+
+
+def test_examples_load_in_the_frontend_without_repairs(frontend):
+    """ComfyUI's real frontend loads every example as it is: no link it has to repair (its link fixer logs
+    'Expected node to match patched data' when a target_slot does not point at the linked input), and its own
+    serialisation of the loaded graph has the file's links, slots included."""
+    for name, (console, saved) in frontend["examples"].items():
+        assert not [m for m in console if "patched data" in m or "bad link" in m.lower()], (name, console)
+        workflow = json.loads((EXAMPLES / name).read_text())
+        assert sorted(saved["links"]) == sorted(workflow["links"]), name
+
+
+def test_frontend_shows_only_the_chosen_methods_parameters(server, frontend):
+    """In ComfyUI's real frontend (headless Chromium): the Erase node shows only the chosen method's
+    parameters, labelled by their own names; switching the method switches them; the pack's nodes save their
+    widget values by name; and the frontend's own API-format prompt agrees with the conversion these tests use."""
+    workflow, seen = frontend["workflow"], frontend
     optional = server.get("/object_info/ConceptEraserErase")["ConceptEraserErase"]["input"]["optional"]
     own = ["method", "targets", "guides", "preserve", "strength"]
     for method in ("uce", "space"):
@@ -180,6 +210,7 @@ def test_sd15_example_erases_previews_and_saves_a_checkpoint(server):
     assert grid.size == (2 * 64 + 3 * 6, 28 + 2 * (22 + 64))  # two rows: original | erased, labelled
     assert server.image(outputs[node_id(prompt, "ConceptEraserReport")]["images"][0]).size == (960, 420)
     assert "Van Gogh" in outputs[node_id(prompt, "ConceptEraserReport")]["text"][0]
+    assert outputs[erase]["text"][0].startswith("uce: erased Van Gogh in ")  # the headline, shown in the node
     saved = server.base / "models" / "checkpoints" / "concept_eraser" / "sd15_no_van_gogh_00001_.safetensors"
     patch_file = server.base / "output" / "check" / "sd15_00001_.safetensors"
     assert saved.is_file() and patch_file.is_file()
@@ -257,6 +288,25 @@ def test_chain_example_runs_two_methods(server):
         steps = json.loads(f.metadata()["concept_eraser.steps"])
     assert [(s["method"], s["concepts"]["erase"]) for s in steps] == \
         [("uce", ["Van Gogh"]), ("rece", ["Pablo Picasso"])]
+
+
+def test_kpop_example_trains_in_the_server(server):
+    """KPOP as ComfyUI runs it (every node under the executor's torch.inference_mode()), a few steps on the tiny
+    checkpoint: the erased model previews, the patch and the learned prompt are saved."""
+    from safetensors import safe_open
+
+    quick = {"kpop_steps": 2, "kpop_ddim_steps": 2, "kpop_prompt_size": 1, "kpop_resolution": 64}
+    workflow, prompt = example("concept_eraser_sd15_kpop.json", "tiny_sd15.safetensors", ConceptEraserErase=quick)
+    entry = server.run(prompt, workflow)
+    assert_success(entry)
+    assert entry["outputs"][node_id(prompt, "ConceptEraserPreview")]["images"]
+    assert "method: kpop" in entry["outputs"][node_id(prompt, "ConceptEraserReport")]["text"][0]
+    patch = server.base / "models" / "erasures" / "concept_eraser" / "sd15_kpop_no_van_gogh_00001_.safetensors"
+    learned = server.base / "output" / "concept_eraser" / "sd15_kpop_prompt_00001_.safetensors"
+    for path, kind in ((patch, "patch"), (learned, "learned_prompt")):
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["concept_eraser.format"] == kind
+    server.free()
 
 
 # ---- the input model stays untouched ----------------------------------------------------------------

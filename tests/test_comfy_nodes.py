@@ -86,8 +86,25 @@ def pack_module(name: str):
     return importlib.import_module(f"{load_pack().__name__}.{name}")
 
 
-def node(host, node_id: str):
-    return host["pack"].NODE_CLASS_MAPPINGS[node_id]()
+class Executed:
+    """A node whose calls run as ComfyUI's executor runs them: under torch.inference_mode()."""
+
+    def __init__(self, instance):
+        self.instance = instance
+
+    def __getattr__(self, name):
+        attr = getattr(self.instance, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with torch.inference_mode():
+                return attr(*args, **kwargs)
+        return call
+
+
+def node(host, node_id: str) -> Executed:
+    return Executed(host["pack"].NODE_CLASS_MAPPINGS[node_id]())
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +113,9 @@ def sd15(host):
     import comfy.sd
 
     path = checkpoint("sd15")
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
+    with torch.inference_mode():  # as the executor runs a loader node: the weights are inference tensors
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
     return {"path": path, "model": model, "clip": clip, "vae": vae}
 
 
@@ -120,9 +138,10 @@ def baked(patcher, keys) -> dict[str, torch.Tensor]:
 def uce(host, sd15):
     """One UCE erase through the node, shared by several tests."""
     before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher), sd15["model"].patches_uuid
-    model, clip, erasure = node(host, "ConceptEraserErase").erase(
-        sd15["model"], sd15["clip"], "uce", "Van Gogh", "", "Claude Monet", 1.0)
-    return {"model": model, "clip": clip, "erasure": erasure, "before": before}
+    out = node(host, "ConceptEraserErase").erase(sd15["model"], sd15["clip"], "uce", "Van Gogh", "", "Claude Monet",
+                                                 1.0)
+    model, clip, erasure = out["result"]
+    return {"model": model, "clip": clip, "erasure": erasure, "before": before, "ui": out["ui"]}
 
 
 # ---- registration and documentation ---------------------------------------------------------------
@@ -171,7 +190,12 @@ def test_erase_inputs_are_the_declared_params(host):
                 assert kind == "STRING" and options["default"] == ("auto" if p.default is None else str(p.default))
             else:
                 assert kind == ("INT" if p.kind is int else "FLOAT") and options["default"] == p.default
-                assert options["min"] == (p.min if p.min is not None else -common.UNBOUNDED)
+                # the widget's range is the parameter's: both ends accepted, nothing beyond (λ > 0: no 0)
+                assert p.convert(options["min"]) == options["min"] and p.convert(options["max"]) == options["max"]
+                if p.min is None:
+                    assert options["min"] == -common.UNBOUNDED
+                else:
+                    assert options["min"] > p.min if p.min_exclusive else options["min"] == p.min
                 assert options["max"] == (p.max if p.max is not None else common.UNBOUNDED)
     assert set(optional) == expected
 
@@ -200,7 +224,7 @@ def test_adapter_serves_the_checkpoint_keys_and_weights(host, sd15):
 
 @pytest.mark.host
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
-def test_adapter_maps_openclip_fused_keys(host, family):
+def test_adapter_maps_openclip_fused_keys(host, sd15, family):
     """OpenCLIP encoders (SD2's ViT-H, SDXL's bigG): the fused in_proj and the transposed text_projection are
     served as the checkpoint stores them, and edits to them land on ComfyUI's split q/k/v and on its
     projection (the inverse mapping)."""
@@ -244,6 +268,9 @@ def test_adapter_maps_openclip_fused_keys(host, family):
         expected = patch.apply_to(fused, ours.weight(fused).float())
         torch.testing.assert_close(after.weight(fused).cpu(), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(after.weight(proj).cpu(), dense.new, rtol=0, atol=1e-6)
+        # the model with another family's CLIP: the CLIP is at fault
+        with pytest.raises(ValueError, match="^clip: this CLIP gives 768-wide text features"):
+            node(host, "ConceptEraserErase").erase(model, sd15["clip"], "uce", "Van Gogh", "", "", 1.0)
     finally:
         del model, clip
         comfy.model_management.unload_all_models()
@@ -295,7 +322,7 @@ def test_erase_nodes_chain(host, sd15, uce):
     first = uce["model"]
     before = snapshot(first)
     model, clip, erasure = node(host, "ConceptEraserErase").erase(
-        first, uce["clip"], "rece", "Pablo Picasso", "", "", 1.0, rece_epochs=1)
+        first, uce["clip"], "rece", "Pablo Picasso", "", "", 1.0, rece_epochs=1)["result"]
     assert snapshot(first) == before
     assert all(len(model.patches[k]) == 2 for k in first.patches)
     assert [s["method"] for s in erasure.lineage] == ["uce", "rece"]
@@ -321,7 +348,8 @@ def test_erasepro_edits_comfy_clip_and_reads_clip_skip(host, sd15):
 
     before = snapshot(clip.patcher)
     model, new_clip, erasure = node(host, "ConceptEraserErase").erase(
-        sd15["model"], clip, "erasepro", "Van Gogh", "a painter", "", 1.0, erasepro_token_policy="prompt_tokens")
+        sd15["model"], clip, "erasepro", "Van Gogh", "a painter", "", 1.0,
+        erasepro_token_policy="prompt_tokens")["result"]
     assert snapshot(clip.patcher) == before and new_clip is not clip and new_clip.layer_idx == -2
     first_block = "clip_l.transformer.text_model.encoder.layers.0.self_attn."
     assert any(k.startswith(first_block) for k in new_clip.patcher.patches)
@@ -365,6 +393,34 @@ def test_cancel_leaves_the_input_untouched(host, sd15, method, params):
     assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
 
 
+# Every method as short as it gets; SPACE stopped after 2 iterations, unconverged (its warning must reach the UI).
+QUICK = {"uce": {}, "rece": {"rece_epochs": 1}, "space": {"space_iterations": 2}, "erasepro": {},
+         "kpop": {**KPOP_QUICK, "kpop_steps": 1}}
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("method", list(QUICK))
+def test_every_method_runs_as_the_executor_runs_it(host, sd15, method):
+    """Each method through the Erase node under torch.inference_mode() on weights loaded under it (as ComfyUI
+    runs every node): the inputs stay as they were; the node's UI text gives the headline figures and every
+    warning; a saved patch stores dense and sparse edits as changes (so a forced apply stays a change)."""
+    from concept_eraser.methods import METHODS
+
+    assert set(QUICK) == set(METHODS)
+    before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)
+    out = node(host, "ConceptEraserErase").erase(sd15["model"], sd15["clip"], method, "Van Gogh", "", "", 1.0,
+                                                 **QUICK[method])
+    model, clip, erasure = out["result"]
+    assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before and model.patches
+    text = out["ui"]["text"][0]
+    assert text.startswith(f"{method}: erased Van Gogh in ") and "recoverability" in text, text
+    if method == "space":
+        assert "converged: NO after 2 iterations" in text and "sparsity: " in text
+        assert "WARNING: SPACE stopped at iterations=2" in text and erasure.report["warnings"]
+    kinds = {s.kind for stages in erasure.patch.edits.values() for s in stages}
+    assert kinds == ({"delta"} if method in ("space", "kpop") else {"low_rank"}), kinds
+
+
 @pytest.mark.host
 def test_checkpoint_unet_predicts_as_comfyui(host, sd15):
     """The command line's U-Net (`models.unet`, built from the file) and ComfyUI's own, on the same file:
@@ -399,7 +455,7 @@ def test_kpop_trains_a_clone_of_the_host_unet(host, sd15):
     before = snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)
     try:
         model, clip, erasure = node(host, "ConceptEraserErase").erase(
-            sd15["model"], sd15["clip"], "kpop", "Van Gogh", "", "", 1.0, **KPOP_QUICK)
+            sd15["model"], sd15["clip"], "kpop", "Van Gogh", "", "", 1.0, **KPOP_QUICK)["result"]
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
@@ -491,8 +547,10 @@ def test_save_checkpoint_round_trips_through_the_host_loader(host, sd15, uce):
 @pytest.mark.host
 @pytest.mark.parametrize("file_format", ["patch", "lora"])
 def test_saved_patch_and_lora_apply_to_the_same_weights(host, sd15, uce, file_format):
-    path = node(host, "ConceptEraserSave").save(uce["erasure"], file_format, "models", "erased")["result"][0]
+    saved = node(host, "ConceptEraserSave").save(uce["erasure"], file_format, "models", "erased")
+    path = saved["result"][0]
     assert Path(path).parent == host["folders"]["erasures"]
+    assert saved["ui"]["text"] == [f"{file_format} saved to {path}"]  # the real place, models/erasures/...
     out = node(host, "ConceptEraserApplyPatch").apply(sd15["model"], sd15["clip"], Path(path).name, 1.0)
     model, clip, info = out["result"]
     assert "Van Gogh" in info and model is not sd15["model"]
@@ -501,6 +559,34 @@ def test_saved_patch_and_lora_apply_to_the_same_weights(host, sd15, uce, file_fo
     for key in uce["erasure"].patch.edits:
         torch.testing.assert_close(applied.weight(key), erased.weight(key), rtol=1e-6, atol=1e-7)
     assert [s["method"] for s in model.get_attachment("concept_eraser.steps")] == ["uce"]
+
+
+@pytest.mark.host
+def test_apply_refuses_a_patch_made_for_another_checkpoint_unless_forced(host, sd15, uce):
+    """The patch records its source's fingerprint: a model whose cross-attention weights differ (here: the same
+    checkpoint with every K/V changed by a patch, as another fine-tune of it would be) is refused, naming the
+    patch's source, unless `force` is on; the same model is accepted."""
+    path = Path(node(host, "ConceptEraserSave").save(uce["erasure"], "patch", "models", "for_sd15")["result"][0])
+    adapter = pack_module("nodes.host").ComfyModel(sd15["model"], sd15["clip"])
+    other = sd15["model"].clone()
+    other.add_patches({"diffusion_model." + k[len(UNET):]: ("diff", (0.05 * adapter.weight(k).float(),))
+                       for k in adapter.arch.kv_keys}, 1.0)
+    apply = node(host, "ConceptEraserApplyPatch")
+    source = uce["erasure"].report["source"]["name"]
+    with pytest.raises(ValueError, match=f"^erasure_name: the patch was made for another checkpoint, {source} .*"
+                                         "set force to true"):
+        apply.apply(other, sd15["clip"], path.name, 1.0)
+    model = apply.apply(other, sd15["clip"], path.name, 1.0, force=True)["result"][0]
+    assert set(model.patches) == set(other.patches)
+    assert apply.apply(sd15["model"], sd15["clip"], path.name, 1.0)["result"][0].patches
+
+
+@pytest.mark.host
+def test_save_validates_format_and_folder_up_front(host):
+    save = host["pack"].NODE_CLASS_MAPPINGS["ConceptEraserSave"]
+    assert save.VALIDATE_INPUTS(format="ckpt", folder="output").startswith("format: 'ckpt' is not one of")
+    assert save.VALIDATE_INPUTS(format="patch", folder="desktop").startswith("folder: 'desktop' is not one of")
+    assert save.VALIDATE_INPUTS(format="patch", folder="models") is True
 
 
 @pytest.mark.host
@@ -535,6 +621,20 @@ def test_report_node(host, uce):
     out = node(host, "ConceptEraserReport").report(uce["erasure"])
     text, plot = out["result"]
     assert "method: uce" in text and "Van Gogh" in text and "recoverability" in text
+    assert text.startswith(uce["ui"]["text"][0] + "\n")  # the Erase node's headline comes first
+    # every glyph of the plot's title exists in the font it is drawn with (no boxes)
+    from PIL import Image, ImageDraw
+
+    views = pack_module("nodes.views")
+    font = views._font(13)
+
+    def drawn(char):
+        image = Image.new("L", (40, 30))
+        ImageDraw.Draw(image).text((2, 2), char, font=font, fill=255)
+        return image.tobytes()
+
+    title = views.plot_title(uce["erasure"])
+    assert [c for c in title if drawn(c) == drawn("\uffff")] == [], title
     assert plot.shape == (1, 420, 960, 3) and 0 <= plot.min() and plot.max() <= 1 and plot.std() > 0.05
     assert out["ui"]["text"] == [text] and out["ui"]["images"][0]["type"] == "temp"
 
@@ -550,6 +650,7 @@ def test_preview_grid_matches_the_host_sampler(host, sd15, uce):
     grid = out["result"][0]
     assert grid.shape[0] == 1 and grid.shape[2] == 2 * 64 + 3 * 6 and out["ui"]["images"]
 
+    @torch.inference_mode()  # the host's own nodes, as its executor runs them
     def render(model, clip):
         positive = nodes.CLIPTextEncode().encode(clip, "a cat")[0]
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]

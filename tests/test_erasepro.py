@@ -220,7 +220,9 @@ def test_implicit_variant_start_layer_first_k_and_original_features(tmp_path):
     assert (W @ X - W_o @ Y).norm() / (W_o @ Y).norm() <= 1e-6
 
 
-def test_nothing_to_edit_is_refused(tiny_checkpoints):
+@pytest.mark.parametrize("edit_unet", [False, True])
+def test_a_start_layer_past_the_encoder_is_refused(tiny_checkpoints, edit_unet):
     model = CheckpointModel(tiny_checkpoints["sd1"])
-    with pytest.raises(InvalidParameterError, match="start_layer"):
-        erase(model, "erasepro", Concepts.build(TARGETS), {"start_layer": 9, "edit_unet": False})
+    depth = model.arch.encoders[0].layers
+    with pytest.raises(InvalidParameterError, match=f"^start_layer: {depth + 1} is past the last block"):
+        erase(model, "erasepro", Concepts.build(TARGETS), {"start_layer": depth + 1, "edit_unet": edit_unet})

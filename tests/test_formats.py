@@ -8,8 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from concept_eraser import CheckpointModel, Concepts, erase, load_patch, save_checkpoint, save_lora, save_patch
-from concept_eraser.checkpoint import check_patch_fits
+from concept_eraser.cli import main
 from concept_eraser.errors import InvalidParameterError
+from concept_eraser.patch import DenseEdit, ErasurePatch
 from concept_eraser.safetensors_io import LazyTensor, file_sha256, write_safetensors
 
 UNET = "model.diffusion_model."
@@ -46,20 +47,48 @@ def test_patch_file_round_trip_applies_to_the_same_tensors(sd1_erasure, tmp_path
     assert path.stat().st_size < model.path.stat().st_size / 5  # only the changed tensors
     loaded = load_patch(path)
     assert loaded.steps == result.patch.steps and set(loaded.edits) == set(result.patch.edits)
-    check_patch_fits(model, loaded, force=False)
     for key in result.patch.edits:
         original = model.weight(key)
         assert torch.equal(loaded.apply_to(key, original), result.patch.apply_to(key, original))
 
 
-def test_a_patch_for_another_checkpoint_is_refused_unless_forced(sd1_erasure, tmp_path):
-    _, result = sd1_erasure
+def test_a_patch_for_another_checkpoint_is_refused_unless_forced(sd1_erasure, tmp_path, capsys):
+    """`apply` compares the source fingerprint the patch records with the model's: another checkpoint of the same
+    architecture is refused, naming the patch's source, unless --force; the same file read again fits."""
+    model, result = sd1_erasure
     other = tmp_path / "other.safetensors"
     from concept_eraser.tiny import make_tiny_checkpoint
     make_tiny_checkpoint(other, "sd1", seed=7)
-    with pytest.raises(InvalidParameterError, match="--force"):
-        check_patch_fits(CheckpointModel(other), result.patch, force=False)
-    check_patch_fits(CheckpointModel(other), result.patch, force=True)
+    patch = save_patch(result.patch, tmp_path / "p.safetensors")
+    assert main(["apply", str(other), str(patch), "--out", str(tmp_path / "refused.safetensors")]) == 2
+    message = capsys.readouterr().err
+    assert f"made for another checkpoint, {model.path.name}" in message and "--force" in message, message
+    assert not (tmp_path / "refused.safetensors").exists()
+    assert main(["apply", str(other), str(patch), "--out", str(tmp_path / "forced.safetensors"), "--force"]) == 0
+    assert main(["apply", str(model.path), str(patch), "--out", str(tmp_path / "same.safetensors")]) == 0
+
+
+def test_forced_dense_patch_is_a_change_not_a_replacement(sd1_erasure, tmp_path):
+    """A dense edit is stored as its change to the weights it was solved on: forced onto another checkpoint it
+    adds that change (W' + new − W), it does not copy the first model's weights."""
+    model, result = sd1_erasure
+    key = model.arch.kv_keys[0]
+    source = model.weight(key)
+    new = (source.float() * 0.5 + 0.01).to(source.dtype)
+    dense = ErasurePatch("sd1", {key: (DenseEdit(new),)}, result.patch.steps)
+    patch = save_patch(dense.relative(model.weight), tmp_path / "dense.safetensors")
+    assert load_patch(patch).edits[key][0].kind == "delta"
+    other = tmp_path / "other.safetensors"
+    from concept_eraser.tiny import make_tiny_checkpoint
+    make_tiny_checkpoint(other, "sd1", seed=7)
+    out = tmp_path / "forced.safetensors"
+    assert main(["apply", str(other), str(patch), "--out", str(out), "--force"]) == 0
+    theirs = CheckpointModel(other).weight(key)
+    expected = (theirs.float() + (new.float() - source.float())).to(theirs.dtype)
+    assert torch.equal(load_file(str(out))[key], expected)
+    same = tmp_path / "same.safetensors"
+    assert main(["apply", str(model.path), str(patch), "--out", str(same)]) == 0
+    assert torch.equal(load_file(str(same))[key], new)  # on its own checkpoint: exactly the edited weights
 
 
 def test_lora_file_reproduces_the_erasure_with_standard_key_names(sd1_erasure, tmp_path):

@@ -127,10 +127,10 @@ class ErasePro(ErasureMethod):
         start = values["start_layer"] - 1
         plan = {spec.name: range(start, blocks_reaching_unet(spec)) for spec in model.arch.encoders}
         blocks = sum(len(r) for r in plan.values())
-        if not blocks and not values["edit_unet"]:
+        if not blocks:  # not one text-encoder block: not ErasePro any more
             deepest = max(blocks_reaching_unet(s) for s in model.arch.encoders)
             raise InvalidParameterError("start_layer", f"{values['start_layer']} is past the last block the U-Net "
-                                        f"reads ({deepest}) and edit_unet is off: nothing would be edited")
+                                        f"reads ({deepest}): no text-encoder block would be edited")
         feature_dtype = DTYPES[values["feature_dtype"]]
 
         # Constraint columns: (current row, anchor row, position). Targets pair with their guides,
