@@ -136,6 +136,8 @@ def step_problem(step) -> str | None:
     for name, texts in step.get("concepts", {}).items():
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return f"has concepts.{name} that is not a list of texts"
+    if not isinstance(step.get("applied", {}).get("to", {}), dict):
+        return "has an applied.to that is not a JSON object"
     probe = step.get("results", {}).get("probe", {})
     if not isinstance(probe, dict) or not all(
             isinstance(f, dict) and all(isinstance(f.get(k), (int, float)) for k in ("residual", "cosine"))
