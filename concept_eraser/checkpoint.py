@@ -138,6 +138,8 @@ def step_problem(step) -> str | None:
     for name, texts in step.get("concepts", {}).items():
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return f"has concepts.{name} that is not a list of texts"
+    if not isinstance(step.get("applied", {}).get("to", {}), dict):
+        return "has an applied.to that is not a JSON object"
     probe = step.get("results", {}).get("probe", {})
     if not isinstance(probe, dict) or not all(
             isinstance(f, dict) and all(isinstance(f.get(k), (int, float)) for k in ("residual", "cosine"))
@@ -220,16 +222,20 @@ def load_patch(path, field: str = "patch") -> ErasurePatch:
     if meta.get(META_PREFIX + "format") != "patch":
         raise InvalidParameterError(field, f"{reader.path.name} is not a Concept Eraser patch file")
     index = read_metadata_json(meta, META_PREFIX + "edits", {}, field)
+    parts: dict[tuple[str, str], dict[str, str]] = {}  # (stage, key) → {part: tensor name "{stage}.{part}::{key}"}
+    for name in reader.keys():
+        head, _, key = name.partition("::")
+        stage, _, part = head.partition(".")
+        parts.setdefault((stage, key), {})[part] = name
     edits = {}
     for key, kinds in index.items():
         if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
             raise InvalidParameterError(field, f"its edit index lists {kinds!r} for {key}, not a list of edit kinds")
         stages = []
         for i, kind in enumerate(kinds):
-            parts = {name.split("::", 1)[0][len(f"{i}."):]: name for name in reader.keys()
-                     if name.startswith(f"{i}.") and name.split("::", 1)[-1] == key}
+            names = parts.get((str(i), key), {})
             try:
-                stages.append(edit_from_parts(kind, {part: reader.get(name) for part, name in parts.items()}))
+                stages.append(edit_from_parts(kind, {part: reader.get(name) for part, name in names.items()}))
             except ValueError as exc:
                 raise InvalidParameterError(field, f"stage {i} of {key}: {exc}") from None
         edits[key] = tuple(stages)

@@ -223,6 +223,9 @@ def cmd_inspect(args) -> int:
     for n, step in enumerate(info["erasures"], 1):
         print(f"erasure {n}: {step.get('method')} of {', '.join(step.get('concepts', {}).get('erase', []))} "
               f"on {step.get('source', {}).get('name')} ({step.get('created')}), params {step.get('params')}")
+        if "applied" in step:
+            print(f"  applied as a patch to {step['applied'].get('to', {}).get('name')}"
+                  + (" with --force (made for another checkpoint)" if step["applied"].get("forced") else ""))
         results = dict(step.get("results", {}))
         for target, figures in results.pop("probe", {}).items():
             print(f"  recoverability of {target!r} (see concept_eraser.probe): residual {figures['residual']:.3f}, "

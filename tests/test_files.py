@@ -199,3 +199,6 @@ def test_provenance_is_truthful(tiny_checkpoints, tmp_path, capsys):
     assert step["source"]["sha256"] == file_sha256(once)  # where the patch was solved
     assert step["applied"] == {"to": {"name": "other.safetensors", "sha256": file_sha256(other)}, "forced": True}
     assert meta["concept_eraser.source_sha256"] == file_sha256(other)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "forced.safetensors")]) == 0
+    assert "applied as a patch to other.safetensors with --force" in capsys.readouterr().out
