@@ -26,12 +26,9 @@ from comfy_host import REPO, checkpoint, chromium_binary, import_comfy, open_fro
 from comfy_workflows import EXAMPLES  # noqa: E402
 
 SHOTS = {"concept_eraser_sd15_erase_preview_save.json": "comfyui_erase_preview_save.png",
-         "concept_eraser_chain_uce_then_rece.json": "comfyui_chain_uce_then_rece.png",
-         "concept_eraser_sd15_kpop.json": "comfyui_kpop.png"}
+         "concept_eraser_chain_uce_then_rece.json": "comfyui_chain_uce_then_rece.png"}
 # close-ups of one node after the run: shot → (workflow, node type)
 CLOSE_UPS = {"comfyui_erase_node_after_run.png": ("concept_eraser_sd15_erase_preview_save.json", "ConceptEraserErase")}
-# the KPOP example's defaults are for a real model on a GPU: a few steps here
-KPOP_QUICK = {"kpop_steps": 3, "kpop_ddim_steps": 2, "kpop_prompt_size": 1, "kpop_resolution": 64}
 WINDOW = (1800, 1050)
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
             "Comfy.Workflow.ShowMissingModelsWarning": False, "Comfy.Workflow.ShowMissingNodesWarning": False}
@@ -47,8 +44,6 @@ async def capture(server, port: int, out: Path) -> None:
             for node in workflow["nodes"]:
                 if node["type"] == "ConceptEraserPreview":
                     node["widgets_values"].update(width=128, height=128, steps=4)
-                if node["type"] == "ConceptEraserErase" and node["widgets_values"]["method"] == "kpop":
-                    node["widgets_values"].update(KPOP_QUICK)
             await tools.evaluate(f"window.comfyAPI.app.app.loadGraphData({json.dumps(workflow)})")
             await asyncio.sleep(2)
             visible = await tools.evaluate(
@@ -76,15 +71,19 @@ async def capture(server, port: int, out: Path) -> None:
 
 
 async def capture_node(tools, node_type: str, path: Path) -> None:
-    """A screenshot of one node (title bar included) as the canvas shows it now."""
+    """A screenshot of one node (title bar included) at zoom 1, moved to the canvas' top left corner."""
     x, y, width, height = await tools.evaluate(f"""(() => {{
       const app = window.comfyAPI.app.app, ds = app.canvas.ds;
       const node = app.graph._nodes.find(n => n.type === '{node_type}');
-      const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-      return [(node.pos[0] + ds.offset[0]) * ds.scale - 8, (node.pos[1] - title + ds.offset[1]) * ds.scale - 8,
-              node.size[0] * ds.scale + 16, (node.size[1] + title) * ds.scale + 16];
+      const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30, rect = app.canvas.canvas.getBoundingClientRect();
+      ds.scale = 1;
+      ds.offset[0] = 60 - node.pos[0];
+      ds.offset[1] = 60 + title - node.pos[1];
+      app.canvas.setDirty(true, true);
+      return [rect.left + 50, rect.top + 50, node.size[0] + 20, node.size[1] + title + 20];
     }})()""")
-    clip = {"x": max(0, x), "y": max(0, y), "width": width, "height": height, "scale": 1}
+    await asyncio.sleep(1)
+    clip = {"x": x, "y": y, "width": width, "height": height, "scale": 1}
     data = (await tools.call("Page.captureScreenshot", format="png", clip=clip))["data"]
     save(base64.b64decode(data), path, width=None)
 

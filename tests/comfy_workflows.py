@@ -88,7 +88,7 @@ def erase_preview_save(ckpt: str, size: int, steps: int, save_format: str, prefi
                    "a painting in the style of Claude Monet, water lilies",
         "negative": "blurry, low quality", "seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "width": size, "height": size})
-    save = g.add("ConceptEraserSave", (420, 720),
+    save = g.add("ConceptEraserSave", (420, 860),
                  {"format": save_format, "folder": "models", "filename_prefix": prefix})
     report = g.add("ConceptEraserReport", (1280, 60), {})
     for name in ("model", "clip"):
@@ -119,7 +119,7 @@ def chain_two_methods() -> dict:
         "prompts": "a painting in the style of Van Gogh\na painting by Pablo Picasso\na painting by Claude Monet",
         "negative": "blurry, low quality", "seed": 7, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "width": 512, "height": 512})
-    save = g.add("ConceptEraserSave", (820, 820), {"format": "checkpoint", "folder": "models",
+    save = g.add("ConceptEraserSave", (820, 960), {"format": "checkpoint", "folder": "models",
                                                    "filename_prefix": "concept_eraser/sd15_no_van_gogh_picasso"})
     report = g.add("ConceptEraserReport", (1680, 60), {})
     for name in ("model", "clip"):
@@ -148,9 +148,9 @@ def kpop_erase() -> dict:
         "prompts": "a painting in the style of Van Gogh\na painting in the style of Claude Monet",
         "negative": "blurry, low quality", "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "width": 512, "height": 512})
-    patch = g.add("ConceptEraserSave", (420, 840), {"format": "patch", "folder": "models",
+    patch = g.add("ConceptEraserSave", (420, 960), {"format": "patch", "folder": "models",
                                                     "filename_prefix": "concept_eraser/sd15_kpop_no_van_gogh"})
-    learned = g.add("ConceptEraserSave", (820, 840), {"format": "learned_prompt", "folder": "output",
+    learned = g.add("ConceptEraserSave", (820, 960), {"format": "learned_prompt", "folder": "output",
                                                       "filename_prefix": "concept_eraser/sd15_kpop_prompt"})
     report = g.add("ConceptEraserReport", (1280, 60), {})
     for name in ("model", "clip"):

@@ -17,6 +17,7 @@ const PACK_NODES = new Set([
 ]);
 const ERASE = "ConceptEraserErase";
 const TEXT_WIDGET = "concept_eraser_text";
+const MAX_TEXT_ROWS = 16;
 
 // The method each parameter input belongs to ("" = every method) and its label, from the node definition.
 function parameterOwners(nodeData) {
@@ -99,6 +100,11 @@ function showText(node, text) {
     }
   }
   widget.value = text;
+  // tall enough for the whole text (up to MAX_TEXT_ROWS rows, then it scrolls), not a share of the free space
+  const perRow = Math.max(20, Math.floor((node.size[0] - 30) / 7));
+  const rows = text.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / perRow)), 0);
+  const height = 15 * Math.min(rows, MAX_TEXT_ROWS) + 12;
+  widget.computeLayoutSize = () => ({ minHeight: height, maxHeight: height, minWidth: 0 });
   const size = node.computeSize();
   node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
   node.setDirtyCanvas?.(true, true);
