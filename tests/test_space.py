@@ -3,7 +3,6 @@ descent), μ = 0 is UCE's closed form (numpy), the duality gap bounds the true d
 sparse patch: exact round trip, storage figures, LoRA refusal, the command line."""
 
 import json
-import math
 import warnings
 
 import numpy as np
@@ -11,8 +10,16 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from concept_eraser import (Cancelled, CheckpointModel, Concepts, InvalidParameterError, erase, load_patch, save_lora,
-                            save_patch)
+from concept_eraser import (
+    Cancelled,
+    CheckpointModel,
+    Concepts,
+    InvalidParameterError,
+    erase,
+    load_patch,
+    save_lora,
+    save_patch,
+)
 from concept_eraser.cli import main
 from concept_eraser.errors import ConvergenceWarning
 from concept_eraser.methods.space import dual_start, fista_l1, newton_l1, reduce_operands
