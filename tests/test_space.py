@@ -3,7 +3,6 @@ descent), μ = 0 is UCE's closed form (numpy), the duality gap bounds the true d
 sparse patch: exact round trip, storage figures, LoRA refusal, the command line."""
 
 import json
-import math
 import warnings
 
 import numpy as np
@@ -11,8 +10,16 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from concept_eraser import (Cancelled, CheckpointModel, Concepts, InvalidParameterError, erase, load_patch, save_lora,
-                            save_patch)
+from concept_eraser import (
+    Cancelled,
+    CheckpointModel,
+    Concepts,
+    InvalidParameterError,
+    erase,
+    load_patch,
+    save_lora,
+    save_patch,
+)
 from concept_eraser.cli import main
 from concept_eraser.errors import ConvergenceWarning
 from concept_eraser.methods.space import dual_start, fista_l1, newton_l1, reduce_operands
@@ -224,14 +231,15 @@ def test_bad_settings_name_the_parameter(tiny_checkpoints, tmp_path, capsys, set
 def test_command_line_patch_and_inspect(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "space_patch.safetensors"
     code = main(["erase", str(tiny_checkpoints["sd1"]), "--method", "space", "--erase", "Van Gogh",
-                 "--set", "mu=0.1", "--set", "iterations=100", "--format", "patch", "--out", str(out)])
+                 "--set", "sparsity=0.7", "--format", "patch", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert all(kinds == ["sparse"] for kinds in info["edits"].values())
     results = info["erasures"][0]["results"]
-    assert results["sparsity"] > 0.3 and results["storage"]["sparse_bytes"] < info["bytes"]
+    assert abs(results["sparsity"] - 0.7) < 0.05 and results["converged"] is True
+    assert results["storage"]["sparse_bytes"] < info["bytes"]
 
 
 def test_a_cancel_from_progress_stops_the_solve(sdxl):

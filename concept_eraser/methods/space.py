@@ -1,70 +1,72 @@
 """SPACE — SParse cross-Attention-based Concept Erasure (Novello & Tonello, arXiv 2605.10198).
 
-UCE's loss plus an entry-wise L1 norm of the edited matrix itself (not of the change), solved with
-FISTA (Beck & Teboulle 2009) for every cross-attention K and V matrix:
+UCE's loss plus an entry-wise L1 norm of the edited matrix itself (not of the change), for every
+cross-attention K and V matrix:
 
     min_W  F(W) = f(W) + μ ‖W‖₁                                                    (SPACE Eq. 5)
     f(W) = s_e ‖W C_E − W_o C_G‖² + s_p ‖W C_P − W_o C_P‖² + λ ‖W − W_o‖²          (UCE loss, Eq. 2)
 
 With U = [√s_e C_E, √s_p C_P] and V = [√s_e C_G, √s_p C_P] (d × r, r = n_e + n_p columns):
 
-    f(W)  = ‖W U − W_o V‖² + λ ‖W − W_o‖²
-    ∇f(W) = 2 (W M − B),   M = λ I + U Uᵀ,   B = λ W_o + (W_o V) Uᵀ                (Eq. 8)
-    L     = 2 σ_max(M) = 2 (λ + σ_max(Uᵀ U))                                       (Theorem 3.1)
-    S_τ(x) = sign(x) max(|x| − τ, 0)                                               (Eq. 6)
+    f(W) = ‖W U − W_o V‖² + λ ‖W − W_o‖²,   ∇f(W) = 2 (W M − B),   M = λ I + U Uᵀ       (Eq. 8)
 
-FISTA from W_0 = Y_1 (``start``), t_1 = 1:                                        (Eqs. 7, 9)
+F decouples over the ROWS of W: each row is a Lasso with the Gram matrix M, the same for every row of every
+matrix. The optimum depends on U, V only through U Uᵀ and U Vᵀ, so they are first replaced by Ũ, Ṽ with the
+same products and k ≤ min(r, d) orthogonal columns (`reduce_operands`).
 
-    W_k     = S_{μ/L}(Y_k − ∇f(Y_k) / L)
-    t_{k+1} = (1 + √(1 + 4 t_k²)) / 2
-    Y_{k+1} = W_k + ((t_k − 1) / t_{k+1}) (W_k − W_{k−1})
+Why not FISTA (the paper's solver, `solver=fista`, kept with O'Donoghue & Candès' adaptive restart): its
+iteration count grows with √κ, κ = σ_max(M)/λ, and with 77-token columns κ is 2e5 (SD1.5) to 7e6 (SDXL,
+real-size encoders): thousands of iterations, and 1000 ended unconverged on SDXL with 9–14 % zeros.
 
-with, by default (``restart``), the adaptive restart of O'Donoghue & Candès (2015): when the momentum
-points uphill, ⟨Y_k − W_k, W_k − W_{k−1}⟩ > 0, it is dropped (Y_{k+1} = W_k, t_{k+1} = 1); tested
-every 10 iterations, with the stopping rule (as often as every iteration gives the same iteration
-counts here, at twice the cost). The iteration and its optimum are FISTA's; the restart removes
-FISTA's oscillation on this strongly convex problem (Hessian ≥ 2λ I), so it converges linearly: on
-SD1.5-shaped weights the objective is within 3e-6 of the optimum after 300 iterations, where plain
-FISTA is at 2e-3 (5e-6 after 1000), and tol = 1e-5 is reached in ~420 iterations instead of ~1700.
+Default solver: semismooth Newton on the dual. Per row (w, w_o, v = Ṽᵀw_o), with φ(x) = λ (x − w_o)² + μ|x|
+entry-wise and g(z) = ‖z − v‖², Fenchel duality gives a dual in y ∈ ℝᵏ that is smooth and strongly concave:
+
+    D(y) = −⟨y, v⟩ − ‖y‖²/4 − λ Σ_j S_τ(c_j)² + λ ‖w_o‖²,   c = w_o − Ũ y/(2λ),   τ = μ/(2λ)
+    x(y) = S_τ(c)   (the primal point of y; x(y*) = W*'s row),   S_τ(x) = sign(x) max(|x| − τ, 0)   (Eq. 6)
+    ∇(−D)(y) = y/2 + v − Ũᵀ x(y),   generalised Hessian H = I/2 + Ũᵀ diag(|c| > τ) Ũ/(2λ)
+
+Each Newton step solves H Δ = −∇(−D) for all rows at once by preconditioned conjugate gradients (one product
+of the n × d rows with Ũᵀ and one with Ũ per CG iteration, the cost of one FISTA iteration; preconditioner:
+H with the active mask replaced by the row's active share, diagonal because Ũ's columns are orthogonal), then
+backtracks per row on −D (Armijo). The Hessian's spread is absorbed by the k-dimensional solve, so the step
+count does not grow with κ: 5–10 steps, 20–60 passes over the weights on SD1.5/SDXL with 77-token columns.
+Start: the dual point of the UCE solution (``start=uce``, the μ = 0 optimum: for μ = 0 it is exact at once)
+or of W_o (``start=original``).
+
+Certified stop (both solvers): for the primal W and the dual point y = 2 (W Ũ − W_o Ṽ) the duality gap is a sum
+of non-negative entry terms φ(x) + φ*(s) − s x (s = −Ũ y), so F(W) − F* ≤ gap, and since F is 2λ-strongly
+convex, ‖W − W*‖/‖W‖ ≤ √(gap/λ)/‖W‖ =: distance. The solve stops when distance ≤ ``tol`` (1e-4: below
+the fp16 rounding of the written weights); a `ConvergenceWarning` (not an error: the command line prints it
+as a warning line, hosts show it) and ``converged: false`` in the report say when ``iterations`` ran out first.
+Precision: the products over the weights run in ``solve_dtype`` (float32), the residual W Ũ − W_o Ṽ (which
+cancels) and the iterate c, W in float64: a float32 W alone is off by eps·√κ in the certificate.
+
+Computation. All matrices are solved in chunks of whole matrices of one width (a few million entries on CPU,
+tens of millions on CUDA): memory is a few chunk-sized buffers beyond the weights and the sparse result.
 
 Variables → paper symbols: ``mu`` μ (sparsity weight), ``lam`` the ridge weight of UCE's Eq. 2,
-``erase_scale`` / ``preserve_scale`` the weights of its erase / preserve sums, ``iterations`` the
-FISTA iteration count, ``U``/``V``/``M``/``B`` as above.
+``erase_scale`` / ``preserve_scale`` the weights of its erase / preserve sums, ``U``/``V``/``M`` as above.
 
-Computation. F decouples over the ROWS of W (each row is a Lasso with Gram matrix M), and M, L are
-the same for every matrix, so all matrices of one output width are stacked row-wise and iterated
-together: one GEMM per iteration and width. Per iteration the cheaper of ``Y (I − M/σ) + B/σ``
-(one n × d × d product) and ``λ``-form ``Y − (λ (Y − W_o) + (Y U − W_o V) Uᵀ)/σ`` (two n × d × r
-products; chosen when 2r < d) is used, σ = σ_max(M) from the r × r (or d × d) eigenproblem. The
-stopping rule is the relative change ‖W_k − W_{k−1}‖_F / ‖W_k‖_F ≤ ``tol``, checked every 10
-iterations; a `ConvergenceWarning` (not an error) says when ``iterations`` ran out first. Memory:
-five copies of the largest width's stacked matrices in the solve precision (six with the dense form;
-SDXL: ≈ 6.3 GB in float32, the paper reports 8 GB).
-
-Defaults, and why (the paper's μ, λ and iteration count were lost from its text; its code is not
-public). SPACE runs on UCE's current script (SDXL support, the anchor "art" for styles is that script's
-default), so its loss settings follow that script: λ = 0.5, erase and preserve scales 1, the
-``last_word`` token (one column per prompt) and no implicit empty-prompt preservation (the paper's
-"no preserved concepts" runs). That choice also keeps M well conditioned: σ_max(M)/λ, which sets how
-many iterations FISTA needs, grows with every column, and the 77-token policies put tens of highly
-correlated high-norm columns in U. μ: away from the concepts' directions an entry becomes zero
-roughly when |W_o| < μ / (2λ) (where the λ term's pull 2λ|W_o| is weaker than μ), so a fixed μ gives a
-different sparsity on every model (weight scales differ between SD1.5, SDXL and fine-tunes). The default,
-``mu`` empty, sets μ = 2λ × the 80th percentile of |W_o| over all K/V entries (from a fixed sample of
-them): about 75–80 % zeros, near the paper's 80–90 % on SDXL (it grid-searched μ per task). The μ used
-is reported; give a number to choose it. 1000 iterations at most, tolerance 1e-5: with the restart this
-converges in a few hundred iterations on SD1.5- and SDXL-shaped weights (the paper notes that sparsity
-plateaus early and the preserved concepts need more iterations to settle, so the iterations are not cut
-at the plateau). ``start = uce``: the μ = 0 optimum, where the quadratic part is already solved, so
-FISTA only has to add the sparsity (and μ = 0 returns UCE at once); ``original`` starts from W_o.
+Defaults, and why (the paper's μ, λ and iteration count were lost from its text; its code is not public).
+λ = 0.5 and scales 1 as in UCE's current script, which SPACE builds on. Tokens: ``last_word_to_end`` with the
+empty prompt preserved (the guidance's unconditional branch). The paper's one column per prompt (``last_word``,
+no empty prompt) barely erased attribute and multi-word concepts on ToyWorld and moved the empty prompt's K/V by
+74 %; the 77-token columns are what made FISTA slow, and they do not slow Newton. μ: a fixed μ gives a different
+sparsity on every model and column set (an entry becomes zero roughly where |W_o| < μ/(2λ), but the columns'
+constraints W Ũ ≈ W_o Ṽ keep more entries of each row non-zero the more columns there are: 2λ × the 80th
+percentile of |W_o| gave 78 % zeros with one column, 59–70 % with 77-token columns). So the default μ is the one
+whose optimum has ``sparsity`` zeros (80 %, the paper reports 80–90 % on SDXL) on 512 rows sampled evenly from
+all K/V matrices, found by bisection in log μ (a few Newton solves on the sample); the μ used is reported, and a
+number for ``mu`` overrides the search. ``iterations`` 500 is a cap (convergence takes 20–60 passes);
+``start = uce`` (the μ = 0 optimum).
 
 CSR costs a value and a column index (int16) per non-zero, so below ~50 % sparsity it is larger than
 the dense matrix (the paper notes the same); checkpoints are written dense either way.
 
 The result is a sparse W per matrix (`SparseEdit`: only the non-zeros are stored). The report gives
-per matrix and in total the sparsity, the objective F before and after, and the iterations, plus the
-storage of the edited matrices dense, sparse (CSR, as stored) and deflated (the paper's ZIP "storage"
-column). Not low-rank: it cannot be saved as a LoRA.
+per matrix and in total the sparsity (also per width), the objective F before and after, the passes, Newton
+steps, the duality gap and distance bound, plus the storage of the edited matrices dense, sparse (CSR, as
+stored) and deflated (the paper's ZIP "storage" column). Not low-rank: it cannot be saved as a LoRA.
 """
 
 from __future__ import annotations
