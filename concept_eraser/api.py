@@ -10,6 +10,7 @@ import torch
 
 from .concepts import Concepts
 from .editable import EditableModel, Progress, no_progress
+from .expansion import with_expansion
 from .methods import get_method
 from .params import resolve
 from .patch import ErasurePatch, provenance_step
@@ -36,13 +37,15 @@ def erase(
     values = resolve(chosen.params, params or {}, chosen.name)
     check_pooled(model.arch, values)
     start = time.perf_counter()
+    asked = concepts
+    concepts, expansion = with_expansion(model, concepts, values, progress)
     output = chosen.run(model, concepts, values, progress)
     output = with_pooled_edit(model, concepts, values, output, progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
-    probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), concepts.targets, progress=progress)
+    probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), asked.targets, progress=progress)
     step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
@@ -55,6 +58,7 @@ def erase(
         "seconds": round(seconds, 4),
         "layers": layer_changes(model, patch),
         "probe": probe,
+        **({"expansion": expansion.as_report()} if expansion else {}),
         **output.details,
     }
     return ErasureResult(patch, report, output.artifacts)

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what each erased concept becomes: one for all, or one per --erase (default: empty prompt)")
     e.add_argument("--preserve", action="append", default=[], metavar="TEXT", help="concept to keep (repeatable)")
     e.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    e.add_argument("--expand", metavar="N|off", help="also erase up to N wordings per concept that the model treats "
+                   "like it (the `expand` parameter; default off); the added wordings are printed")
+    e.add_argument("--expand-exclude", action="append", default=[], metavar="TEXT",
+                   help="a wording the expansion must not add (repeatable)")
     e.add_argument("--out", required=True, help="output .safetensors file")
     e.add_argument("--format", default="checkpoint", choices=FORMATS,
                    help="checkpoint: the whole model; patch: only the changed tensors; lora: a LoRA file")
@@ -92,6 +96,10 @@ def cmd_erase(args) -> int:
     prompt_path = check_writable(args.save_prompt, args.overwrite, "--save-prompt") if args.save_prompt else None
     concepts = Concepts.build(args.erase, args.guide, args.preserve)
     params = parse_assignments(args.set)
+    if args.expand is not None:
+        params["expand"] = "0" if args.expand.strip().lower() == "off" else args.expand
+    if args.expand_exclude:
+        params["expand_exclude"] = ", ".join([params.get("expand_exclude", ""), *args.expand_exclude]).strip(", ")
     model = CheckpointModel(args.model, resolve_device(args.device))
     print(f"{model.path.name}: {model.arch.describe()}")
     result = erase(model, args.method, concepts, params, _progress)
@@ -102,6 +110,8 @@ def cmd_erase(args) -> int:
     report = dict(result.report, output={"path": str(written), "format": args.format,
                                           "bytes": written.stat().st_size,
                                           "seconds": round(time.perf_counter() - start, 3)})
+    if "expansion" in report:
+        print(expansion_lines(report["expansion"]))
     changes = [v["relative_change"] for v in report["layers"].values()]
     print(f"erased {', '.join(concepts.targets)} with {args.method} in {report['seconds']:.2f} s: "
           f"{len(changes)} matrices changed, relative change mean {sum(changes) / len(changes):.4f}, "
@@ -113,6 +123,15 @@ def cmd_erase(args) -> int:
         report_path.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {report_path}")
     return 0
+
+
+def expansion_lines(expansion: dict) -> str:
+    lines = [(f"expansion: {len(expansion['added'])} wordings added (of {expansion['candidates']} candidates; "
+              "distance to the target relative to the empty prompt's, margin to the nearest kept concept)")]
+    lines += [f"  + {w['text']!r} for {w['target']!r}: distance {w['distance']:.3f}, margin {w['margin']:.3f}"
+              for w in expansion["added"]]
+    lines += [f"  - {w['text']!r} vetoed" for w in expansion["vetoed"]]
+    return "\n".join(lines)
 
 
 def check_writable_json(path: str, overwrite: bool) -> Path:
