@@ -51,6 +51,9 @@ EXPANSION_PARAMS = (
     Param("expand", int, 0, "add up to N wordings per target that the model treats like it (vocabulary words, "
           "short phrases, templates), nearest in K/V output and never nearer a preserved concept, a guide or the "
           "empty prompt; 0 = off", min=0, max=64, step=1),
+    Param("expand_separation", float, 1.25, "expansion: add a wording only if the nearest preserved concept, guide "
+          "or empty prompt is at least this many times farther from it (in K/V output) than its target; 1 = merely "
+          "nearer the target", min=1.0, max=10.0, step=0.05),
     Param("expand_exclude", str, "", "wordings the expansion must not add (a veto), separated by commas or new "
           "lines"),
 )
@@ -103,7 +106,8 @@ def with_expansion(model: EditableModel, concepts: Concepts, values: Mapping[str
     """`concepts` with the expansion's wordings added when `expand` > 0; called by `api.erase`."""
     if not values.get("expand"):
         return concepts, None
-    expansion = expand(model, concepts, values["expand"], parse_exclude(values.get("expand_exclude", "")), progress)
+    expansion = expand(model, concepts, values["expand"], parse_exclude(values["expand_exclude"]),
+                       values["expand_separation"], progress)
     return expansion.concepts, expansion
 
 
@@ -179,7 +183,7 @@ def _metric_root(model: EditableModel) -> torch.Tensor:
 
 
 def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequence[str] = (),
-           progress: Progress = lambda *a: None) -> Expansion:
+           separation: float = 1.25, progress: Progress = lambda *a: None) -> Expansion:
     """Up to `count` wordings per target that the model treats like it; see the module docstring."""
     if count < 1:
         raise InvalidParameterError("expand", f"{count} wordings: give at least 1 (0 turns expansion off)")
@@ -242,7 +246,7 @@ def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequen
         relative_kept = to_kept[i] / scale[t]
         k = int(relative_kept.argmin())
         wording = Wording(text, target, float(to_targets[i, t]), float(relative_kept[k] - to_targets[i, t]), kept[k])
-        if wording.margin <= 0:
+        if wording.margin <= 0 or wording.margin + wording.distance < separation * wording.distance:
             continue
         slot = (target, _norm(forms[text]))
         if slot not in best or (wording.distance, text) < (best[slot].distance, best[slot].text):
