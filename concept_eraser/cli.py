@@ -9,12 +9,13 @@ import time
 import warnings
 from pathlib import Path
 
-from . import __version__
+from . import __version__, presets
 from .api import erase
 from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, check_patch_fits, load_patch, resolve_device,
                          save_artifacts, save_checkpoint, save_lora, save_patch)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError
+from .expansion import describe_expansion
 from .methods import METHODS
 from .params import parse_assignments
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="input checkpoint (.safetensors; SD1.x, SD2.x or SDXL)")
     e.add_argument("--method", default="uce", help=f"one of {', '.join(METHODS)} (default uce)")
     e.add_argument("--erase", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
+    e.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help=f"erase a shipped list of wordings too (repeatable): {', '.join(presets.names())}")
     e.add_argument("--guide", action="append", default=[], metavar="TEXT",
                    help="what each erased concept becomes: one for all, or one per --erase (default: empty prompt)")
     e.add_argument("--preserve", action="append", default=[], metavar="TEXT", help="concept to keep (repeatable)")
@@ -94,7 +97,8 @@ def cmd_erase(args) -> int:
     out = check_writable(args.out, args.overwrite, "--out")
     report_path = check_writable_json(args.report, args.overwrite) if args.report else None
     prompt_path = check_writable(args.save_prompt, args.overwrite, "--save-prompt") if args.save_prompt else None
-    concepts = Concepts.build(args.erase, args.guide, args.preserve)
+    concepts = Concepts.build(args.erase + [w for name in args.preset for w in presets.load(name)
+                                            if w not in args.erase], args.guide, args.preserve)
     params = parse_assignments(args.set)
     if args.expand is not None:
         params["expand"] = "0" if args.expand.strip().lower() == "off" else args.expand
@@ -111,7 +115,7 @@ def cmd_erase(args) -> int:
                                           "bytes": written.stat().st_size,
                                           "seconds": round(time.perf_counter() - start, 3)})
     if "expansion" in report:
-        print(expansion_lines(report["expansion"]))
+        print(describe_expansion(report["expansion"]))
     changes = [v["relative_change"] for v in report["layers"].values()]
     print(f"erased {', '.join(concepts.targets)} with {args.method} in {report['seconds']:.2f} s: "
           f"{len(changes)} matrices changed, relative change mean {sum(changes) / len(changes):.4f}, "
@@ -123,15 +127,6 @@ def cmd_erase(args) -> int:
         report_path.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {report_path}")
     return 0
-
-
-def expansion_lines(expansion: dict) -> str:
-    lines = [(f"expansion: {len(expansion['added'])} wordings added (of {expansion['candidates']} candidates; "
-              "distance to the target relative to the empty prompt's, margin to the nearest kept concept)")]
-    lines += [f"  + {w['text']!r} for {w['target']!r}: distance {w['distance']:.3f}, margin {w['margin']:.3f}"
-              for w in expansion["added"]]
-    lines += [f"  - {w['text']!r} vetoed" for w in expansion["vetoed"]]
-    return "\n".join(lines)
 
 
 def check_writable_json(path: str, overwrite: bool) -> Path:

@@ -30,6 +30,7 @@ output), so a host that erases several times encodes each word once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -93,6 +94,16 @@ class Expansion:
                 "candidates": self.candidates, "seconds": round(self.seconds, 3)}
 
 
+def describe_expansion(report: Mapping[str, Any]) -> str:
+    """The report's `expansion` entry as lines of text (command line, ComfyUI's Erasure Report)."""
+    lines = [(f"expansion: {len(report['added'])} wordings added (of {report['candidates']} candidates; distance "
+              "to the target relative to the empty prompt's, margin to the nearest kept concept)")]
+    lines += [f"  + {w['text']!r} for {w['target']!r}: distance {w['distance']:.3f}, margin {w['margin']:.3f}"
+              for w in report["added"]]
+    lines += [f"  - {w['text']!r} vetoed" for w in report["vetoed"]]
+    return "\n".join(lines)
+
+
 def parse_exclude(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_norm(t) for t in re.split(r"[,\n]", text or "") if t.strip()))
 
@@ -111,16 +122,15 @@ def with_expansion(model: EditableModel, concepts: Concepts, values: Mapping[str
     return expansion.concepts, expansion
 
 
+@functools.lru_cache(maxsize=4)
 def _vocabulary(spec: EncoderSpec) -> list[tuple[str, int]]:
     """(word, token id) for every whole-word token a prompt can be made of."""
     if spec.tokenizer == "word":
         tokenizer = WordTokenizer(spec.vocab, spec.window)
         return [(w, i) for w, i in tokenizer.index.items() if w not in WordTokenizer.SPECIAL]
-    words = []
-    for token, i in clip_tokenizer().get_vocab().items():
-        if token.endswith("</w>") and re.fullmatch(r"[a-z][a-z\-]+", token[:-4]):
-            words.append((token[:-4], i))
-    return sorted(words, key=lambda w: w[1])
+    word = re.compile(r"[a-z][a-z\-]+</w>")
+    return sorted(((t[:-4], i) for t, i in clip_tokenizer().get_vocab().items() if word.fullmatch(t)),
+                  key=lambda w: w[1])
 
 
 def _word_ids(spec: EncoderSpec, text: str) -> list[int]:
@@ -146,8 +156,8 @@ def _nearest_by_embedding(model: EditableModel, spec: EncoderSpec, vocab: list[t
     query = table[ids].mean(0)
     rows = table[[i for _, i in vocab]]
     score = rows @ query / (rows.norm(dim=1) * query.norm()).clamp_min(1e-12)
-    order = sorted(range(len(vocab)), key=lambda j: (-float(score[j]), vocab[j][0]))
-    return [vocab[j][0] for j in order[:POOL]]
+    order = torch.argsort(-score, stable=True)[:POOL]  # ties: vocabulary order
+    return [vocab[j][0] for j in order.tolist()]
 
 
 def _fingerprint(model: EditableModel) -> str:

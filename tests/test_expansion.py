@@ -1,10 +1,12 @@
 """Concept expansion: finds the wordings ToyWorld was trained with, never adds one nearer a kept concept
 (checked with the K/V products themselves), is deterministic, honours vetoes, and reaches every method."""
 
+import json
+
 import pytest
 import torch
 
-from concept_eraser import METHODS, erase
+from concept_eraser import METHODS, erase, presets
 from concept_eraser import expansion as expansion_module
 from concept_eraser.checkpoint import CheckpointModel
 from concept_eraser.cli import main
@@ -126,3 +128,20 @@ def test_command_line_prints_the_added_wordings(tmp_path, capsys):
     assert "expansion" not in capsys.readouterr().out
     assert main(base + ["--expand", "lots", "--out", str(tmp_path / "r.safetensors")]) == 2
     assert "error: expand" in capsys.readouterr().err
+
+
+def test_presets_carry_provenance_and_licence_and_reach_the_command_line(tiny_checkpoints, tmp_path, capsys):
+    assert {"nudity", "violence", "watermarks"} <= set(presets.names())
+    for name in presets.names():
+        header = (presets.FOLDER / f"{name}.txt").read_text(encoding="utf-8")
+        assert "Provenance:" in header and "Licence: CC0-1.0" in header
+        wordings = presets.load(name)
+        assert len(wordings) >= 5 and len(set(wordings)) == len(wordings)
+        assert not any(w.startswith("#") for w in wordings)
+    with pytest.raises(InvalidParameterError, match="nudity"):
+        presets.load("nudiy")
+    report = tmp_path / "report.json"
+    assert main(["erase", str(tiny_checkpoints["sd1"]), "--preset", "watermarks", "--erase", "logo",
+                 "--out", str(tmp_path / "p.safetensors"), "--format", "patch", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["concepts"]["erase"] == ["logo", *[w for w in presets.load("watermarks")
+                                                                            if w != "logo"]]

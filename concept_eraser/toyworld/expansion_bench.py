@@ -117,8 +117,8 @@ def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: di
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | method | expand | erased ↑ | preserved ↑ | paraphrase attack ↓ | unseen attack ↓ | drift ↓ "
-             "| solve (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| task | method | expand | erased ↑ | preserved ↑ | paraphrase attack ↓ | unseen attack ↓ | drift ↓ "
+              "| solve (s) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['task']} | {r['method']} | {r['expand'] or 'off'} | {100 * r['erased']:.0f} "
                      f"| {100 * r['preserved']:.0f} | {100 * r['paraphrase']:.0f} | {100 * r['unseen']:.0f} "
