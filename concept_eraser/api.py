@@ -11,6 +11,7 @@ import torch
 
 from .concepts import Concepts
 from .editable import EditableModel, Progress, no_progress
+from .expansion import with_expansion
 from .methods import get_method
 from .params import resolve
 from .patch import ErasurePatch, check_written_finite, fingerprint, provenance_step
@@ -37,6 +38,8 @@ def erase(
     values = resolve(chosen.params, params or {}, chosen.name)
     check_pooled(model.arch, values)
     start = time.perf_counter()
+    asked = concepts
+    concepts, expansion = with_expansion(model, concepts, values, progress)
     output = chosen.run(model, concepts, values, progress)
     output = with_pooled_edit(model, concepts, values, output, progress)
     if model.device.type == "cuda":
@@ -45,7 +48,7 @@ def erase(
     unnamed = ErasurePatch(model.arch.family, output.edits)
     layers = layer_changes(model, unnamed)
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
-    probe = recoverability(model, unnamed, concepts.targets, progress=progress)
+    probe = recoverability(model, unnamed, asked.targets, progress=progress)
     # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
     source = dict(model.source(), fingerprint=fingerprint(model.arch.kv_keys, model.weight))
     step = provenance_step(chosen.name, values, concepts.as_dict(), source, model.arch.family)
@@ -60,6 +63,7 @@ def erase(
         "seconds": round(seconds, 4),
         "layers": layers,
         "probe": probe,
+        **({"expansion": expansion.as_report()} if expansion else {}),
         **output.details,
     }
     return ErasureResult(patch, report, output.artifacts)

@@ -13,12 +13,13 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from . import __version__, presets
 from .api import erase
 from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, load_patch, read_steps,
                          resolve_device, save_artifacts, save_checkpoint, save_lora, save_patch, step_problem)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError, NonFiniteResultError
+from .expansion import describe_expansion
 from .methods import METHODS, get_method
 from .params import parse_assignments, resolve
 from .patch import ErasurePatch, check_fits
@@ -47,10 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="input checkpoint (.safetensors; SD1.x, SD2.x or SDXL)")
     e.add_argument("--method", default="uce", help=f"one of {', '.join(METHODS)} (default uce)")
     e.add_argument("--erase", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
+    e.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help=f"erase a shipped list of wordings too (repeatable): {', '.join(presets.names())}")
     e.add_argument("--guide", action="append", default=[], metavar="TEXT",
                    help="what each erased concept becomes: one for all, or one per --erase (default: empty prompt)")
     e.add_argument("--preserve", action="append", default=[], metavar="TEXT", help="concept to keep (repeatable)")
     e.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    e.add_argument("--expand", metavar="N|off", help="also erase up to N wordings per concept that the model treats "
+                   "like it (the `expand` parameter; default off); the added wordings are printed")
+    e.add_argument("--expand-exclude", action="append", default=[], metavar="TEXT",
+                   help="a wording the expansion must not add (repeatable)")
     e.add_argument("--out", required=True, help="output .safetensors file")
     e.add_argument("--format", default="checkpoint", choices=FORMATS,
                    help="checkpoint: the whole model; patch: only the changed tensors; lora: a LoRA file")
@@ -136,8 +143,13 @@ def cmd_erase(args) -> int:
         check_writable(args.report, args.overwrite, "--report", suffix=None)
     if args.save_prompt:
         check_writable(args.save_prompt, args.overwrite, "--save-prompt")
-    concepts = Concepts.build(args.erase, args.guide, args.preserve)
+    concepts = Concepts.build(args.erase + [w for name in args.preset for w in presets.load(name)
+                                            if w not in args.erase], args.guide, args.preserve)
     params = parse_assignments(args.set)
+    if args.expand is not None:
+        params["expand"] = "0" if args.expand.strip().lower() == "off" else args.expand
+    if args.expand_exclude:
+        params["expand_exclude"] = ", ".join([params.get("expand_exclude", ""), *args.expand_exclude]).strip(", ")
     method = get_method(args.method)
     if args.save_prompt and not resolve(method.params, params, method.name).get("use_prompt"):
         raise InvalidParameterError("--save-prompt", f"method {method.name} learns no prompt to save"
@@ -153,6 +165,8 @@ def cmd_erase(args) -> int:
     report = dict(result.report, output={"path": str(written), "format": args.format,
                                           "bytes": written.stat().st_size,
                                           "seconds": round(time.perf_counter() - start, 3)})
+    if "expansion" in report:
+        print(describe_expansion(report["expansion"]))
     changes = [v["relative_change"] for v in report["layers"].values()]
     print(f"erased {', '.join(concepts.targets)} with {args.method} in {report['seconds']:.2f} s: "
           f"{sum(c > 0 for c in changes)} matrices changed, relative change mean {sum(changes) / len(changes):.4f}, "

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 
+from ..concept_eraser.expansion import describe_expansion
 from ..concept_eraser.models.arch import UNET_PREFIX, natural_key
 from .common import CATEGORY, ERASURE, headline, lines
 
@@ -162,8 +163,11 @@ def report_text(erasure) -> str:
         for target, f in probe["targets"].items():
             out.append(f"  {target}: residual {f['residual']:.3f}, cosine {f['cosine']:.3f}, "
                        f"direct change {f['direct']:.3f}, norm ratio {f['norm_ratio']:.3f}")
+    if r.get("expansion"):
+        out.append(describe_expansion(r["expansion"]))
     extra = {k: v for k, v in r.items() if k not in ("method", "params", "concepts", "architecture", "source",
-                                                     "seconds", "layers", "probe", "warnings")}
+                                                     "seconds", "layers", "probe", "warnings",
+                                                     "expansion")}
     for key, value in extra.items():
         text = json.dumps(value, default=str)
         out.append(f"{key}: {text if len(text) <= 600 else text[:600] + '…'}")

@@ -7,13 +7,14 @@ from typing import Any, ClassVar, Mapping
 
 from ..concepts import Concepts
 from ..editable import EditableModel, Progress
+from ..expansion import EXPANSION_PARAMS
 from ..params import Param
 from ..patch import Edit
 from ..pooled import POOLED_PARAMS
 
 # Options every method offers, declared once: appended to each method's `params` (so every host UI and
-# `--set` lists them) and applied by `api.erase` after the method has run.
-COMMON_PARAMS: tuple[Param, ...] = POOLED_PARAMS
+# `--set` lists them) and applied by `api.erase`: the expansion before the method runs, the pooled edit after.
+COMMON_PARAMS: tuple[Param, ...] = EXPANSION_PARAMS + POOLED_PARAMS
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""Concept expansion: finds the wordings ToyWorld was trained with, never adds one nearer a kept concept
+(checked with the K/V products themselves), is deterministic, honours vetoes, and reaches every method."""
+
+import json
+
+import pytest
+import torch
+
+from concept_eraser import METHODS, erase, presets
+from concept_eraser import expansion as expansion_module
+from concept_eraser.checkpoint import CheckpointModel
+from concept_eraser.cli import main
+from concept_eraser.concepts import Concepts
+from concept_eraser.errors import InvalidParameterError
+from concept_eraser.expansion import expand
+from concept_eraser.toyworld import world
+from concept_eraser.toyworld.benchmark import concept_word
+from concept_eraser.toyworld.pipeline import CHECKPOINT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TABLES = {"shape": (world.SHAPES, world.SHAPE_WORDS), "colour": (world.COLOURS, world.COLOUR_WORDS),
+          "background": (world.BACKGROUNDS, world.BACKGROUND_WORDS)}
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    return CheckpointModel(CHECKPOINT)
+
+
+def task(attribute, value, guide=()):
+    values = TABLES[attribute][0]
+    return Concepts.build([concept_word(attribute, value)], guide,
+                          [concept_word(attribute, v) for v in values if v != value])
+
+
+@pytest.mark.parametrize("attribute", list(TABLES))
+def test_finds_the_synonyms_toyworld_was_trained_with(toy_model, attribute):
+    values, words = TABLES[attribute]
+    for value in values:
+        found = expand(toy_model, task(attribute, value), 12, separation=1.0)
+        added = {word for w in found.added for word in w.text.split()}
+        # multi-word synonyms ("round shape", "plus sign") count by their distinctive first word
+        missing = [s for s in words[value][1:] if s.split()[0] not in added]
+        assert not missing, f"{value}: {missing} not among {[w.text for w in found.added]}"
+
+
+def kv_outputs(model, texts):
+    """Every K/V matrix times the last word's and the EOS token's features: [n, Σ outputs × 2]."""
+    encoded = model.text_encoder.encode(texts)
+    columns = torch.stack([encoded.features[i, [max(n - 2, 0), n - 1]] for i, n in enumerate(encoded.lengths)])
+    outputs = [columns.double() @ model.weight(k).double().T for k in model.arch.kv_keys]
+    return torch.cat(outputs, dim=-1).flatten(1)
+
+
+@pytest.mark.parametrize("case", [("shape", "circle", ("square",)), ("colour", "red", ()),
+                                  ("background", "stripes", ("plain background",))])
+def test_adds_nothing_nearer_a_preserved_concept_guide_or_the_empty_prompt(toy_model, case):
+    attribute, value, guide = case
+    concepts = task(attribute, value, guide)
+    found = expand(toy_model, concepts, 64, separation=1.0)
+    assert len(found.added) >= 4
+    kept = list(dict.fromkeys(concepts.preserve + concepts.guides + ("",)))
+    added = [w.text for w in found.added]
+    out = kv_outputs(toy_model, [concepts.targets[0], *kept, *added])
+    target, refs, cand = out[0], out[1:1 + len(kept)], out[1 + len(kept):]
+    to_target = (cand - target).norm(dim=1)
+    to_kept = torch.cdist(cand, refs)
+    assert (to_target[:, None] < to_kept).all()
+    # the reported scores are these distances, relative to the target's distance from the empty prompt
+    scale = (target - refs[kept.index("")]).norm()
+    assert [w.distance for w in found.added] == pytest.approx((to_target / scale).tolist(), rel=1e-4)
+    assert [w.margin for w in found.added] == pytest.approx(
+        ((to_kept.min(1).values - to_target) / scale).tolist(), rel=1e-3, abs=1e-5)
+    # a stricter separation keeps a subset, each at least that many times nearer its target
+    strict = expand(toy_model, concepts, 64, separation=1.3)
+    assert {w.text for w in strict.added} < set(added)
+    assert all(w.margin + w.distance >= 1.3 * w.distance for w in strict.added)
+
+
+def test_deterministic_and_vetoes_are_honoured(toy_model):
+    concepts = task("shape", "circle", ("square",))
+    first = expand(toy_model, concepts, 5)
+    expansion_module._CACHE.clear()
+    again = expand(toy_model, concepts, 5)
+    assert [(w.text, w.distance, w.margin) for w in first.added] == [(w.text, w.distance, w.margin) for w in again.added]
+    assert first.concepts.targets == ("circle", *[w.text for w in first.added])
+    assert set(first.concepts.guides) == {"square"}
+    vetoed = first.added[0].text
+    other = expand(toy_model, concepts, 5, exclude=[vetoed.upper()])
+    assert vetoed not in other.concepts.targets and [w.text for w in other.vetoed] == [vetoed]
+    assert [w.text for w in other.added] == [w.text for w in first.added[1:]] + [other.added[-1].text]
+
+
+def test_every_method_offers_it_and_erase_reports_it(toy_model):
+    for method in METHODS.values():
+        assert {"expand", "expand_exclude", "expand_separation"} <= {p.name for p in method.params}
+    concepts = task("shape", "circle", ("square",))
+    result = erase(toy_model, "uce", concepts, {"expand": 3, "expand_exclude": "disc, ball"})
+    report = result.report["expansion"]
+    assert len(report["added"]) == 3 and not {"disc", "ball"} & {w["text"] for w in report["added"]}
+    assert result.report["concepts"]["erase"] == ["circle", *[w["text"] for w in report["added"]]]
+    assert result.patch.steps[0]["concepts"]["erase"] == result.report["concepts"]["erase"]
+    assert "expansion" not in erase(toy_model, "uce", concepts).report
+    with pytest.raises(InvalidParameterError, match="expand"):
+        erase(toy_model, "uce", concepts, {"expand": -1})
+
+
+def test_clip_vocabulary_on_a_random_sd1_model(tiny_checkpoints, monkeypatch):
+    """CLIP's 49k-token vocabulary: the input-embedding pre-filter, phrases and templates; still only
+    wordings nearer the target than anything kept."""
+    monkeypatch.setattr(expansion_module, "POOL", 32)  # fewer prompts to encode; the path is the same
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    concepts = Concepts.build(["Van Gogh"], [], ["Claude Monet"])
+    found = expand(model, concepts, 6, separation=1.0)
+    assert 0 < len(found.added) <= 6 and found.candidates > expansion_module.POOL
+    assert all(w.margin > 0 for w in found.added)
+    assert [w.text for w in expand(model, concepts, 6, separation=1.0).added] == [w.text for w in found.added]
+
+
+def test_command_line_prints_the_added_wordings(tmp_path, capsys):
+    base = ["erase", str(CHECKPOINT), "--erase", "circle", "--guide", "square", "--preserve", "square", "--format",
+            "patch"]
+    assert main(base + ["--expand", "3", "--expand-exclude", "disc", "--out", str(tmp_path / "p.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "expansion: 3 wordings added" in out and "'disc' vetoed" in out
+    assert main(base + ["--expand", "off", "--out", str(tmp_path / "q.safetensors")]) == 0
+    assert "expansion" not in capsys.readouterr().out
+    assert main(base + ["--expand", "lots", "--out", str(tmp_path / "r.safetensors")]) == 2
+    assert "error: expand" in capsys.readouterr().err
+
+
+def test_presets_carry_provenance_and_licence_and_reach_the_command_line(tiny_checkpoints, tmp_path, capsys):
+    assert {"nudity", "violence", "watermarks"} <= set(presets.names())
+    for name in presets.names():
+        header = (presets.FOLDER / f"{name}.txt").read_text(encoding="utf-8")
+        assert "Provenance:" in header and "Licence: CC0-1.0" in header
+        wordings = presets.load(name)
+        assert len(wordings) >= 5 and len(set(wordings)) == len(wordings)
+        assert not any(w.startswith("#") for w in wordings)
+    with pytest.raises(InvalidParameterError, match="nudity"):
+        presets.load("nudiy")
+    report = tmp_path / "report.json"
+    assert main(["erase", str(tiny_checkpoints["sd1"]), "--preset", "watermarks", "--erase", "logo",
+                 "--out", str(tmp_path / "p.safetensors"), "--format", "patch", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["concepts"]["erase"] == ["logo", *[w for w in presets.load("watermarks")
+                                                                            if w != "logo"]]
