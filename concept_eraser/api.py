@@ -42,7 +42,9 @@ def erase(
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
-    probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), concepts.targets, progress=progress)
+    kv_changes: dict[str, float] = {}
+    probe = recoverability(model, ErasurePatch(model.arch.family, output.edits), concepts.targets, progress=progress,
+                           changes=kv_changes)
     step = provenance_step(chosen.name, values, concepts.as_dict(), model.source(), model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
@@ -53,22 +55,25 @@ def erase(
         "architecture": model.arch.family,
         "source": model.source(),
         "seconds": round(seconds, 4),
-        "layers": layer_changes(model, patch),
+        "layers": layer_changes(model, patch, kv_changes),
         "probe": probe,
         **output.details,
     }
     return ErasureResult(patch, report, output.artifacts)
 
 
-def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:
-    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ and the edit's form."""
+def layer_changes(model: EditableModel, patch: ErasurePatch,
+                  known: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖ (from `known` where already measured) and the
+    edit's form."""
     out = {}
     for key, stages in patch.edits.items():
-        original = model.weight(key)
-        new = patch.apply_to(key, original)
-        base = original.float().norm().item()
-        out[key] = {
-            "relative_change": (new.float() - original.float()).norm().item() / base if base else 0.0,
-            "form": "+".join(s.kind for s in stages),
-        }
+        if known and key in known:
+            change = known[key]
+        else:
+            weight = model.weight(key)
+            original = weight.float()
+            base = original.norm().item()
+            change = (patch.apply_to(key, weight).float() - original).norm().item() / base if base else 0.0
+        out[key] = {"relative_change": change, "form": "+".join(s.kind for s in stages)}
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Mapping
 
@@ -41,6 +43,20 @@ class CheckpointModel:
         self.device = torch.device(device)
         self.arch: ArchSpec = detect({k: i.shape for k, i in self.reader.infos.items()}, self.reader.metadata)
         self._text_encoder: CheckpointTextEncoder | None = None
+        # The provenance digest reads the whole file (SDXL: 2-7 s): a background thread reads it while the
+        # method works, instead of on its path. Daemon: a process that never asks for it need not wait.
+        self._sha256: Future[str] = Future()
+        threading.Thread(target=self._hash, name=f"sha256 {self.path.name}", daemon=True).start()
+
+    def _hash(self) -> None:
+        try:
+            self._sha256.set_result(self.reader.sha256())
+        except BaseException as exc:  # handed to whoever asks for the digest
+            self._sha256.set_exception(exc)
+
+    def sha256(self) -> str:
+        """SHA-256 of the whole file, as read by the background thread."""
+        return self._sha256.result()
 
     @property
     def text_encoder(self) -> CheckpointTextEncoder:
@@ -55,7 +71,7 @@ class CheckpointModel:
         return self.reader.keys()
 
     def source(self) -> dict:
-        return {"name": self.path.name, "sha256": self.reader.sha256()}
+        return {"name": self.path.name, "sha256": self.sha256()}
 
     def prior_steps(self) -> tuple[dict, ...]:
         return tuple(read_metadata_json(self.reader.metadata, META_PREFIX + "steps", []))
@@ -269,8 +285,8 @@ def check_patch_fits(model: CheckpointModel, patch: ErasurePatch, force: bool) -
             if got != shape:
                 raise InvalidParameterError("patch", f"{key} has shape {list(shape)} in the model, {list(got)} in the patch")
     expected = patch.steps[0]["source"].get("sha256") if patch.steps else None
-    if expected and not force and expected != model.reader.sha256():
+    if expected and not force and expected != model.sha256():
         raise InvalidParameterError(
             "patch", f"it was made for a checkpoint with SHA-256 {expected[:12]}…, not {model.path.name} "
-            f"({model.reader.sha256()[:12]}…); pass --force to apply it anyway"
+            f"({model.sha256()[:12]}…); pass --force to apply it anyway"
         )

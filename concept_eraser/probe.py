@@ -64,18 +64,29 @@ class RecoveryProbe:
         self.direct_sq = torch.zeros(n, **acc)
         self.change_sq = torch.zeros((), **acc)
         self.original_sq = torch.zeros((), **acc)
+        self._cast: torch.Tensor | None = None  # the features on the weights' device, in compute_dtype
 
-    def add(self, weight: torch.Tensor, original: torch.Tensor) -> None:
-        """Add one matrix: `weight` = W_i (edited), `original` = W_{o,i}."""
+    def add(self, weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Add one matrix: `weight` = W_i (edited), `original` = W_{o,i}. Returns its relative change
+        ‖W_i − W_{o,i}‖_F / ‖W_{o,i}‖_F as a 0-d tensor (read it later: no device sync here)."""
         w, w_o = weight.to(self.compute_dtype), original.to(self.compute_dtype)
-        c = self.features.to(w.device, self.compute_dtype)
+        c = self._columns(w.device)
         target = w_o @ c  # W_o c: what the concept produced before the edit
+        delta = w - w_o
         self.gram += (w.T @ w).double()
         self.cross += (w.T @ target).double()
         self.target_sq += target.double().pow(2).sum(0)
-        self.direct_sq += (w @ c - target).double().pow(2).sum(0)
-        self.change_sq += (w - w_o).double().pow(2).sum()
-        self.original_sq += w_o.double().pow(2).sum()
+        self.direct_sq += (delta @ c).double().pow(2).sum(0)
+        # whole-matrix norms in the compute dtype (a float64 copy of every matrix costs more than its Gram)
+        change, base = torch.linalg.vector_norm(delta).double(), torch.linalg.vector_norm(w_o).double()
+        self.change_sq += change ** 2
+        self.original_sq += base ** 2
+        return torch.where(base > 0, change / base, torch.zeros_like(base))
+
+    def _columns(self, device: torch.device) -> torch.Tensor:
+        if self._cast is None or self._cast.device != device:
+            self._cast = self.features.to(device, self.compute_dtype)
+        return self._cast
 
     @property
     def weight_change(self) -> float:
@@ -122,15 +133,23 @@ def recoverability(
     targets: Sequence[str],
     lam_r: float = DEFAULT_LAM_R,
     progress: Progress = no_progress,
+    changes: dict[str, float] | None = None,
 ) -> dict:
-    """The probe for each target on `model` with `patch` applied (the model itself is not changed)."""
+    """The probe for each target on `model` with `patch` applied (the model itself is not changed).
+    `changes`, if given, receives every edited K/V's relative change ‖W − W_o‖_F / ‖W_o‖_F from the
+    same pass (the report's per-layer figures)."""
     features, groups = probe_columns(model.text_encoder, targets)
     probe = RecoveryProbe(features.to(model.device))
     keys = model.arch.kv_keys
+    edited = {}
     for i, key in enumerate(keys):
         original = model.weight(key)
-        probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
+        change = probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
+        if key in patch.edits:
+            edited[key] = change
         progress(i + 1, len(keys), "probing recoverability")
+    if changes is not None and edited:
+        changes.update(zip(edited, torch.stack(list(edited.values())).tolist()))
     return {
         "lam_r": lam_r,
         "tokens": "positions 1-76 of each target (BOS left out)",

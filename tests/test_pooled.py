@@ -10,11 +10,13 @@ from concept_eraser import METHODS, CheckpointModel, Concepts, erase, save_check
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.methods.base import ErasureMethod
 from concept_eraser.models.arch import detect
-from concept_eraser.models.text_encoders import build_text_model, hf_state_dict
+from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.params import Param
 from concept_eraser.pooled import ADM_KEY
 from concept_eraser.tiny import make_tiny_checkpoint
 from concept_eraser.tokenizer import EOS_ID, tokenize
+
+from clip_reference import hf_text_model
 
 TARGETS, GUIDES, PRESERVE = ["Van Gogh"], ["a painter"], ["Claude Monet"]
 LAM, SCALE_P = 0.5, 1.0  # the defaults of pooled_lam, pooled_preserve_scale
@@ -32,7 +34,7 @@ def pooled(tensors, prompts):
     """[n, 1280-equivalent] pooled bigG embeddings as columns' source: transformers' own forward in
     float64, the first EOS state of the final-normed output, times text_projection."""
     spec = detect({k: tuple(t.shape) for k, t in tensors.items()}).encoders[1]
-    model = build_text_model(spec, hf_state_dict(spec, list(tensors), tensors.__getitem__), dtype=torch.float64)
+    model = hf_text_model(spec, hf_state_dict(spec, list(tensors), tensors.__getitem__))
     ids = torch.tensor([tokenize(p, 0).ids for p in prompts])
     with torch.no_grad():
         last = model(input_ids=ids).last_hidden_state
