@@ -47,6 +47,8 @@ class CheckpointModel:
         # method works, instead of on its path. Daemon: a process that never asks for it need not wait.
         self._sha256: Future[str] = Future()
         threading.Thread(target=self._hash, name=f"sha256 {self.path.name}", daemon=True).start()
+        if self.device.type == "cuda":  # start the driver (1-2 s) now, not inside the method's first copy
+            threading.Thread(target=torch.cuda.init, name="cuda init", daemon=True).start()
 
     def _hash(self) -> None:
         try:
