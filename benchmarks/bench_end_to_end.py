@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONCEPTS = ["--erase", "Van Gogh", "--erase", "Claude Monet", "--preserve", "a photo"]
-METHOD_PARAMS = {"space": ["--set", "max_iter=50"]}  # SPACE to convergence takes minutes on a CPU: 50 iterations
+METHOD_PARAMS = {"space": ["--set", "iterations=50"]}  # SPACE to convergence takes minutes on a CPU: 50 iterations
 
 
 def run_cli(root: Path, model: Path, method: str, out_dir: Path, device: str, threads: int | None) -> dict:
