@@ -53,7 +53,7 @@ class CheckpointModel:
     def _hash(self) -> None:
         try:
             self._sha256.set_result(self.reader.sha256())
-        except BaseException as exc:  # handed to whoever asks for the digest
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the digest
             self._sha256.set_exception(exc)
 
     def sha256(self) -> str:

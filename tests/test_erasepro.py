@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from clip_reference import hf_text_model, hf_transformer
 from safetensors import safe_open
 
 from concept_eraser import CheckpointModel, Concepts, erase, load_patch, save_checkpoint, save_lora, save_patch
@@ -15,8 +16,6 @@ from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.patch import LowRankEdit
 from concept_eraser.tiny import make_tiny_checkpoint
 from concept_eraser.tokenizer import EOS_ID, tokenize
-
-from clip_reference import hf_text_model, hf_transformer
 
 TARGETS, GUIDES, PRESERVE = ["Van Gogh"], ["a painter"], ["Claude Monet"]
 EXACT = {"feature_dtype": "float64", "solve_dtype": "float64", "token_policy": "prompt_tokens"}

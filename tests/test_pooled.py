@@ -4,6 +4,7 @@ independent transformers forward of the checkpoint's bigG."""
 
 import pytest
 import torch
+from clip_reference import hf_text_model
 from safetensors import safe_open
 
 from concept_eraser import METHODS, CheckpointModel, Concepts, erase, save_checkpoint, save_lora
@@ -15,8 +16,6 @@ from concept_eraser.params import Param
 from concept_eraser.pooled import ADM_KEY
 from concept_eraser.tiny import make_tiny_checkpoint
 from concept_eraser.tokenizer import EOS_ID, tokenize
-
-from clip_reference import hf_text_model
 
 TARGETS, GUIDES, PRESERVE = ["Van Gogh"], ["a painter"], ["Claude Monet"]
 LAM, SCALE_P = 0.5, 1.0  # the defaults of pooled_lam, pooled_preserve_scale

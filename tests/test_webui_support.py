@@ -18,14 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from clip_reference import hf_text_model, hf_tokenizer
 
 from concept_eraser.denoiser import sd_alphas_cumprod
 from concept_eraser.models.arch import detect
 from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.safetensors_io import write_safetensors
 from concept_eraser.tiny import tiny_state_dict
-
-from clip_reference import hf_text_model, hf_tokenizer
 
 
 def runnable_unet(state: dict[str, torch.Tensor]) -> torch.nn.Module | None:
