@@ -39,7 +39,8 @@ class CheckpointTextEncoder:
         self.arch = arch
         self.device = torch.device(device)
         self.encoders = [LayerwiseEncoder(spec, keys, load, self.device) for spec in arch.encoders]
-        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}  # prompt → features, length, pooled
+        # prompt → (features, length, pooled) of every prompt encoded so far
+        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         prompts = tuple(prompts)
