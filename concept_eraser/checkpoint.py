@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Mapping
 
@@ -42,6 +44,22 @@ class CheckpointModel:
         self.device = torch.device(device)
         self.arch: ArchSpec = detect({k: i.shape for k, i in self.reader.infos.items()}, self.reader.metadata)
         self._text_encoder: CheckpointTextEncoder | None = None
+        # The provenance digest reads the whole file (SDXL: 2-7 s): a background thread reads it while the
+        # method works, instead of on its path. Daemon: a process that never asks for it need not wait.
+        self._sha256: Future[str] = Future()
+        threading.Thread(target=self._hash, name=f"sha256 {self.path.name}", daemon=True).start()
+        if self.device.type == "cuda":  # start the driver (1-2 s) now, not inside the method's first copy
+            threading.Thread(target=torch.cuda.init, name="cuda init", daemon=True).start()
+
+    def _hash(self) -> None:
+        try:
+            self._sha256.set_result(self.reader.sha256())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the digest
+            self._sha256.set_exception(exc)
+
+    def sha256(self) -> str:
+        """SHA-256 of the whole file, as read by the background thread."""
+        return self._sha256.result()
 
     @property
     def text_encoder(self) -> CheckpointTextEncoder:
@@ -56,7 +74,7 @@ class CheckpointModel:
         return self.reader.keys()
 
     def source(self) -> dict:
-        return {"name": self.path.name, "sha256": self.reader.sha256()}
+        return {"name": self.path.name, "sha256": self.sha256()}
 
     def prior_steps(self) -> tuple[dict, ...]:
         return read_steps(self.reader.metadata, "model")

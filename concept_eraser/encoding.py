@@ -8,8 +8,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from .models.arch import ArchSpec
-from .models.text_encoders import build_text_model, hf_state_dict, pooled_embedding, text_transformer
-from .tokenizer import tokenizer_for
+from .models.layerwise import LayerwiseEncoder
 
 
 @dataclass(frozen=True)
@@ -29,33 +28,37 @@ class TextEncoder(Protocol):
 
 
 class CheckpointTextEncoder:
-    """The checkpoint's own text encoder(s), built with transformers, features as the hosts compute them:
-    SD1 the final layer-normed output; SD2 the penultimate layer, normed; SDXL CLIP-L penultimate ⊕ bigG
-    penultimate, not normed."""
+    """The checkpoint's own text encoder(s), features as the hosts compute them: SD1 the final
+    layer-normed output; SD2 the penultimate layer, normed; SDXL CLIP-L penultimate ⊕ bigG
+    penultimate, not normed. Only the blocks whose outputs are read are built, on `device`, in
+    float32 (cast there from the checkpoint's dtype: fp16 passes move CLIP's features by ~1e-3,
+    more than the hosts' float32 agree with each other). Every prompt is encoded once: a run's
+    prompts go in one batch, and later requests (the probe's targets) are answered from it."""
 
     def __init__(self, arch: ArchSpec, keys: list[str], load: Callable[[str], torch.Tensor], device="cpu"):
         self.arch = arch
         self.device = torch.device(device)
-        self.models = [
-            (spec, build_text_model(spec, hf_state_dict(spec, keys, load), self.device)) for spec in arch.encoders
-        ]
-        self.tokenizers = {spec.name: tokenizer_for(spec) for spec in arch.encoders}
-        self.projections = {spec.name: load(spec.prefix + "text_projection").float().to(self.device)
-                            for spec in arch.encoders if spec.pooled}
+        self.encoders = [LayerwiseEncoder(spec, keys, load, self.device) for spec in arch.encoders]
+        # prompt → (features, length, pooled) of every prompt encoded so far
+        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         prompts = tuple(prompts)
-        parts, lengths, pooled = [], None, None
-        for spec, model in self.models:
-            tokens = [self.tokenizers[spec.name](p) for p in prompts]
-            lengths = tuple(t.length for t in tokens)
-            ids = torch.tensor([t.ids for t in tokens], device=self.device)
-            out = model(input_ids=ids, output_hidden_states=True)
-            hidden = out.hidden_states[spec.hidden_layer]
-            if spec.pooled:
-                pooled = pooled_embedding(out.last_hidden_state, lengths, self.projections[spec.name]).float()
-            if spec.final_norm:
-                hidden = text_transformer(model).final_layer_norm(hidden)
-            parts.append(hidden.float())
-        return EncodedPrompts(prompts, torch.cat(parts, dim=-1), lengths, pooled)
+        new = [p for p in dict.fromkeys(prompts) if p not in self._known]
+        if new:
+            parts, pooled = [], None
+            for encoder in self.encoders:
+                context, pooled_here = encoder.encode(new)
+                parts.append(context.float())
+                if pooled_here is not None:
+                    pooled = pooled_here.float()
+            lengths = encoder.tokens(new)[1]
+            features = torch.cat(parts, dim=-1)
+            for i, p in enumerate(new):
+                self._known[p] = (features[i], lengths[i], None if pooled is None else pooled[i])
+        rows = [self._known[p] for p in prompts]
+        if not rows:
+            width = self.arch.context_dim
+            return EncodedPrompts((), torch.zeros(0, self.arch.encoders[0].window, width, device=self.device), ())
+        pooled = torch.stack([r[2] for r in rows]) if rows[0][2] is not None else None
+        return EncodedPrompts(prompts, torch.stack([r[0] for r in rows]), tuple(r[1] for r in rows), pooled)

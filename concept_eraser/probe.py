@@ -64,18 +64,26 @@ class RecoveryProbe:
         self.direct_sq = torch.zeros(n, **acc)
         self.change_sq = torch.zeros((), **acc)
         self.original_sq = torch.zeros((), **acc)
+        self._cast: torch.Tensor | None = None  # the features on the weights' device, in compute_dtype
 
     def add(self, weight: torch.Tensor, original: torch.Tensor) -> None:
         """Add one matrix: `weight` = W_i (edited), `original` = W_{o,i}."""
         w, w_o = weight.to(self.compute_dtype), original.to(self.compute_dtype)
-        c = self.features.to(w.device, self.compute_dtype)
+        c = self._columns(w.device)
         target = w_o @ c  # W_o c: what the concept produced before the edit
+        delta = w - w_o
         self.gram += (w.T @ w).double()
         self.cross += (w.T @ target).double()
         self.target_sq += target.double().pow(2).sum(0)
-        self.direct_sq += (w @ c - target).double().pow(2).sum(0)
-        self.change_sq += (w - w_o).double().pow(2).sum()
-        self.original_sq += w_o.double().pow(2).sum()
+        self.direct_sq += (delta @ c).double().pow(2).sum(0)
+        # whole-matrix norms in the compute dtype (a float64 copy of every matrix costs more than its Gram)
+        self.change_sq += torch.linalg.vector_norm(delta).double() ** 2
+        self.original_sq += torch.linalg.vector_norm(w_o).double() ** 2
+
+    def _columns(self, device: torch.device) -> torch.Tensor:
+        if self._cast is None or self._cast.device != device:
+            self._cast = self.features.to(device, self.compute_dtype)
+        return self._cast
 
     @classmethod
     def from_right_map(cls, features: torch.Tensor, gram_o: torch.Tensor, transform: torch.Tensor) -> RecoveryProbe:

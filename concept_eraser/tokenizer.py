@@ -12,7 +12,6 @@ import gzip
 import importlib.util
 import json
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,27 +64,47 @@ def use_vocabulary_files(vocab_json: str | Path, merges_txt: str | Path) -> None
     if missing:
         raise EraserError(f"CLIP vocabulary file not found: {missing[0]}")
     _VOCABULARY_FILES = files
+    clip_vocabulary.cache_clear()
     clip_tokenizer.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
-def clip_tokenizer():
-    """transformers' CLIPTokenizer over the vocabulary rebuilt from the shipped merge list."""
-    from transformers import CLIPTokenizer
-
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocabulary, merges) of CLIP's BPE: the host's files (`use_vocabulary_files`), or rebuilt from the
+    merge list open_clip ships."""
     if _VOCABULARY_FILES is not None:
-        return CLIPTokenizer(str(_VOCABULARY_FILES[0]), str(_VOCABULARY_FILES[1]))
-    lines = gzip.open(_bpe_merges_path()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    # Files rather than in-memory objects: the constructor's in-memory form differs across
-    # transformers 4.x (hosts pin old ones) and 5.x, the folder form is the same.
-    with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}), encoding="utf-8")
-        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")))
+        vocab = json.loads(_VOCABULARY_FILES[0].read_text(encoding="utf-8"))
+        lines = _VOCABULARY_FILES[1].read_text(encoding="utf-8").split("\n")
+        merges = [line for line in lines if line and not line.startswith("#version")]
+    else:
+        merges = gzip.open(_bpe_merges_path()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+        symbols = list(_bytes_to_unicode().values())
+        vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
+        vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+        vocab = {t: i for i, t in enumerate(vocab_list)}
+    return vocab, [tuple(m.split(" ")) for m in merges]
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """CLIP's byte-level BPE as a `tokenizers.Tokenizer`, set up as transformers' `CLIPTokenizer` sets up
+    its backend (NFC, whitespace runs to one space, lower case, CLIP's split pattern, byte level, BPE
+    with `</w>` word ends, BOS/EOS as special tokens). Built directly: importing transformers' tokenizer
+    classes costs seconds."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab, merges = clip_vocabulary()
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                              end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Lowercase()])
+    split = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="removed",
+                                                                            invert=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])  # as transformers: matched whole in text
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,7 @@ def tokenize(text: str, pad_id: int) -> Tokens:
 
     Longer prompts are truncated with a warning (hosts split them into several 77-token chunks;
     an erasure target is one chunk)."""
-    words = clip_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    words = clip_tokenizer().encode(text, add_special_tokens=False).ids
     truncated = len(words) > WINDOW - 2
     if truncated:
         warnings.warn(

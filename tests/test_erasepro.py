@@ -5,13 +5,14 @@ import re
 
 import pytest
 import torch
+from clip_reference import hf_text_model, hf_transformer
 from safetensors import safe_open
 
 from concept_eraser import CheckpointModel, Concepts, erase, load_patch, save_checkpoint, save_lora, save_patch
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.linalg import zero_residual_factors
 from concept_eraser.models.arch import detect
-from concept_eraser.models.text_encoders import build_text_model, hf_state_dict, text_transformer
+from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.patch import LowRankEdit
 from concept_eraser.tiny import make_tiny_checkpoint
 from concept_eraser.tokenizer import EOS_ID, tokenize
@@ -34,8 +35,8 @@ class Reference:
         with safe_open(str(path), "pt") as f:
             self.tensors = {k: f.get_tensor(k) for k in f.keys()}
         self.arch = detect({k: tuple(t.shape) for k, t in self.tensors.items()})
-        self.models = [(spec, build_text_model(spec, hf_state_dict(spec, list(self.tensors), self.tensors.__getitem__),
-                                               dtype=torch.float64)) for spec in self.arch.encoders]
+        self.models = [(spec, hf_text_model(spec, hf_state_dict(spec, list(self.tensors), self.tensors.__getitem__)))
+                       for spec in self.arch.encoders]
 
     def run(self, prompts):
         """{encoder name: {block: [n, 77, w] q/k/v input}}, context [n, 77, d], pooled or None."""
@@ -44,13 +45,13 @@ class Reference:
             ids = torch.tensor([tokenize(p, EOS_ID if spec.pad_token == "eos" else 0).ids for p in prompts])
             found = inputs[spec.name] = {}
             hooks = [layer.layer_norm1.register_forward_hook(lambda m, a, out, i=i: found.__setitem__(i, out))
-                     for i, layer in enumerate(text_transformer(model).encoder.layers)]
+                     for i, layer in enumerate(hf_transformer(model).encoder.layers)]
             with torch.no_grad():
                 out = model(input_ids=ids, output_hidden_states=True)
             for h in hooks:
                 h.remove()
             hidden = out.hidden_states[spec.hidden_layer]
-            contexts.append(text_transformer(model).final_layer_norm(hidden) if spec.final_norm else hidden)
+            contexts.append(hf_transformer(model).final_layer_norm(hidden) if spec.final_norm else hidden)
             if spec.pooled:
                 eos = (ids == EOS_ID).int().argmax(1)
                 projection = self.tensors[spec.prefix + "text_projection"]

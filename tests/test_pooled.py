@@ -4,13 +4,14 @@ independent transformers forward of the checkpoint's bigG."""
 
 import pytest
 import torch
+from clip_reference import hf_text_model
 from safetensors import safe_open
 
 from concept_eraser import METHODS, CheckpointModel, Concepts, erase, save_checkpoint, save_lora
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.methods.base import ErasureMethod
 from concept_eraser.models.arch import detect
-from concept_eraser.models.text_encoders import build_text_model, hf_state_dict
+from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.params import Param
 from concept_eraser.pooled import ADM_KEY
 from concept_eraser.tiny import make_tiny_checkpoint
@@ -32,7 +33,7 @@ def pooled(tensors, prompts):
     """[n, 1280-equivalent] pooled bigG embeddings as columns' source: transformers' own forward in
     float64, the first EOS state of the final-normed output, times text_projection."""
     spec = detect({k: tuple(t.shape) for k, t in tensors.items()}).encoders[1]
-    model = build_text_model(spec, hf_state_dict(spec, list(tensors), tensors.__getitem__), dtype=torch.float64)
+    model = hf_text_model(spec, hf_state_dict(spec, list(tensors), tensors.__getitem__))
     ids = torch.tensor([tokenize(p, 0).ids for p in prompts])
     with torch.no_grad():
         last = model(input_ids=ids).last_hidden_state

@@ -18,13 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from clip_reference import hf_text_model, hf_tokenizer
 
 from concept_eraser.denoiser import sd_alphas_cumprod
 from concept_eraser.models.arch import detect
-from concept_eraser.models.text_encoders import build_text_model, hf_state_dict, text_transformer
+from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.safetensors_io import write_safetensors
 from concept_eraser.tiny import tiny_state_dict
-from concept_eraser.tokenizer import clip_tokenizer
 
 
 def runnable_unet(state: dict[str, torch.Tensor]) -> torch.nn.Module | None:
@@ -72,7 +72,7 @@ class TextModelHolder(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.text_model = text_transformer(model)
+        self.text_model = getattr(model, "text_model", model)
         object.__setattr__(self, "_model", model)
 
     def forward(self, *args, **kwargs):
@@ -86,7 +86,7 @@ class FakeClipWrapper(torch.nn.Module):
         super().__init__()
         self.wrapped = torch.nn.Module()
         self.wrapped.transformer = TextModelHolder(transformer)
-        self.wrapped.tokenizer = clip_tokenizer()
+        self.wrapped.tokenizer = hf_tokenizer()
         self.hijack = SimpleNamespace(fixes=None)
         emb = self.wrapped.transformer.text_model.embeddings
         emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding, self.hijack)
@@ -124,7 +124,7 @@ class FakeLDM(torch.nn.Module):
         self.parameterization = "eps"
         arch = detect({k: tuple(v.shape) for k, v in state.items()})
         spec = arch.encoders[0]
-        text = build_text_model(spec, hf_state_dict(spec, list(state), lambda k: state[k]))
+        text = hf_text_model(spec, hf_state_dict(spec, list(state), lambda k: state[k]), torch.float32)
         self.cond_stage_model = FakeClipWrapper(text, opts)
         vae = "first_stage_model.decoder.conv_out.weight"
         self.first_stage_model = param_tree({"decoder.conv_out.weight": state[vae]})
@@ -364,7 +364,7 @@ class FakeForgeEngine:
 
     def __init__(self, text_encoder, clip_skip: int, final_layer_norm: bool, pooled: bool, pad: int):
         self.text_encoder = text_encoder
-        tok = clip_tokenizer()
+        tok = hf_tokenizer()
         self.tokenizer = tok
         self.id_start, self.id_end, self.id_pad = tok.bos_token_id, tok.eos_token_id, pad
         self.clip_skip = clip_skip
@@ -388,7 +388,7 @@ class FakeForgeEngine:
 
 
 def _integrated_clip(spec, state, projection: torch.Tensor | None = None):
-    text = TextModelHolder(build_text_model(spec, hf_state_dict(spec, list(state), lambda k: state[k])))
+    text = TextModelHolder(hf_text_model(spec, hf_state_dict(spec, list(state), lambda k: state[k]), torch.float32))
     module = torch.nn.Module()
     module.transformer = text
     if projection is not None:

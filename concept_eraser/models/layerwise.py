@@ -3,8 +3,7 @@
 Methods that edit the text encoder itself (ErasePro) need what a host's encoder object does not
 offer: the input of every block's q/k/v projections, and the next block run with weights just
 edited. `LayerwiseEncoder` rebuilds one encoder from the model's weights by checkpoint key
-(`EditableModel.keys` / `weight`) with the same `build_text_model` that `CheckpointTextEncoder`
-uses, and steps through it. Every CLIP block is
+(`EditableModel.keys` / `weight`) and steps through it; `CheckpointTextEncoder` runs the same. Every CLIP block is
 
     h ← h + out_proj(causal_attention(q(x), k(x), v(x))),  x = layer_norm1(h)
     h ← h + mlp(layer_norm2(h))
@@ -19,11 +18,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..tokenizer import tokenizer_for
 from .arch import EncoderSpec
-from .text_encoders import build_text_model, hf_state_dict, pooled_embedding, text_transformer
+from .text_encoders import block_index, build_text_model, hf_state_dict, pooled_embedding
 
 
 def blocks_reaching_unet(spec: EncoderSpec) -> int:
@@ -33,25 +31,31 @@ def blocks_reaching_unet(spec: EncoderSpec) -> int:
 
 
 class LayerwiseEncoder:
+    """One text encoder rebuilt from the model's weights with only the blocks that reach the U-Net,
+    directly on `device` in `dtype` (each tensor is moved in the checkpoint's dtype, then cast there)."""
+
     def __init__(self, spec: EncoderSpec, keys: Sequence[str], load: Callable[[str], torch.Tensor],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
+        depth = blocks_reaching_unet(spec)
+        needed = [k for k in keys if k.startswith(spec.prefix) and block_index(spec, k) < depth]
         # Our own copy (weights are edited in place later; `load` may return the model's live or
         # memory-mapped tensor), cast tensor by tensor so that two whole copies never coexist.
-        state = hf_state_dict(spec, list(keys), lambda key: load(key).to(self.device, dtype, copy=True))
-        self.transformer = text_transformer(build_text_model(spec, state, device, dtype))
+        state = hf_state_dict(spec, needed, lambda key: load(key).to(self.device).to(dtype, copy=True))
+        self.transformer = build_text_model(spec, state, depth, self.device, dtype)
+        del state
         self.layers = self.transformer.encoder.layers
         # hidden_states[hidden_layer] is the output of this many blocks
-        self.context_depth = len(self.layers) + 1 + spec.hidden_layer
+        self.context_depth = spec.layers + 1 + spec.hidden_layer
         self.tokenize = tokenizer_for(spec)
-        self.projection = load(spec.prefix + "text_projection").to(self.device, dtype) if spec.pooled else None
+        self.projection = load(spec.prefix + "text_projection").to(self.device).to(dtype) if spec.pooled else None
 
     @property
     def depth(self) -> int:
-        """How many blocks reach the U-Net (`blocks_reaching_unet`)."""
-        return blocks_reaching_unet(self.spec)
+        """How many blocks reach the U-Net (`blocks_reaching_unet`): all that were built."""
+        return len(self.layers)
 
     def qkv_keys(self, layer: int) -> tuple[str, ...]:
         """Checkpoint keys of block `layer`'s q/k/v weights: three, or OpenCLIP's one fused [q; k; v]."""
@@ -71,7 +75,7 @@ class LayerwiseEncoder:
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.embeddings(input_ids=ids)
+        return self.transformer.embeddings(ids)
 
     @torch.no_grad()
     def attention_input(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -80,18 +84,7 @@ class LayerwiseEncoder:
 
     @torch.no_grad()
     def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        block = self.layers[layer]
-        attn = block.self_attn
-        x = block.layer_norm1(hidden)
-        n, t, w = x.shape
-
-        def heads(proj):
-            return proj(x).view(n, t, attn.num_heads, w // attn.num_heads).transpose(1, 2)
-
-        # CLIP text towers attend causally, with no padding mask (as ComfyUI and transformers run them)
-        out = F.scaled_dot_product_attention(heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj), is_causal=True)
-        hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(n, t, w))
-        return hidden + block.mlp(block.layer_norm2(hidden))
+        return self.layers[layer](hidden)
 
     @torch.no_grad()
     def context(self, hidden: torch.Tensor) -> torch.Tensor:

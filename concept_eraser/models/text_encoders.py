@@ -1,8 +1,9 @@
-"""Text encoders rebuilt from a checkpoint's own weights as transformers `CLIPTextModel`s.
+"""Text encoders rebuilt from a checkpoint's own weights (`ClipTextTransformer`, transformers' names).
 
 OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) are converted to the transformers layout: the fused
 `attn.in_proj_weight` is split into q/k/v, `resblocks` become `encoder.layers`. Every real CLIP
-text tower uses 64-wide attention heads, so the head count is width / 64.
+text tower uses 64-wide attention heads, so the head count is width / 64; OpenAI's CLIP-L uses
+quick_gelu, OpenCLIP exact GELU; all layer norms have eps 1e-5.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..errors import UnsupportedModelError
 from .arch import EncoderSpec
@@ -79,48 +82,115 @@ def hf_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torc
     return out
 
 
-def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32):
-    """A `CLIPTextModel` holding `state` (transformers names), on `device`, in `dtype` (float32; float64 for
-    exact checks)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+# The modules take their tensors as given (no initialisation, no meta device: its first use imports
+# torch's meta registrations, seconds on a busy CPU), under transformers' CLIP names.
+class _Linear(nn.Module):
+    def __init__(self, state: dict[str, torch.Tensor], name: str):
+        super().__init__()
+        self.weight = nn.Parameter(state[name + ".weight"], requires_grad=False)
+        self.bias = nn.Parameter(state[name + ".bias"], requires_grad=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _LayerNorm(_Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)
+
+
+class _Attention(nn.Module):
+    def __init__(self, state: dict[str, torch.Tensor], name: str):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (_Linear(state, f"{name}.{p}_proj")
+                                                                 for p in ("q", "k", "v", "out"))
+        self.num_heads = max(1, self.q_proj.weight.shape[0] // HEAD_WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, w = x.shape
+
+        def heads(proj):
+            return proj(x).view(n, t, self.num_heads, w // self.num_heads).transpose(1, 2)
+
+        # CLIP text towers attend causally, with no padding mask (as ComfyUI and transformers run them)
+        out = F.scaled_dot_product_attention(heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, w))
+
+
+class _MLP(nn.Module):
+    def __init__(self, state: dict[str, torch.Tensor], name: str, quick_gelu: bool):
+        super().__init__()
+        self.fc1, self.fc2 = _Linear(state, name + ".fc1"), _Linear(state, name + ".fc2")
+        self.quick_gelu = quick_gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x) if self.quick_gelu else F.gelu(x))
+
+
+class ClipBlock(nn.Module):
+    """h ← h + out_proj(causal_attention(q, k, v of layer_norm1(h))); h ← h + mlp(layer_norm2(h))."""
+
+    def __init__(self, state: dict[str, torch.Tensor], name: str, quick_gelu: bool):
+        super().__init__()
+        self.layer_norm1, self.layer_norm2 = (_LayerNorm(state, f"{name}.layer_norm{i}") for i in (1, 2))
+        self.self_attn = _Attention(state, name + ".self_attn")
+        self.mlp = _MLP(state, name + ".mlp", quick_gelu)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.layer_norm1(hidden))
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self.token_embedding, self.position_embedding = nn.Module(), nn.Module()
+        self.token_embedding.weight = nn.Parameter(state["embeddings.token_embedding.weight"], requires_grad=False)
+        self.position_embedding.weight = nn.Parameter(state["embeddings.position_embedding.weight"],
+                                                      requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.token_embedding.weight) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class ClipTextTransformer(nn.Module):
+    """CLIP's text tower under transformers' parameter names (`embeddings`, `encoder.layers.i`,
+    `final_layer_norm`), holding only its first `depth` blocks; run block by block (`models.layerwise`).
+    Not transformers' own class: importing transformers' modelling code takes seconds (it pulls
+    torch._dynamo, sympy and scipy), longer than a whole erasure on a GPU."""
+
+    def __init__(self, state: dict[str, torch.Tensor], depth: int, quick_gelu: bool):
+        super().__init__()
+        self.embeddings = _Embeddings(state)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(ClipBlock(state, f"encoder.layers.{i}", quick_gelu) for i in range(depth))
+        self.final_layer_norm = _LayerNorm(state, "final_layer_norm")
+
+
+def block_index(spec: EncoderSpec, key: str) -> int:
+    """Which transformer block a checkpoint key of this encoder belongs to (-1: none)."""
+    marker = "transformer.resblocks." if spec.layout == "open_clip" else "encoder.layers."
+    rest = key[len(spec.prefix):]
+    return int(rest[len(marker):].split(".", 1)[0]) if rest.startswith(marker) else -1
+
+
+def _block(name: str) -> int:
+    """Block of a transformers-named tensor (-1: none)."""
+    return int(name.split(".", 3)[2]) if name.startswith("encoder.layers.") else -1
+
+
+def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], depth: int | None = None,
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ClipTextTransformer:
+    """The text tower holding `state` (transformers names; used as is when already on `device` in `dtype`,
+    tensors of blocks ≥ `depth` ignored), with its first `depth` blocks (default: all)."""
+    depth = spec.layers if depth is None else depth
     try:
-        vocab, width = state["embeddings.token_embedding.weight"].shape
-        positions = state["embeddings.position_embedding.weight"].shape[0]
-        intermediate = state["encoder.layers.0.mlp.fc1.weight"].shape[0]
+        model = ClipTextTransformer({k: v.to(device, dtype) for k, v in state.items() if _block(k) < depth}, depth,
+                                    quick_gelu=spec.layout == "hf")
     except KeyError as exc:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing {exc.args[0]}") from None
-    config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=max(1, width // HEAD_WIDTH),
-        max_position_embeddings=positions,
-        hidden_act="quick_gelu" if spec.layout == "hf" else "gelu",  # OpenAI CLIP vs OpenCLIP
-        layer_norm_eps=1e-5,
-        projection_dim=width,
-        # CLIP's BOS/EOS ids (the config defaults) do not exist in a word-level vocabulary: use its own
-        **({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1} if spec.tokenizer == "word" else {}),
-    )
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    transformer = text_transformer(model)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    missing, _unexpected = transformer.load_state_dict(state, strict=False, assign=True)
-    # transformers < 4.31 (A1111 pins 4.30.2) makes position_ids a persistent buffer; it is rebuilt below.
-    missing = [name for name in missing if not name.endswith("position_ids")]
-    if missing:
-        raise UnsupportedModelError(f"the {spec.name} text encoder is missing weights: {', '.join(missing[:3])}")
-    # Non-persistent buffers were created on the meta device; rebuild them for real.
-    transformer.embeddings.register_buffer("position_ids", torch.arange(positions, device=device).unsqueeze(0), persistent=False)
-    return model.eval().requires_grad_(False)
-
-
-def text_transformer(model):
-    """The module holding embeddings/encoder/final_layer_norm (transformers 4.x nests it in `text_model`)."""
-    return getattr(model, "text_model", model)
+    return model.eval()
 
 
 def pooled_embedding(final_normed: torch.Tensor, lengths, projection: torch.Tensor) -> torch.Tensor:
