@@ -109,16 +109,21 @@ def relative_change(gram_o: torch.Tensor, moved: torch.Tensor, columns: torch.Te
 
 
 def select_epoch(figures: Sequence[Mapping[str, Any]], budget: float = AUTO_PRESERVED_BUDGET) -> int:
-    """epoch=auto: the last epoch whose preserved prompts' K/V change exceeds the UCE step's by at most `budget`.
+    """epoch=auto: the epochs up to the first one whose preserved prompts' K/V change exceeds the UCE step's by
+    more than `budget` are kept; the last of them is returned.
 
     RECE's scripts keep the epoch that erases most while other concepts stay within a tolerance of the UCE
     checkpoint's (objects: other-class accuracy within 0.1 of UCE's). Here both sides come from the model: every
     epoch makes the target less recoverable (the probe's residual grows), and every epoch moves the preserved
     prompts' keys/values further. On ToyWorld each epoch adds 0.6–0.9 % to that change on all four benchmark
-    tasks, and judged preservation held after one epoch but fell after two or three (see the README), so the
-    budget of 1 % keeps one epoch there."""
-    start = figures[0]["preserved_change"]
-    return max(f["epoch"] for f in figures if f["preserved_change"] - start <= budget)
+    tasks, and judged preservation fell at epoch 2 on two of them (stripes 96 → 75 %, red 100 → 92 %) and at
+    epoch 3 on three (see the README), so the budget of 1 % keeps one epoch there."""
+    start, kept = figures[0]["preserved_change"], 0
+    for figure in figures[1:]:
+        if figure["preserved_change"] - start > budget:
+            break
+        kept = figure["epoch"]
+    return kept
 
 
 class RECE(ErasureMethod):
