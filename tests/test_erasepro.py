@@ -200,7 +200,8 @@ def test_more_token_columns_than_the_width_warns_and_stays_finite(tiny_checkpoin
         result = erase(model, "erasepro", Concepts.build(TARGETS), {"token_policy": "all_tokens", "edit_unet": False})
     for key, stages in result.patch.edits.items():
         assert torch.isfinite(result.patch.apply_to(key, model.weight(key)).float()).all()
-    assert result.report["stages"][0]["rank"] < result.report["columns"] == 2 * 77  # the target's and the empty prompt's
+    # the target's and the empty prompt's 77 tokens
+    assert result.report["stages"][0]["rank"] < result.report["columns"] == 2 * 77
 
 
 def test_implicit_variant_start_layer_first_k_and_original_features(tmp_path):

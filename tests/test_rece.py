@@ -9,7 +9,7 @@ import torch
 
 from concept_eraser import Cancelled, CheckpointModel, Concepts, InvalidParameterError, erase
 from concept_eraser.cli import main
-from concept_eraser.methods.rece import original_gram
+from concept_eraser.methods.rece import original_gram, select_epoch
 from concept_eraser.probe import RecoveryProbe
 from concept_eraser.tiny import make_tiny_checkpoint
 
@@ -109,6 +109,30 @@ def test_epoch_zero_is_uce_and_epoch_k_equals_epochs_k(tiny_checkpoints):
 
     with pytest.raises(InvalidParameterError, match="epoch"):
         erase(model, "rece", CONCEPTS, {"epochs": 2, "epoch": 3})
+
+
+def test_epoch_auto_keeps_the_last_epoch_within_the_preserved_budget(sd1_float32):
+    figures = [{"epoch": 0, "preserved_change": 0.02}, {"epoch": 1, "preserved_change": 0.029},
+               {"epoch": 2, "preserved_change": 0.031}, {"epoch": 3, "preserved_change": 0.0295}]
+    assert select_epoch(figures, budget=0.01) == 1 and select_epoch(figures, budget=0.0) == 0
+
+    model = sd1_float32
+    auto = erase(model, "rece", CONCEPTS, {"epochs": 3})
+    chosen = auto.report["epoch_returned"]
+    assert auto.report["epoch_selected"] == "auto" and chosen == select_epoch(auto.report["epochs"])
+    given = erase(model, "rece", CONCEPTS, {"epochs": 3, "epoch": chosen})
+    # the preserved prompts' K/V change of every epoch, recomputed from the weights themselves
+    enc = model.text_encoder.encode(["", "Claude Monet"]).features.double()
+    C_P = enc.reshape(-1, enc.shape[-1]).T
+    for t, figure in enumerate(auto.report["epochs"]):
+        patch = erase(model, "rece", CONCEPTS, {"epochs": 3, "epoch": t}).patch
+        moved = sum((((patch.apply_to(k, model.weight(k)).double() - model.weight(k).double()) @ C_P) ** 2).sum()
+                    for k in model.arch.kv_keys)
+        before = sum(((model.weight(k).double() @ C_P) ** 2).sum() for k in model.arch.kv_keys)
+        assert figure["preserved_change"] == pytest.approx((moved / before).sqrt().item(), rel=1e-3)
+    for key in model.arch.kv_keys:
+        W = model.weight(key)
+        assert torch.equal(auto.patch.apply_to(key, W), given.patch.apply_to(key, W))
 
 
 def run(argv, capsys):

@@ -74,10 +74,11 @@ def test_every_method_runs_through_the_toyworld_adapter(toy_model, method):
 
 @pytest.mark.parametrize("method", ["uce", "rece", "erasepro"])
 def test_a_short_benchmark_at_the_defaults_erases_and_keeps_the_rest(the_judge, one_thread, method):
-    """Each closed-form method at its defaults, judged: RECE's former defaults (5 epochs returned, its UCE step at
-    λ 0.1) kept 26 % of the other shapes in the full benchmark; here they keep 38 %."""
+    """Each closed-form method at its defaults, judged on circle → square (8 samples per set, 8 steps). Measured:
+    preserved 100 % (UCE, ErasePro), 88 % (RECE); RECE's former defaults (5 epochs, the last returned, its UCE
+    step at λ 0.1) kept 0 %, and 5 epochs from the official UCE step 25 %."""
     bench = benchmark.Bench(CHECKPOINT, the_judge, samples=8, seed=0, steps=8)
     results = bench.evaluate(benchmark.TASKS[0], benchmark.runs_for([method]), grid_dir=None)
     before, after = results
     assert before["target"] >= 0.75, before
-    assert after["erased"] >= 0.75 and after["preserved"] >= 0.85, after
+    assert after["erased"] >= 0.75 and after["preserved"] >= 0.75, after
