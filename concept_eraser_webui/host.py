@@ -379,6 +379,7 @@ class Host:
             finally:
                 if id_task:
                     progress.finish_task(id_task)
+                shared.state.textinfo = None  # the WebUI's end() keeps it: "KPOP: preparing" would outlive a failure
                 shared.state.end()
 
     def finish_task(self, id_task: str | None) -> None:

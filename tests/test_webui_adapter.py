@@ -200,6 +200,20 @@ def test_interrupt_during_the_solve_leaves_the_model_as_it_was(a1111):
     assert snapshot(live) == before and not service.session.active
 
 
+def test_a_failed_erase_leaves_no_progress_text_behind(a1111, monkeypatch):
+    webui, service, model, _path, _state = a1111
+
+    def failing(_model, _method, _concepts, _params, progress):
+        progress(0, 10, "KPOP: preparing")
+        assert webui.state.textinfo == "Concept Eraser: KPOP: preparing"
+        raise AttributeError("a solver bug")
+
+    monkeypatch.setattr("concept_eraser_webui.session.solve", failing)
+    with pytest.raises(AttributeError):
+        service.erase(parse_erase(REQUEST))
+    assert webui.state.textinfo is None and webui.state.job == ""
+
+
 def test_interrupt_after_the_solve_writes_nothing(a1111):
     _webui, _service, model, _path, _state = a1111
     live = A1111Model(model)
