@@ -475,3 +475,21 @@ def test_kpop_trains_the_loaded_unet_in_place_and_restores(webui):
     assert SafetensorsReader(saved["path"]).metadata["concept_eraser.format"] == "learned_prompt"
     service.restore()
     assert all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())
+
+
+def test_kpop_trains_forges_weights_in_the_solvers_own_unet(monkeypatch, tmp_path):
+    """Forge's U-Net modules add in place (autograd cannot go through them): KPOP trains Forge's live weights in
+    the solver's LDM U-Net instead; the fake's U-Net is a bare parameter tree that could not run at all."""
+    webui = install_fake_webui(monkeypatch, tmp_path, forge=True)
+    path, state = trainable_sd1_file(webui.ckpt_dir)
+    obj = fake_forge(state, "sd1", checkpoint_info(path, "cd" * 32))
+    webui.sd_models.model_data.sd_model = obj
+    service = Service(Host("forge"))
+    unet = obj.forge_objects_original.unet.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    params = {"steps": 2, "ddim_steps": 2, "prompt_size": 1, "resolution": 64, "lr": 1e-3}
+    service.erase(parse_erase({"method": "kpop", "erase": "van gogh", "params": params}))
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(".attn2." in k for k in changed)
+    service.restore()
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
