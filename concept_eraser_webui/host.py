@@ -303,17 +303,28 @@ class ForgeModel:
                           lambda resolution: self.denoiser(arch, resolution))
 
     def denoiser(self, arch: ArchSpec, resolution: int | None) -> ModuleDenoiser:
-        """Forge's U-Net (the original patcher's `diffusion_model`), loaded by Forge's memory manager; its
-        schedule from the predictor's sigmas (ᾱ = 1 / (σ² + 1))."""
+        """Forge's U-Net weights (the original patcher's `diffusion_model`, loaded by Forge's memory manager) in
+        the solver's own LDM U-Net: Forge's inference-only modules add in place (`x += n` in its transformer
+        blocks), which autograd cannot differentiate. Its schedule from the predictor's sigmas (ᾱ = 1 / (σ² + 1))."""
         from backend import memory_management
+
+        from concept_eraser.models.unet import LDMUNet, config_from_shapes
 
         memory_management.load_model_gpu(self.unet_patcher)
         model = self.unet_patcher.model
         predictor = model.predictor
         prediction = "v" if "v" in str(getattr(predictor, "prediction_type", "eps")).lower() else "eps"
-        unet = model.diffusion_model
+        weights = dict(model.diffusion_model.named_parameters())
+        try:
+            with torch.device("meta"):  # built empty, then given Forge's tensors (no copy)
+                unet = LDMUNet(config_from_shapes({n: tuple(w.shape) for n, w in weights.items()}, arch.family))
+            # frozen first: Forge's tensors are inference tensors, which cannot become parameters requiring grad
+            unet.requires_grad_(False).eval()
+            unet.load_state_dict(weights, strict=True, assign=True)
+        except (KeyError, ValueError, StopIteration, RuntimeError) as exc:
+            raise UnsupportedModelError(f"Forge's U-Net cannot be rebuilt for training: {str(exc)[:300]}") from None
         return ldm_denoiser(unet, "model.diffusion_model.", arch, resolution, prediction,
-                            self.unet_patcher.load_device, next(unet.parameters()).dtype,
+                            self.unet_patcher.load_device, next(iter(weights.values())).dtype,
                             alphas_from_sigmas(predictor.sigmas))
 
 
@@ -377,6 +388,7 @@ class Host:
             finally:
                 if id_task:
                     progress.finish_task(id_task)
+                shared.state.textinfo = None  # the WebUI's end() keeps it: "KPOP: preparing" would outlive a failure
                 shared.state.end()
 
     def finish_task(self, id_task: str | None) -> None:

@@ -200,6 +200,20 @@ def test_interrupt_during_the_solve_leaves_the_model_as_it_was(a1111):
     assert snapshot(live) == before and not service.session.active
 
 
+def test_a_failed_erase_leaves_no_progress_text_behind(a1111, monkeypatch):
+    webui, service, model, _path, _state = a1111
+
+    def failing(_model, _method, _concepts, _params, progress):
+        progress(0, 10, "KPOP: preparing")
+        assert webui.state.textinfo == "Concept Eraser: KPOP: preparing"
+        raise AttributeError("a solver bug")
+
+    monkeypatch.setattr("concept_eraser_webui.session.solve", failing)
+    with pytest.raises(AttributeError):
+        service.erase(parse_erase(REQUEST))
+    assert webui.state.textinfo is None and webui.state.job == ""
+
+
 def test_interrupt_after_the_solve_writes_nothing(a1111):
     _webui, _service, model, _path, _state = a1111
     live = A1111Model(model)
@@ -461,3 +475,21 @@ def test_kpop_trains_the_loaded_unet_in_place_and_restores(webui):
     assert SafetensorsReader(saved["path"]).metadata["concept_eraser.format"] == "learned_prompt"
     service.restore()
     assert all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())
+
+
+def test_kpop_trains_forges_weights_in_the_solvers_own_unet(monkeypatch, tmp_path):
+    """Forge's U-Net modules add in place (autograd cannot go through them): KPOP trains Forge's live weights in
+    the solver's LDM U-Net instead; the fake's U-Net is a bare parameter tree that could not run at all."""
+    webui = install_fake_webui(monkeypatch, tmp_path, forge=True)
+    path, state = trainable_sd1_file(webui.ckpt_dir)
+    obj = fake_forge(state, "sd1", checkpoint_info(path, "cd" * 32))
+    webui.sd_models.model_data.sd_model = obj
+    service = Service(Host("forge"))
+    unet = obj.forge_objects_original.unet.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    params = {"steps": 2, "ddim_steps": 2, "prompt_size": 1, "resolution": 64, "lr": 1e-3}
+    service.erase(parse_erase({"method": "kpop", "erase": "van gogh", "params": params}))
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(".attn2." in k for k in changed)
+    service.restore()
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())

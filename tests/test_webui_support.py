@@ -423,7 +423,10 @@ def fake_forge(state: dict[str, torch.Tensor], family: str, info) -> SimpleNames
             p.requires_grad_(False)
     kmodel.lora_loader = FakeLoraLoader(kmodel)
     joint.lora_loader = FakeLoraLoader(joint)
-    unet = SimpleNamespace(model=kmodel, offload_device=torch.device("cpu"))
+    # Forge's KModel predictor: the SD schedule as sigmas
+    kmodel.predictor = SimpleNamespace(prediction_type="eps",
+                                       sigmas=((1 - sd_alphas_cumprod()) / sd_alphas_cumprod()).sqrt())
+    unet = SimpleNamespace(model=kmodel, offload_device=torch.device("cpu"), load_device=torch.device("cpu"))
     clip = SimpleNamespace(cond_stage_model=joint, patcher=SimpleNamespace(model=joint))
     objects = SimpleNamespace(unet=unet, clip=clip)
     obj = ForgeEngineObject(forge_objects=objects, forge_objects_original=objects, sd_checkpoint_info=info,
