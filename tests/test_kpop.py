@@ -180,15 +180,15 @@ def test_deterministic_and_prompt_returned(toyworld):
 
 
 def test_a_short_toyworld_run_lowers_the_target_and_keeps_the_others(toyworld):
-    """ToyWorld, judged: 200 steps (a ToyWorld-sized learning rate; the paper's 1e-5 is for SD) take "circle"
-    prompts from showing circles nearly always to clearly less often, while the other shapes stay."""
+    """ToyWorld, judged, at the benchmark's KPOP settings (200 steps, a ToyWorld-sized learning rate — the paper's
+    1e-5 is for SD — five wordings of the concept): "circle" prompts show circles clearly less often (the
+    benchmark measured 23 % erased), the other shapes stay."""
     from concept_eraser.toyworld import judge, world
-    from concept_eraser.toyworld.benchmark import prompts_for
+    from concept_eraser.toyworld.benchmark import KPOP_SETTINGS, prompts_for
     from concept_eraser.toyworld.pipeline import ToyWorldPipeline
 
     the_judge = judge.load()
-    result = erase(toyworld, "kpop", Concepts.build(["circle"]),
-                   {"steps": 200, "lr": 2e-3, "prompt_lr": 1e-2, "ddim_steps": 20})
+    result = erase(toyworld, "kpop", Concepts.build(["circle"], ["square"]), KPOP_SETTINGS)
 
     def shown(pipe, shapes, n):
         rows = [r for s in shapes for r in prompts_for("shape", s, n // len(shapes))]
@@ -206,6 +206,7 @@ def test_a_short_toyworld_run_lowers_the_target_and_keeps_the_others(toyworld):
 @pytest.mark.parametrize("name, value", [
     ("steps", 0), ("lr", 0), ("prompt_lr", -1), ("lam", 0), ("injection", "prepend"), ("inject_blocks", "down"),
     ("train", "everything"), ("prompt_size", 0), ("batch", 0), ("resolution", 18), ("ddim_steps", 1),
+    ("latents_per_trajectory", 0), ("wordings", "a photo of circles"), ("preserve_weight", -1),
 ])
 def test_bad_parameters_name_the_field(toyworld, name, value):
     with pytest.raises(InvalidParameterError) as err:
