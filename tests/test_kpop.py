@@ -346,7 +346,7 @@ def test_without_torch_amp_grad_scaler(toyworld, monkeypatch):
     """torch < 2.3 (A1111 1.10 ships 2.1.2) has no torch.amp.GradScaler, only torch.cuda.amp.GradScaler."""
     from concept_eraser.methods.kpop import grad_scaler
 
-    monkeypatch.delattr(torch.amp, "GradScaler")
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
     scaler = grad_scaler(torch.device("cpu"), enabled=True)
     assert isinstance(scaler, torch.cuda.amp.GradScaler) and not scaler.is_enabled()
     assert erase(toyworld, "kpop", Concepts.build(["circle"]), {**QUICK, "steps": 1}).patch.edits
