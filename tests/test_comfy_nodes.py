@@ -186,7 +186,7 @@ def test_erase_inputs_are_the_declared_params(host):
                 assert kind == "BOOLEAN" and options["default"] is p.default
             elif p.choices:
                 assert kind == list(p.choices) and options["default"] == p.default
-            elif p.nullable:
+            elif p.nullable or p.kind is str:  # free text (e.g. expand_exclude) or "auto" = the rule
                 assert kind == "STRING" and options["default"] == ("auto" if p.default is None else str(p.default))
             else:
                 assert kind == ("INT" if p.kind is int else "FLOAT") and options["default"] == p.default

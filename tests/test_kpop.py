@@ -182,7 +182,9 @@ def test_deterministic_and_prompt_returned(toyworld):
 def test_a_short_toyworld_run_lowers_the_target_and_keeps_the_others(toyworld):
     """ToyWorld, judged, at the benchmark's KPOP settings (200 steps, a ToyWorld-sized learning rate — the paper's
     1e-5 is for SD — five wordings of the concept): "circle" prompts show circles clearly less often (the
-    benchmark measured 23 % erased), the other shapes stay."""
+    benchmark measured 23 % erased), the other shapes stay (measured 98 % preserved, 48 samples; here 25 samples, where
+    one wrong shape is 4 points and the benchmark's 47/48 still allows a true rate near 0.9, so the bound is before −
+    0.15: three misses pass, a KPOP that harms the others shows four or more)."""
     from concept_eraser.toyworld import judge, world
     from concept_eraser.toyworld.benchmark import KPOP_SETTINGS, prompts_for
     from concept_eraser.toyworld.pipeline import ToyWorldPipeline
@@ -200,7 +202,7 @@ def test_a_short_toyworld_run_lowers_the_target_and_keeps_the_others(toyworld):
     target_before, target_after = shown(before, ["circle"], 24), shown(after, ["circle"], 24)
     others_before, others_after = shown(before, others, 25), shown(after, others, 25)
     assert target_before >= 0.9 and target_after <= target_before - 0.15, (target_before, target_after)
-    assert others_after >= others_before - 0.1, (others_before, others_after)
+    assert others_after >= others_before - 0.15, (others_before, others_after)
 
 
 @pytest.mark.parametrize("name, value", [

@@ -96,9 +96,11 @@ def test_pooled_edit_is_the_ridge_optimum_and_touches_only_the_pooled_columns(so
 
 def test_pooled_edit_follows_a_text_encoder_edit(source, tmp_path):
     """After ErasePro the target's and the preserved prompts' pooled embeddings come from the edited
-    text encoder; the anchors (W_o P_G, W_o P_P°) from the original."""
+    text encoder; the anchors (W_o P_G, W_o P_P°) from the original. preserve_empty off: ErasePro holds the
+    preserved prompts' features exactly, so only then does the empty prompt (which the pooled edit always
+    preserves) move."""
     model = CheckpointModel(source)
-    values = {"pooled_edit": True, "token_policy": "prompt_tokens", "feature_dtype": "float64"}
+    values = {"pooled_edit": True, "token_policy": "prompt_tokens", "feature_dtype": "float64", "preserve_empty": False}
     result = erase(model, "erasepro", Concepts.build(TARGETS, GUIDES, PRESERVE), values)
     before, after = read(source), read(save_checkpoint(model, result.patch, tmp_path / "erased.safetensors"))
     width = model.arch.encoders[1].width

@@ -61,7 +61,8 @@ number for ``mu`` overrides the search. ``iterations`` 500 is a cap (convergence
 ``start = uce`` (the μ = 0 optimum).
 
 CSR costs a value and a column index (int16) per non-zero, so below ~50 % sparsity it is larger than
-the dense matrix (the paper notes the same); checkpoints are written dense either way.
+the dense matrix (the paper notes the same); checkpoints are written dense either way, and patch files hold the
+change W − W_o (float32, so a patch stays a change on another checkpoint): the storage figures are the sparse form's.
 
 The result is a sparse W per matrix (`SparseEdit`: only the non-zeros are stored). The report gives
 per matrix and in total the sparsity (also per width), the objective F before and after, the passes, Newton
@@ -416,7 +417,7 @@ class SPACE(ErasureMethod):
     name = "space"
     title = "SPACE"
     summary = ("Sparse cross-attention erasure: UCE's loss plus an L1 penalty on the weights, solved to a certified "
-               "optimum; sparse K/V (smaller files), stronger on SDXL")
+               "optimum; sparse K/V, stronger on SDXL")
     params = SPACE_PARAMS
 
     def run(
