@@ -132,7 +132,7 @@ class DeltaEdit:
         return tuple(self.delta.shape)
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(torch.promote_types(weight.dtype, self.delta.dtype), torch.float32)
+        dtype = compute_dtype(weight.dtype, self.delta.dtype)
         return (weight.to(dtype) + self.delta.to(weight.device, dtype)).to(weight.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -198,7 +198,7 @@ class ErasurePatch:
                 edits[key] = stages
                 continue
             base = weight(key)
-            dtype = torch.promote_types(base.dtype, torch.float32)
+            dtype = compute_dtype(base.dtype)
             delta = self.apply_to(key, base).to(dtype) - base.to(dtype)
             check_finite(key, delta)
             edits[key] = (DeltaEdit(delta.cpu()),)

@@ -161,6 +161,22 @@ def test_fp8_checkpoints_are_solved_in_float32_and_written_back_in_fp8(tmp_path)
                                    rtol=0.125, atol=2 ** -9)
 
 
+def test_fp8_patches_of_dense_edits_are_saved_and_applied_as_changes(tmp_path):
+    """SPACE's edits are stored as W − W_o in float32 (fp8 has no dtype promotion in torch): the saved patch,
+    applied to the same fp8 model, gives what the erase gives, and its delta equals the float32 difference."""
+    sd = {k: v.float().to(torch.float8_e4m3fn) for k, v in tiny_state_dict("sd1").items()}
+    fp8 = write_safetensors(tmp_path / "fp8.safetensors", sd)
+    model = CheckpointModel(fp8)
+    result = erase(model, "space", Concepts.build(["Van Gogh"]), {"iterations": 5})
+    relative = result.patch.relative(model.weight)
+    for key, (stage,) in relative.edits.items():
+        assert stage.kind == "delta" and stage.delta.dtype == torch.float32
+        expected = result.patch.apply_to(key, model.weight(key)).float() - model.weight(key).float()
+        assert torch.equal(stage.delta, expected)
+        assert torch.equal(relative.apply_to(key, model.weight(key)).float(),
+                           result.patch.apply_to(key, model.weight(key)).float())
+
+
 @pytest.mark.filterwarnings("ignore:the erasure changed no weight")  # also said by rcond=1, seen above
 def test_no_op_erasures_are_warned_about(tiny_checkpoints, tmp_path, capsys):
     sd1 = tiny_checkpoints["sd1"]
