@@ -200,7 +200,7 @@ def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite:
     steps = model.prior_steps() + patch.steps
     full = ErasurePatch(patch.architecture, patch.edits, steps)
     meta = provenance_metadata(full, "checkpoint", reader.metadata)
-    meta[META_PREFIX + "source_sha256"] = reader.sha256()  # the file these tensors were copied from
+    meta[META_PREFIX + "source_sha256"] = model.sha256()  # the file these tensors were copied from
     title = ERASED_SUFFIX.sub("", reader.metadata.get("modelspec.title", model.path.stem))
     meta["modelspec.title"] = f"{title} (erased: {meta[META_PREFIX + 'erased']})"
     if model.arch.modelspec_architecture and "modelspec.architecture" not in meta:
