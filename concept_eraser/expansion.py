@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .concepts import Concepts
+from .concepts import Concepts, same_prompt
 from .editable import EditableModel, Progress
 from .errors import InvalidParameterError
 from .models.arch import EncoderSpec
@@ -108,11 +108,7 @@ def describe_expansion(report: Mapping[str, Any]) -> str:
 
 
 def parse_exclude(text: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(_norm(t) for t in re.split(r"[,\n]", text or "") if t.strip()))
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
+    return tuple(dict.fromkeys(same_prompt(t) for t in re.split(r"[,\n]", text or "") if t.strip()))
 
 
 def with_expansion(model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
@@ -203,10 +199,10 @@ def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequen
     start = time.perf_counter()
     spec = model.arch.encoders[0]
     vocab = _vocabulary(spec)
-    vetoed_texts = {_norm(t) for t in exclude}
+    vetoed_texts = {same_prompt(t) for t in exclude}
     target_words = {t: [w for w in re.findall(r"\S+", t)] for t in concepts.targets}
     kept = tuple(dict.fromkeys(concepts.preserve + concepts.guides + ("",)))
-    known = {_norm(t) for t in concepts.targets + concepts.preserve + concepts.guides}
+    known = {same_prompt(t) for t in concepts.targets + concepts.preserve + concepts.guides}
 
     singles: dict[str, list[str]] = {}  # target word → candidate words
     for words in target_words.values():
@@ -240,7 +236,7 @@ def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequen
         for text in (t.format(target) for t in TEMPLATES):
             if _spellable(spec, text):
                 forms.setdefault(text, target)
-    forms = {t: c for t, c in forms.items() if _norm(c) not in known and _norm(t) not in known}
+    forms = {t: c for t, c in forms.items() if same_prompt(c) not in known and same_prompt(t) not in known}
     feats.update(_features(model, list(forms), progress))
     candidates = sorted(forms)
     progress(0, 1, "expansion: ranking")
@@ -261,7 +257,7 @@ def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequen
         wording = Wording(text, target, float(to_targets[i, t]), float(relative_kept[k] - to_targets[i, t]), kept[k])
         if wording.margin <= 0 or wording.margin + wording.distance < separation * wording.distance:
             continue
-        slot = (target, _norm(forms[text]))
+        slot = (target, same_prompt(forms[text]))
         if slot not in best or (wording.distance, text) < (best[slot].distance, best[slot].text):
             best[slot] = wording
     added, vetoed = [], []
@@ -271,7 +267,7 @@ def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequen
         for w in ranked:
             if taken == count:
                 break
-            if _norm(w.text) in vetoed_texts or _norm(forms[w.text]) in vetoed_texts:
+            if same_prompt(w.text) in vetoed_texts or same_prompt(forms[w.text]) in vetoed_texts:
                 vetoed.append(w)
                 continue
             added.append(w)
