@@ -41,7 +41,7 @@ from concept_eraser.denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumpro
 from concept_eraser.encoding import EncodedPrompts  # noqa: E402
 from concept_eraser.methods import get_method  # noqa: E402
 from concept_eraser.methods.kpop import Trainer, trainable_keys  # noqa: E402
-from concept_eraser.models.arch import UNET_PREFIX  # noqa: E402
+from concept_eraser.models.arch import UNET_PREFIX, ArchSpec, cross_attention_maps  # noqa: E402
 from concept_eraser.models.unet import LDMConfig, LDMUNet  # noqa: E402
 from concept_eraser.params import resolve  # noqa: E402
 from concept_eraser.toyworld.benchmark import KPOP_SETTINGS  # noqa: E402
@@ -68,8 +68,8 @@ class ShapedModel:
 
     def __init__(self, denoiser: ModuleDenoiser):
         self.device = denoiser.device
-        keys = [k for k in denoiser.parameters() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
-        self.arch = type("Arch", (), {"kv_keys": tuple(keys)})()
+        shapes = {k: tuple(w.shape) for k, w in denoiser.parameters().items()}
+        self.arch = ArchSpec("sd1", "synthetic", SD15.context_dim, cross_attention_maps(shapes), ())
         self.text_encoder = RandomText()
 
 

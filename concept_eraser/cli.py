@@ -206,11 +206,11 @@ def describe_file(path: str, field: str = "file") -> dict:
             arch = model.arch
             info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
                         context_dim=arch.context_dim, summary=arch.describe(),
-                        cross_attention={k: list(reader.infos[k].shape) for k in arch.kv_keys},
+                        cross_attention={k: list(reader.infos[k].shape) for k in arch.map_keys()},
                         text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
                                         "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
                                         (", final norm" if e.final_norm else "")} for e in arch.encoders],
-                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.kv_keys}))
+                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.map_keys()}))
         info["erasures"] = list(read_steps(meta, field))
     return info
 
@@ -257,7 +257,7 @@ def cmd_apply(args) -> int:
         model = CheckpointModel(args.model)
     with blame("patch"):
         patch = load_patch(args.patch)
-        check_fits(patch, model.arch.family, model.arch.kv_keys, model.weight,
+        check_fits(patch, model.arch, model.weight,
                    lambda key: model.reader.infos[key].shape if key in model.reader else None, args.force, "patch",
                    "pass --force")
         # Provenance: the steps were solved on the patch's source; record what they were applied to, and the force.

@@ -184,7 +184,7 @@ def _features(model: EditableModel, texts: Sequence[str], progress: Progress) ->
 def _metric_root(model: EditableModel) -> torch.Tensor:
     """G^½ for G = Σ_l W_lᵀ W_l over every cross-attention K/V: ‖G^½ c‖ = the K/V outputs' joint norm."""
     gram = None
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         w = model.weight(key).double()
         gram = w.T @ w if gram is None else gram + w.T @ w
     values, vectors = torch.linalg.eigh(gram)

@@ -91,7 +91,7 @@ class Service:
             raise RequestError("model", "no checkpoint is loaded", 409)
         self.session.reconcile(live, self.host.live_for)
         arch = host_arch(live.tensors)
-        wanted = list(keys) if keys else list(dict.fromkeys(list(arch.kv_keys) + list(self.session.backups)))
+        wanted = list(keys) if keys else list(dict.fromkeys(list(arch.map_keys()) + list(self.session.backups)))
         unknown = [k for k in wanted if k not in live.tensors]
         if unknown:
             raise RequestError("keys", f"{unknown[0]} is not a tensor of the loaded model")

@@ -161,7 +161,7 @@ class ApplyErasurePatch:
             # a LoRA's tensors are checked by the host's key mapping; its source like a patch's
             patch = load_patch(path, "erasure_name") if kind == "patch" else ErasurePatch(
                 meta.get(META_PREFIX + "architecture", ""), {}, tuple(steps))
-            check_fits(patch, adapter.arch.family, adapter.arch.kv_keys, adapter.weight, _shape_of(adapter),
+            check_fits(patch, adapter.arch, adapter.weight, _shape_of(adapter),
                        bool(force), "erasure_name", "set force to true")
             if kind == "patch":
                 new_model, new_clip = self._apply_patch(model, clip, adapter, patch, strength)

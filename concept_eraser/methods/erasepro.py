@@ -65,10 +65,11 @@ from ..concepts import Concepts
 from ..editable import EditableModel, Progress
 from ..errors import InvalidParameterError
 from ..linalg import default_rcond, right_update_edits, zero_residual_factors
+from ..models.arch import CLIP_WINDOW
 from ..models.layerwise import LayerwiseEncoder, blocks_reaching_unet
 from ..params import Param
 from ..patch import Edit, LowRankEdit, compute_dtype
-from ..tokenizer import WINDOW, tokenizer_for
+from ..tokenizer import tokenizer_for
 from .base import ErasureMethod, MethodOutput
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -83,7 +84,7 @@ ERASEPRO_PARAMS = (
           "(all 77), prompt_tokens (BOS, words, EOS of both prompts), first_k (the first k; the paper's "
           "implicit-nudity variants)", choices=TOKEN_POLICIES),
     Param("k", int, 5, "with token_policy=first_k: how many leading tokens, BOS included (paper: -w 5, -s 8)",
-          min=1, max=WINDOW, step=1),
+          min=1, max=CLIP_WINDOW, step=1),
     Param("progressive", bool, True, "target features of each block computed through the blocks already edited "
           "(the paper's Algorithm 1); false: from the original model (its Algorithm 2, used for implicit nudity)"),
     Param("edit_unet", bool, True, "also edit the U-Net cross-attention K/V, the last stage of the progression"),
@@ -99,7 +100,7 @@ ERASEPRO_PARAMS = (
 )
 
 
-def token_positions(policy: str, k: int, length_target: int, length_anchor: int, window: int = WINDOW) -> list[int]:
+def token_positions(policy: str, k: int, length_target: int, length_anchor: int, window: int = CLIP_WINDOW) -> list[int]:
     """Positions (shared by target and anchor) whose features form the constraint columns."""
     if policy == "all_tokens":
         return list(range(window))
@@ -153,7 +154,7 @@ class ErasePro(ErasureMethod):
 
         edits: dict[str, tuple[Edit, ...]] = {}
         stages: list[dict] = []
-        total = blocks + (len(model.arch.kv_keys) if values["edit_unet"] else 0)
+        total = blocks + (len(model.arch.map_keys()) if values["edit_unet"] else 0)
         done = 0
         context_c, context_a = [], []
         clock, building = time.perf_counter(), 0.0
@@ -202,7 +203,7 @@ class ErasePro(ErasureMethod):
             X = _columns(torch.cat(context_c, -1), rows_c, positions)
             Y = _columns(torch.cat(context_a, -1), rows_a, positions)
             unet_edits, info = self._solve(
-                model, model.arch.kv_keys, X, Y, values,
+                model, model.arch.map_keys(), X, Y, values,
                 lambda i, n: progress(done + i, total, "editing cross-attention"))
             stages.append({"stage": "unet cross-attention K/V", **info})
             edits.update({key: (edit,) for key, edit in unet_edits.items()})

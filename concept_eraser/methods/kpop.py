@@ -246,7 +246,7 @@ class Trainer:
             def init():
                 return (torch.randn(tokens, dim, generator=self.gen) * scale).to(device).requires_grad_(True)
 
-            layers = injection_keys(model.arch.kv_keys, values["inject_blocks"])
+            layers = injection_keys(model.arch.map_keys(), values["inject_blocks"])
             self.prompt = PromptInjection(layers, init(), init(), values["injection"])
             self.prompt_optimizer = torch.optim.Adam([self.prompt.k, self.prompt.v], lr=values["prompt_lr"])
         # fp16 hosts: scale the loss so small gradients survive the half-precision backward pass

@@ -151,7 +151,7 @@ class RECE(ErasureMethod):
         uce_s_p = preserve_scale_for({"preserve_scale": values["uce_preserve_scale"]}, n_preserved)
         # Probe figures over each target's positions 1-76 (BOS is shared by all prompts; see `probe`).
         groups = {t: [j for j, o in enumerate(every.erase_owner) if o == i][1:] for i, t in enumerate(concepts.targets)}
-        keys = model.arch.kv_keys
+        keys = model.arch.map_keys()
         steps, done = 2 * epochs + 3, 0
 
         def tick(message: str):

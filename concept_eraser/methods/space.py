@@ -438,7 +438,7 @@ class SPACE(ErasureMethod):
         if values["start"] == "uce":
             uce = uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)  # float64
 
-        weights = {key: model.weight(key) for key in model.arch.kv_keys}
+        weights = {key: model.weight(key) for key in model.arch.map_keys()}
         reached = None
         if values["mu"] is None:
             progress(0, 1, f"choosing μ for {values['sparsity']:.0%} zeros")

@@ -60,7 +60,7 @@ class UCE(ErasureMethod):
         scale_p = preserve_scale_for(values, n_preserved)
         A, B = uce_factors(columns.erase, columns.guide, columns.preserve, values["lam"], values["erase_scale"],
                            scale_p, SOLVE_DTYPES[values["solve_dtype"]])
-        edits = right_update_edits(WeightView(model, model.arch.kv_keys), A, B,
+        edits = right_update_edits(WeightView(model, model.arch.map_keys()), A, B,
                                    lambda i, n: progress(i, n, "editing cross-attention"))
         return MethodOutput(
             {k: (e,) for k, e in edits.items()},
