@@ -625,15 +625,17 @@ def test_report_node(host, uce):
     # every glyph of the plot's title exists in the font it is drawn with (no boxes)
     from PIL import Image, ImageDraw
 
-    views = pack_module("nodes.views")
-    font = views._font(13)
+    from concept_eraser.report import font as report_font
+    from concept_eraser.report import plot_title
+
+    font = report_font(13)
 
     def drawn(char):
         image = Image.new("L", (40, 30))
         ImageDraw.Draw(image).text((2, 2), char, font=font, fill=255)
         return image.tobytes()
 
-    title = views.plot_title(uce["erasure"])
+    title = plot_title(uce["erasure"].report)
     assert [c for c in title if drawn(c) == drawn("\uffff")] == [], title
     assert plot.shape == (1, 420, 960, 3) and 0 <= plot.min() and plot.max() <= 1 and plot.std() > 0.05
     assert out["ui"]["text"] == [text] and out["ui"]["images"][0]["type"] == "temp"
