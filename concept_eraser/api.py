@@ -56,7 +56,7 @@ def erase(
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
     report = {
         "method": chosen.name,
-        "params": values,
+        "params": dict(values),
         "concepts": concepts.as_dict(),
         "architecture": model.arch.family,
         "source": source,

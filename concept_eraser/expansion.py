@@ -48,7 +48,7 @@ from .concepts import Concepts, same_prompt
 from .editable import EditableModel, Progress
 from .errors import InvalidParameterError
 from .models.arch import EncoderSpec
-from .params import Param
+from .params import Param, Values
 from .tokenizer import WordTokenizer, clip_tokenizer, tokenizer_for
 
 EXPANSION_PARAMS = (
@@ -111,13 +111,13 @@ def parse_exclude(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(same_prompt(t) for t in re.split(r"[,\n]", text or "") if t.strip()))
 
 
-def with_expansion(model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+def with_expansion(model: EditableModel, concepts: Concepts, values: Values,
                    progress: Progress) -> tuple[Concepts, Expansion | None]:
     """`concepts` with the expansion's wordings added when `expand` > 0; called by `api.erase`."""
-    if not values.get("expand"):
+    if not values.expand:
         return concepts, None
-    expansion = expand(model, concepts, values["expand"], parse_exclude(values["expand_exclude"]),
-                       values["expand_separation"], progress)
+    expansion = expand(model, concepts, values.expand, parse_exclude(values.expand_exclude),
+                       values.expand_separation, progress)
     return expansion.concepts, expansion
 
 

@@ -25,7 +25,7 @@ The update has rank ≤ #targets (+ #preserved when the text encoder changed): a
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
@@ -35,7 +35,7 @@ from .errors import EraserError, InvalidParameterError
 from .linalg import right_update_edits, uce_factors
 from .models.arch import POOLED, ArchSpec
 from .models.layerwise import LayerwiseEncoder
-from .params import Param
+from .params import Param, Values
 from .patch import Edit
 
 POOLED_PARAMS = (
@@ -49,9 +49,9 @@ POOLED_PARAMS = (
 )
 
 
-def check_pooled(arch: ArchSpec, values: Mapping[str, Any]) -> None:
+def check_pooled(arch: ArchSpec, values: Values) -> None:
     """Refuse `pooled_edit` on a model without a pooled path, before any work."""
-    if not values.get("pooled_edit"):
+    if not values.pooled_edit:
         return
     if not arch.map_keys(POOLED):
         raise InvalidParameterError(
@@ -84,7 +84,7 @@ def pooled_embeddings(model: EditableModel, prompts: tuple[str, ...],
     return original.float(), encoder.encode(prompts)[1].float()
 
 
-def pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+def pooled_edit(model: EditableModel, concepts: Concepts, values: Values,
                 method_edits: Mapping[str, tuple[Edit, ...]], progress: Progress) -> tuple[dict[str, Edit], dict]:
     """The edit of every map that reads the pooled embedding (SDXL: label_emb) for `concepts`, on top of the
     method's `method_edits`; with report figures over those maps' pooled columns."""
@@ -100,7 +100,7 @@ def pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, A
     p_e, p_g = cols(current, concepts.targets), cols(original, concepts.guides)
     p_p, p_p0 = cols(current, preserve), cols(original, preserve)
     moved = not torch.equal(p_p, p_p0)
-    A, B = uce_factors(p_e, p_g, p_p, values["pooled_lam"], 1.0, values["pooled_preserve_scale"], torch.float64,
+    A, B = uce_factors(p_e, p_g, p_p, values.pooled_lam, 1.0, values.pooled_preserve_scale, torch.float64,
                        preserve_target=p_p0 if moved else None)
     edits, old, new = {}, [], []
     for text_map in model.arch.maps:
@@ -130,9 +130,9 @@ def pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, A
     }
 
 
-def with_pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, Any], output, progress: Progress):
+def with_pooled_edit(model: EditableModel, concepts: Concepts, values: Values, output, progress: Progress):
     """`output` (a MethodOutput) plus the pooled edit when `pooled_edit` is set; called by `api.erase`."""
-    if not values.get("pooled_edit"):
+    if not values.pooled_edit:
         return output
     extra, figures = pooled_edit(model, concepts, values, output.edits, progress)
     edits = dict(output.edits)
