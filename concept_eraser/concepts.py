@@ -16,8 +16,8 @@ Token policies (which columns of the 77 × d feature matrix represent a prompt):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class Concepts:
     preserve: tuple[str, ...]
 
     @classmethod
-    def build(cls, targets: Sequence[str], guides: Sequence[str] = (), preserve: Sequence[str] = ()) -> "Concepts":
+    def build(cls, targets: Sequence[str], guides: Sequence[str] = (), preserve: Sequence[str] = ()) -> Concepts:
         """Validate user lists. No guide means the empty prompt; one guide is used for every target."""
         targets = tuple(t.strip() for t in targets if t and t.strip())
         guides = tuple(g.strip() for g in guides)

@@ -115,7 +115,7 @@ class Values(Mapping[str, Any]):
         """These values with some of them changed (already converted: no check)."""
         unknown = set(changes) - set(self._values)
         if unknown:
-            raise AttributeError(f"no parameter {sorted(unknown)[0]!r}")
+            raise AttributeError(f"no parameter {min(unknown)!r}")
         return Values({**self._values, **changes})
 
 

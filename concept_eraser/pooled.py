@@ -24,8 +24,8 @@ The update has rank ≤ #targets (+ #preserved when the text encoder changed): a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Mapping
 
 import torch
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar
 
 from ..errors import UnsupportedModelError
 
