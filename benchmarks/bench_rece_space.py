@@ -39,7 +39,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -55,6 +54,7 @@ from concept_eraser.editable import no_progress
 from concept_eraser.encoding import EncodedPrompts
 from concept_eraser.errors import ConvergenceWarning
 from concept_eraser.methods import get_method
+from concept_eraser.models.arch import CONTEXT, ArchSpec, TextMap
 from concept_eraser.params import resolve
 from concept_eraser.patch import ErasurePatch
 from concept_eraser.probe import recoverability
@@ -80,7 +80,8 @@ class SyntheticModel:
 
     def __init__(self, weights: dict[str, torch.Tensor], d: int, device: torch.device):
         self.weights, self.device = weights, device
-        self.arch = SimpleNamespace(kv_keys=tuple(weights), family="synthetic")
+        maps = tuple(TextMap(k, CONTEXT, tuple(w.shape)) for k, w in weights.items())
+        self.arch = ArchSpec("synthetic", "synthetic", d, maps, ())
         self.text_encoder = FakeEncoder(d)
 
     def weight(self, key):
@@ -192,7 +193,7 @@ def bench_arch(arch: str, args, device: torch.device, sync, folder: Path) -> lis
             t0 = time.perf_counter()
             path = write_model(folder, arch, args.quick)
             model = CheckpointModel(path, device)
-            weights = {k: model.weight(k) for k in model.arch.kv_keys}
+            weights = {k: model.weight(k) for k in model.arch.map_keys()}
             n_all, scale = len(weights), 1.0
             print(f"[{arch}] real-size text encoders: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
         note = f" (subset {len(weights)}/{n_all} matrices; times and memory scaled ×{scale:.1f})" if scale != 1 else ""

@@ -49,7 +49,7 @@ def kv_outputs(model, texts):
     """Every K/V matrix times the last word's and the EOS token's features: [n, Σ outputs × 2]."""
     encoded = model.text_encoder.encode(texts)
     columns = torch.stack([encoded.features[i, [max(n - 2, 0), n - 1]] for i, n in enumerate(encoded.lengths)])
-    outputs = [columns.double() @ model.weight(k).double().T for k in model.arch.kv_keys]
+    outputs = [columns.double() @ model.weight(k).double().T for k in model.arch.map_keys()]
     return torch.cat(outputs, dim=-1).flatten(1)
 
 

@@ -88,7 +88,7 @@ from ..concepts import Columns, Concepts
 from ..editable import EditableModel, Progress
 from ..errors import ConvergenceWarning
 from ..linalg import uce_factors
-from ..params import Param
+from ..params import Param, Values
 from ..patch import SparseEdit, check_finite
 from ..safetensors_io import tensor_bytes
 from .base import ErasureMethod, MethodOutput
@@ -425,26 +425,26 @@ class SPACE(ErasureMethod):
     params = SPACE_PARAMS
 
     def run(
-        self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress
+        self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress
     ) -> MethodOutput:
-        lam, s_e, s_p = values["lam"], values["erase_scale"], values["preserve_scale"]
-        iterations, tol = values["iterations"], values["tol"]
-        dtype = SOLVE_DTYPES[values["solve_dtype"]]
+        lam, s_e, s_p = values.lam, values.erase_scale, values.preserve_scale
+        iterations, tol = values.iterations, values.tol
+        dtype = SOLVE_DTYPES[values.solve_dtype]
         progress(0, 1, "encoding prompts")
         columns = gather_columns(model, concepts, values)
         U, V = space_operands(columns, s_e, s_p)
         ops = reduce_operands(U, V)
         uce = None
-        if values["start"] == "uce":
+        if values.start == "uce":
             uce = uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)  # float64
 
-        weights = {key: model.weight(key) for key in model.arch.kv_keys}
+        weights = {key: model.weight(key) for key in model.arch.map_keys()}
         reached = None
-        if values["mu"] is None:
-            progress(0, 1, f"choosing μ for {values['sparsity']:.0%} zeros")
-            mu, reached = auto_mu(weights.values(), ops, lam, uce, values["sparsity"], dtype)
+        if values.mu is None:
+            progress(0, 1, f"choosing μ for {values.sparsity:.0%} zeros")
+            mu, reached = auto_mu(weights.values(), ops, lam, uce, values.sparsity, dtype)
         else:
-            mu = values["mu"]
+            mu = values.mu
         chunks = weight_chunks(weights, CHUNK_ENTRIES.get(model.device.type, CHUNK_ENTRIES["cpu"]))
 
         edits, matrices, groups = {}, {}, {}
@@ -452,11 +452,11 @@ class SPACE(ErasureMethod):
         for done, keys in enumerate(chunks):
             progress(done, len(chunks), f"SPACE on the {weights[keys[0]].shape[0]}-wide matrices")
             W_o = torch.cat([weights[key].to(dtype) for key in keys])
-            if values["solver"] == "newton":
+            if values.solver == "newton":
                 result = newton_l1(W_o, ops, lam, mu, dual_start(W_o, ops, uce), iterations, tol)
             else:
                 start = W_o.clone() if uce is None else torch.addmm(W_o, W_o @ uce[0].to(dtype), uce[1].T.to(dtype))
-                result = fista_l1(W_o, ops, lam, mu, start, iterations, tol, values["restart"])
+                result = fista_l1(W_o, ops, lam, mu, start, iterations, tol, values.restart)
             check_finite(f"the {weights[keys[0]].shape[0]}-wide matrices", result.weights)
             gap += result.gap
             norm2 += result.weights.double().pow(2).sum().item()
@@ -504,7 +504,7 @@ class SPACE(ErasureMethod):
         }
         return MethodOutput(
             {key: (edit,) for key, edit in edits.items()},
-            {"space": {"mu": mu, "mu_sample_sparsity": reached, "solver": values["solver"], "total": totals,
+            {"space": {"mu": mu, "mu_sample_sparsity": reached, "solver": values.solver, "total": totals,
                        "matrices": matrices, "storage": storage, "condition": 1.0 + ops.eig.max().item() / lam,
                        "columns": {"erase": columns.erase.shape[1], "preserve": columns.preserve.shape[1],
                                    "rank": len(ops.eig)}}},
