@@ -20,14 +20,14 @@ is 2.8 GB).
 
     python benchmarks/bench_erasepro.py [--device cpu|cuda] [--quick]
 
---quick uses the tiny text encoders and U-Net (seconds; a smoke test of this script).
+--quick uses the tiny text encoders and U-Net (seconds; a smoke test of this script; a start layer past
+their last block is moved to it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import re
 import sys
 import tempfile
 import time
@@ -37,17 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from concept_eraser import CheckpointModel, Concepts  # noqa: E402
-from concept_eraser.editable import no_progress  # noqa: E402
-from concept_eraser.methods import get_method  # noqa: E402
-from concept_eraser.params import resolve  # noqa: E402
-from concept_eraser.safetensors_io import write_safetensors  # noqa: E402
-from concept_eraser.tiny import tiny_state_dict  # noqa: E402
+from harness import add_common_args, measure_peak, setup_device, write_json
+from synthetic import write_model
 
-from bench_uce import measure_peak, setup_device  # noqa: E402
+from concept_eraser import CheckpointModel, Concepts
+from concept_eraser.editable import no_progress
+from concept_eraser.methods import get_method
+from concept_eraser.models.layerwise import blocks_reaching_unet
+from concept_eraser.params import resolve
 
-FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}
-KEEP_UNET = re.compile(r"^model\.diffusion_model\.(input_blocks\.0\.0\.weight|label_emb\..*|.*attn2\.to_[kv]\.weight)$")
 TARGETS = ["Van Gogh", "Claude Monet", "Salvador Dali", "Greg Rutkowski"]
 
 # (label, number of concepts, guide, parameters)
@@ -60,18 +58,6 @@ CASES = [
 ]
 
 
-def write_model(folder: Path, family: str, quick: bool) -> Path:
-    """Real-size text encoders and K/V (tiny ones with --quick); the rest of the U-Net dropped."""
-    state = tiny_state_dict(FAMILIES[family], seed=0, dtype=torch.float16, text="tiny" if quick else "full",
-                            unet_width=32 if quick else 320)
-    state = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.") or KEEP_UNET.match(k)}
-    path = write_safetensors(folder / f"{family}.safetensors", state, {"modelspec.title": f"ErasePro benchmark {family}"},
-                             overwrite=True)
-    del state
-    gc.collect()
-    return path
-
-
 def run_case(model: CheckpointModel, concepts: Concepts, params: dict, device: torch.device):
     """(seconds, peak bytes above the baseline, report details) of one ErasePro run."""
     method = get_method("erasepro")
@@ -82,10 +68,9 @@ def run_case(model: CheckpointModel, concepts: Concepts, params: dict, device: t
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_common_args(p)
     p.add_argument("--quick", action="store_true", help="tiny text encoders and U-Net: a smoke test")
     p.add_argument("--families", default="sd15,sdxl", help="comma list of sd15, sdxl")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     device, hardware = setup_device(p, args)
     print(f"ErasePro benchmark — torch {torch.__version__}, {device} ({hardware}); "
@@ -99,10 +84,13 @@ def main(argv=None) -> int:
             model = CheckpointModel(path, device)
             print(f"\n{family}: {model.arch.describe()} (file {path.stat().st_size / 1e9:.2f} GB, "
                   f"written in {time.perf_counter() - t0:.0f} s)")
-            run_case(model, Concepts.build(["warm up"]), {"token_policy": "first_k", "k": 2,
-                                                        "start_layer": 64 if not args.quick else 4}, device)
+            deepest = max(blocks_reaching_unet(spec) for spec in model.arch.encoders)  # warm up on one block
+            run_case(model, Concepts.build(["warm up"]), {"token_policy": "first_k", "k": 2, "start_layer": deepest},
+                     device)
             for label, n, guide, params in CASES:
                 concepts = Concepts.build(TARGETS[:n], [guide])
+                if "start_layer" in params:  # the tiny encoders of --quick have fewer blocks
+                    params = {**params, "start_layer": min(params["start_layer"], deepest)}
                 seconds, peak, details = run_case(model, concepts, params, device)
                 phases = details["seconds_by_phase"]
                 row = (family, label, n, details["columns"], seconds, phases["build_text_encoders"],
@@ -122,6 +110,11 @@ def main(argv=None) -> int:
     print("  build TE: rebuilding the text encoders from the checkpoint (fp16 → float32); TE passes: anchor and "
           "progressive passes with the per-block SVDs and q/k/v edits; U-Net: the K/V edits. residual: max over "
           "stages of ‖W X − W_o Y‖/‖W_o Y‖ for the edit as stored (float32 low-rank factors, before fp16 rounding).")
+    write_json(args.json, "erasepro", device, hardware,
+               runs=[{"model": family, "case": label, "concepts": n, "columns": cols, "seconds": total,
+                      "build_text_encoders_seconds": build, "text_encoder_passes_seconds": te, "unet_seconds": unet,
+                      "peak_bytes": peak, "max_residual": residual}
+                     for family, label, n, cols, total, build, te, unet, peak, residual in rows])
     return 0
 
 

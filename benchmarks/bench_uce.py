@@ -37,13 +37,11 @@ on CUDA from torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
-import ctypes
+import functools
 import gc
 import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,69 +49,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from concept_eraser.linalg import right_update_edits, uce_factors  # noqa: E402
-from concept_eraser.models.arch import CLIP_WINDOW
-from concept_eraser.patch import DenseEdit, LowRankEdit  # noqa: E402
-from concept_eraser.tiny import SD_BLOCKS, SDXL_BLOCKS  # noqa: E402
+from harness import add_common_args, best_of, fix_mmap_threshold, make_sync, malloc_trim, setup_device, write_json
+from synthetic import ARCHS, WINDOW, FakeClip, build_weights
 
-# (blocks, K/V width by level, context width)
-ARCHS = {
-    "sd15": (SD_BLOCKS, {0: 320, 1: 640, 2: 1280}, 768),
-    "sdxl": (SDXL_BLOCKS, {0: 640, 1: 1280}, 2048),
-}
+from concept_eraser.linalg import right_update_edits, uce_factors
+from concept_eraser.patch import DenseEdit, LowRankEdit
+
 LAM, ERASE_SCALE = 0.5, 1.0           # UCE's published λ and erase scale
-WINDOW = CLIP_WINDOW                   # CLIP's padded sequence length
-TOKEN_NORM = 27.0                      # typical per-token norm of CLIP text features
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
-
-def build_weights(arch: str, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    blocks, widths, ctx = ARCHS[arch]
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for block, depth, level in blocks:
-        out = widths[level]
-        for j in range(depth):
-            for proj in ("to_k", "to_v"):
-                key = f"model.diffusion_model.{block}.transformer_blocks.{j}.attn2.{proj}.weight"
-                w = (torch.randn(out, ctx, generator=gen) * ctx ** -0.5).to(torch.float16)
-                weights[key] = w.to(device)
-    return weights
-
-
-class FakeClip:
-    """CLIP-like token features (positions × d, float32): the BOS output is the same for every
-    prompt (causal attention), words are fairly independent, EOS and padding share a strong
-    common direction plus a positional and a prompt-dependent part, as in real CLIP outputs."""
-
-    def __init__(self, d: int, seed: int):
-        self.d = d
-        self.gen = torch.Generator().manual_seed(seed)
-        self.bos = self._unit(1)[0]
-        self.pad_base = self._unit(1)[0]
-        self.pos = self._unit(WINDOW)
-
-    def _unit(self, n: int) -> torch.Tensor:
-        x = torch.randn(n, self.d, generator=self.gen)
-        return x / x.norm(dim=1, keepdim=True)
-
-    def encode(self, n_words: int) -> torch.Tensor:
-        """(77, d) features of a prompt of `n_words` tokens: BOS, words, EOS, padding."""
-        n = n_words
-        f = torch.empty(WINDOW, self.d)
-        f[0] = self.bos
-        if n:
-            f[1:n + 1] = 0.4 * self.pad_base + self._unit(n)
-        z = self._unit(1)[0]
-        f[n + 1:] = 0.7 * self.pad_base + 0.35 * self.pos[n + 1:] + 0.45 * z + 0.15 * self._unit(WINDOW - n - 1)
-        f = f / f.norm(dim=1, keepdim=True)
-        scale = TOKEN_NORM * (1 + 0.1 * torch.randn(WINDOW, 1, generator=self.gen)).clamp(0.7, 1.3)
-        return f * scale
-
 
 def build_features(d: int, n_concepts: int, policy: str, seed: int):
     """Per-concept (c_erase, c_guide) column blocks (d × k) and the preserved blocks, as the
@@ -185,88 +133,6 @@ def truth_matrices(weights, keys, concepts, preserve, scale_p, device):
 # Measurement helpers
 # ----------------------------------------------------------------------------------------------
 
-def setup_device(parser, args) -> tuple[torch.device, str]:
-    """The benchmark's device from `--device` / `--threads`, and a line describing the hardware."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return device, hardware
-
-
-def make_sync(device: torch.device):
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def _malloc_trim():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def fix_mmap_threshold() -> bool:
-    """Make glibc serve every allocation above 128 KiB with its own mmap (no dynamic threshold), so
-    freed tensors leave RSS at once and the peak reflects live memory, not the heap's history.
-    Under glibc's default dynamic threshold the per-matrix float32 temporaries end up in the heap,
-    where small long-lived results split the freed holes: the same solve then peaks anywhere from
-    0.15× to 1.8× the SDXL weights depending on what ran before (see --default-malloc)."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1      # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def _rss() -> int:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vmhwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class RssSampler(threading.Thread):
-    def __init__(self, interval: float = 0.002):
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, 0, threading.Event()
-
-    def run(self):
-        while not self._halt.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return max(self.peak, _rss())
-
-
 def edits_bytes(edits) -> int:
     seen, total = set(), 0
     for e in edits.values():
@@ -275,51 +141,6 @@ def edits_bytes(edits) -> int:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
-
-
-def measure_peak(fn, device: torch.device, sample_rss: bool = False):
-    """Run fn() once, its result kept alive to the end. Returns (peak bytes above the memory held
-    before it, by VmHWM or the CUDA allocator; peak by an RSS sampler thread or None; seconds;
-    the result). On CPU, freed heap memory is first returned to the system (malloc_trim) so the
-    baseline RSS is honest; the sampler runs only when asked or when VmHWM cannot be reset."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        result = fn()
-        torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        return torch.cuda.max_memory_allocated(device) - base, None, elapsed, result
-    _malloc_trim()
-    base = _rss()
-    hwm_ok = _reset_hwm()
-    sampler = RssSampler() if sample_rss or not hwm_ok else None
-    if sampler:
-        sampler.start()
-    t0 = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - t0
-    sampled = sampler.stop() - base if sampler else None
-    hwm = _vmhwm() if hwm_ok else None
-    return (hwm - base if hwm is not None else sampled), sampled, elapsed, result
-
-
-def time_ours(fn, sync, device, sample_rss: bool, min_repeats: int = 3, max_seconds: float = 4.0):
-    """Best of up to `min_repeats` runs (one when it already takes > max_seconds). The first run
-    also gives the peak memory and the edits. Returns (best s, runs, peak, sampled, edits)."""
-    peak, sampled, first, edits = measure_peak(fn, device, sample_rss)
-    times = [first]
-    while len(times) < min_repeats and sum(times) <= max_seconds:
-        sync()
-        t0 = time.perf_counter()
-        again = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-        del again
-    return min(times), len(times), peak, sampled, edits
 
 
 def time_reference(weights, concepts, preserve, scale_p, sync, budget: float, keep, samples: int):
@@ -385,7 +206,7 @@ def fmt_time(s: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_common_args(p)
     p.add_argument("--quick", action="store_true", help="fewer cases and a small reference budget (smoke run)")
     p.add_argument("--archs", default="sd15,sdxl")
     p.add_argument("--counts", default=None, help="concept counts, default 1,10,100 (quick: 1,10)")
@@ -397,19 +218,13 @@ def main(argv=None) -> int:
                         "(default 60, 3 with --quick)")
     p.add_argument("--ref-samples", type=int, default=2, help="matrices per shape timed when extrapolating")
     p.add_argument("--check", type=int, default=3, help="matrices compared with the reference / float64")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU: keep glibc's dynamic mmap threshold (peak RSS then depends on the heap's history)")
     p.add_argument("--rss-sampler", action="store_true",
                    help="also sample RSS with psutil in a thread (CPU; VmHWM is used either way when available)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, hardware = setup_device(p, args)
     archs = args.archs.split(",")
     counts = [int(c) for c in (args.counts or ("1,10" if args.quick else "1,10,100")).split(",")]
     policies = args.policies.split(",")
@@ -420,9 +235,7 @@ def main(argv=None) -> int:
     fixed_mmap = device.type == "cpu" and not args.default_malloc and fix_mmap_threshold()
 
     print("UCE solve benchmark: concept_eraser.linalg vs per-matrix reference (UCE paper-era train_erase.py)")
-    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                else platform.processor() or platform.machine())
-    print(f"torch {torch.__version__}, device {device} ({dev_name}), CPU threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, device {device} ({hardware}), CPU threads {torch.get_num_threads()}, "
           f"cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")
     print(f"λ={LAM}, erase scale {ERASE_SCALE}, preserve scale max(0.1, 1/#preserved)=1 (the empty prompt); "
           f"reference budget {budget:g} s per case")
@@ -470,8 +283,8 @@ def main(argv=None) -> int:
                 ours, kept_edits = {}, {}
                 for name in solve_dtypes:
                     dt = DTYPES[name]
-                    best, runs, peak_, sampled_, edits = time_ours(
-                        lambda: solve_ours(weights, c_e, c_g, c_p, s_p, dt), sync, device, args.rss_sampler)
+                    best, runs, peak_, sampled_, edits = best_of(
+                        functools.partial(solve_ours, weights, c_e, c_g, c_p, s_p, dt), device, args.rss_sampler)
                     ours[name] = (best, runs)
                     kept_edits[name] = {key: edits[key] for key in check_keys}
                     if name == solve_dtypes[0]:
@@ -500,7 +313,7 @@ def main(argv=None) -> int:
                 del kept_edits, truth, kept
                 gc.collect()
                 if device.type == "cpu":
-                    _malloc_trim()
+                    malloc_trim()
 
                 t_ours = ours[solve_dtypes[0]][0]
                 rows.append((arch, policy, n, n_e, n_p, {k_: v[0] for k_, v in ours.items()}, t_ref, measured,
@@ -515,7 +328,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         else:
-            _malloc_trim()
+            malloc_trim()
 
     # ------------------------------------------------------------------ tables
     print()
@@ -571,6 +384,22 @@ def main(argv=None) -> int:
             print(f"  SDXL slowest solve: {worst_t * 1e3:.1f} ms (target ≤ 50 ms) -> "
                   f"{'OK' if worst_t <= 0.05 else 'OVER'}")
     print(f"\nload avg at the end {os.getloadavg()[0]:.2f}")
+    write_json(args.json, "uce", device, hardware,
+               time=[{"model": arch, "policy": policy, "concepts": n, "erase_columns": n_e, "preserve_columns": n_p,
+                      "edits": kinds, "ours_seconds": t_ours, "reference_seconds": t_ref,
+                      "reference_extrapolated": not measured, "reference_matrices": k, "matrices": n_mat,
+                      "ratio": ratio}
+                     for arch, policy, n, n_e, n_p, t_ours, t_ref, measured, k, n_mat, ratio, kinds in rows],
+               correctness=[{"model": arch, "policy": policy, "concepts": n, "shape": shape, "solve_dtype": name,
+                             "edit": kind, "delta_w_rel": size, "rel_max_ours_ref": rw, "rel_max_ours_truth": rw_o,
+                             "rel_max_ref_truth": rw_r, "fp16_floor": floor, "delta_w_err_ours": e_ours,
+                             "delta_w_err_ref": e_ref}
+                            for arch, policy, n, shape, name, kind, size, rw, rw_o, rw_r, floor, e_ours, e_ref
+                            in checks],
+               memory=[{"model": arch, "policy": policy, "concepts": n, "peak_bytes": peak,
+                        "sampled_peak_bytes": sampled, "result_bytes": res, "weights_bytes": wb,
+                        "peak_ratio": peak / wb}
+                       for arch, policy, n, peak, sampled, res, wb in mems])
     return 0
 
 
