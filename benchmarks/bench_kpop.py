@@ -13,7 +13,7 @@ Not a test: it prints figures.
   passes with backward). `--ddim-steps` sets the sampling length (the method's default is 50).
 
 Peak memory is measured above what the process held before (CPU: the kernel's high-water mark; CUDA:
-torch.cuda.max_memory_allocated), by `bench_uce.measure_peak`.
+torch.cuda.max_memory_allocated), by `harness.measure_peak`.
 
     python benchmarks/bench_kpop.py [--device cpu|cuda] [--steps N] [--resolution 512] [--trains xattn]
         [--latents-per-trajectory 1 5] [--toyworld-steps 0] [--quick]
@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import add_common_args, make_sync, measure_peak, setup_device, write_json
+
 from concept_eraser import CheckpointModel, Concepts, erase  # noqa: E402
 from concept_eraser.denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod  # noqa: E402
 from concept_eraser.encoding import EncodedPrompts  # noqa: E402
@@ -46,8 +48,6 @@ from concept_eraser.models.unet import LDMConfig, LDMUNet  # noqa: E402
 from concept_eraser.params import resolve  # noqa: E402
 from concept_eraser.toyworld.benchmark import KPOP_SETTINGS  # noqa: E402
 from concept_eraser.toyworld.pipeline import CHECKPOINT  # noqa: E402
-
-from bench_uce import measure_peak, setup_device  # noqa: E402
 
 SD15 = LDMConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
                  num_res_blocks=(2, 2, 2, 2), transformer_depth=(1, 1, 1, 1, 1, 1, 0, 0),
@@ -83,7 +83,7 @@ def sd15_denoiser(device: torch.device, resolution: int) -> ModuleDenoiser:
                           latent_shape=(4, resolution // 8, resolution // 8), alphas_cumprod=sd_alphas_cumprod())
 
 
-def bench_toyworld(steps: int) -> None:
+def bench_toyworld(steps: int) -> dict:
     model = CheckpointModel(CHECKPOINT)
     settings = {**KPOP_SETTINGS, "steps": steps}
     peak, _, seconds, result = measure_peak(
@@ -92,6 +92,8 @@ def bench_toyworld(steps: int) -> None:
     print(f"ToyWorld (CPU, {settings}):\n  {steps} steps in {seconds:.1f} s (erase() total, incl. the probe): "
           f"{summary['seconds_per_step'] * 1e3:.0f} ms per step; {summary['trained_parameters']:,} trained "
           f"parameters; peak +{peak / 2 ** 20:.0f} MiB")
+    return {"steps": steps, "seconds": seconds, "seconds_per_step": summary["seconds_per_step"],
+            "trained_parameters": summary["trained_parameters"], "peak_bytes": peak}
 
 
 def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str, per_trajectory: int) -> dict:
@@ -102,7 +104,7 @@ def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str
     values = resolve(get_method("kpop").params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
                                                   "latents_per_trajectory": per_trajectory}, "kpop")
     keys = trainable_keys(list(denoiser.parameters()), train)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = make_sync(device)
     times = {"sampling": [], "update": []}
 
     def run():
@@ -129,7 +131,7 @@ def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_common_args(p)
     p.add_argument("--steps", type=int, default=None, help="SD1.5 steps timed (default: 2 on CPU, 1000 on CUDA)")
     p.add_argument("--toyworld-steps", type=int, default=50, help="0: skip the ToyWorld run")
     p.add_argument("--resolution", type=int, default=512, help="SD1.5 training image size (the paper: 512)")
@@ -138,13 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--latents-per-trajectory", nargs="+", type=int, default=[1],
                    help="KPOP's latents_per_trajectory values to compare (1: the paper)")
     p.add_argument("--quick", action="store_true", help="ToyWorld only, 5 steps")
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     device, hardware = setup_device(p, args)
     print(f"KPOP benchmark — torch {torch.__version__}, {device} ({hardware})\n")
-    if args.quick or args.toyworld_steps:
-        bench_toyworld(5 if args.quick else args.toyworld_steps)
+    toyworld = [bench_toyworld(5 if args.quick else args.toyworld_steps)] if args.quick or args.toyworld_steps else []
+    rows = []
     if args.quick:
+        write_json(args.json, "kpop", device, hardware, toyworld=toyworld, sd15=rows)
         return 0
     cuda = device.type == "cuda"
     steps = args.steps or (1000 if cuda else 2)
@@ -159,12 +161,14 @@ def main(argv=None) -> int:
     for train in args.trains:
         for k in args.latents_per_trajectory:
             r = bench_sd15(denoiser, steps, ddim, train, k)
+            rows.append(r)
             print(f"  {r['train']:8s} {r['k']:3d} {r['trained']:12,d} {r['sampling']:8.3f} {r['update']:8.3f} "
                   f"{r['step']:8.3f} {r['step'] * 1000 / 60:9.1f} m {r['peak'] / 2 ** 30:9.2f}", flush=True)
     print("  k: latents_per_trajectory (z_t per sampling run); z_t: the frozen model's sampling (~ddim_steps/2 "
           "guided passes per run; with k, ~ddim_steps·k/(k+1) per k steps) and its targets; update: the transfer "
           "and removal steps; peak: above the process's memory before the run (incl. the U-Net's frozen copy of "
           "inference-mode weights where a host has them, not here).")
+    write_json(args.json, "kpop", device, hardware, toyworld=toyworld, sd15=rows)
     return 0
 
 

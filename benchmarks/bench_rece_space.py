@@ -5,9 +5,9 @@ Not a test: it prints figures. Two feature sources (``--features``):
 
 * ``synthetic``: the real cross-attention layer counts and shapes (widths 320/640/1280 and context 768 for
   SD1.5; 640/1280 and 2048 for SDXL), random fp16 weights, seeded; token features from the CLIP-like random
-  features of ``bench_uce.py`` (``FakeClip``) behind a stand-in text encoder;
+  features of ``synthetic.py`` (``FakeClip``) behind a stand-in text encoder;
 * ``real``: a seeded random checkpoint with real-size text encoders (SD1.5: CLIP ViT-L; SDXL: CLIP ViT-L +
-  OpenCLIP bigG), written to a temporary folder as ``bench_erasepro.py`` does, read back by `CheckpointModel`:
+  OpenCLIP bigG), written to a temporary folder (``synthetic.write_model``), read back by `CheckpointModel`:
   the features (and their conditioning) come from real-size encoders, the case where FISTA failed.
 
 Concepts: ``--concepts`` targets with the guide "art", as many preserved prompts.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,10 +42,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_erasepro import write_model
-from bench_uce import ARCHS, FakeClip, build_weights, make_sync, measure_peak
+from harness import add_common_args, make_sync, measure_peak, setup_device, write_json
+from synthetic import ARCHS, FakeClip, build_weights, write_model
 
 from concept_eraser import CheckpointModel
 from concept_eraser.concepts import Concepts
@@ -211,7 +209,7 @@ def bench_arch(arch: str, args, device: torch.device, sync, folder: Path) -> lis
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_common_args(p)
     p.add_argument("--quick", action="store_true", help="fewer iterations; SDXL on a subset, scaled (see above)")
     p.add_argument("--archs", default="sd15,sdxl")
     p.add_argument("--features", default="synthetic,real", help="synthetic and/or real (see above)")
@@ -221,19 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--fista-iterations", type=int, default=None,
                    help="FISTA's second run (default 1000 on CUDA, 100 on CPU, 20 with --quick)")
     p.add_argument("--subset", type=int, default=10, help="--quick: SDXL matrices built per width")
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     args.fista_iterations = args.fista_iterations or (20 if args.quick else 1000 if args.device == "cuda" else 100)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, hardware = setup_device(p, args)
     sync = make_sync(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"RECE / SPACE benchmark: torch {torch.__version__}, {device} ({name}), CPU threads "
+    print(f"RECE / SPACE benchmark: torch {torch.__version__}, {device} ({hardware}), CPU threads "
           f"{torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}{', QUICK' if args.quick else ''}")
     with tempfile.TemporaryDirectory() as folder:
         rows = [r for arch in args.archs.split(",") for r in bench_arch(arch, args, device, sync, Path(folder))]
@@ -249,6 +240,7 @@ def main(argv=None) -> int:
     print("passes: over all rows, each the cost of one FISTA iteration; distance: certified bound on ‖W − W*‖/‖W‖ "
           "from the duality gap (tol 1e-4); peak/KV: peak memory above the weights / fp16 K/V weights")
     print(f"load avg at the end {os.getloadavg()[0]:.2f}")
+    write_json(args.json, "rece_space", device, hardware, runs=rows)
     return 0
 
 
