@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end benchmark: the command line, one process per method, on real-size SD1.5 and SDXL checkpoints.
 
-Not a test: it prints figures. The checkpoints are `bench_erasepro.write_model`'s seeded random fp16
+Not a test: it prints figures. The checkpoints are `synthetic.write_model`'s seeded random fp16
 files with real-size text encoders (SD1.5: CLIP ViT-L; SDXL: CLIP ViT-L + OpenCLIP bigG) and the real
 cross-attention K/V (the rest of the U-Net left out: no method here reads it). Each run is
 
@@ -15,7 +15,7 @@ patch). For scale it also gives the start-up alone (the same command refused at 
 exists: interpreter, imports, argument checks) and the time to read every tensor of the file through
 safetensors onto the device in one process (`read file`, imports excluded).
 
-    python benchmarks/bench_end_to_end.py [--device cpu|cuda] [--quick] [--baseline DIR]
+    python benchmarks/bench_end_to_end.py [--device cpu|cuda] [--quick] [--json PATH] [--baseline DIR]
 
 --baseline DIR runs every command a second time with DIR (another checkout of the project) first on
 PYTHONPATH, alternating with this one, and prints the before/after ratio: figures from the same run,
@@ -36,6 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from harness import add_common_args, write_json  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from synthetic import write_model  # noqa: E402
 
 CONCEPTS = ["--erase", "Van Gogh", "--erase", "Claude Monet", "--preserve", "a photo"]
 METHOD_PARAMS = {"space": ["--set", "iterations=50"]}  # SPACE to convergence takes minutes on a CPU: 50 iterations
@@ -74,9 +79,6 @@ def start_up(root: Path, model: Path, out_dir: Path, device: str) -> float:
 
 def read_seconds(model: Path, device: str) -> float:
     """Every tensor of the file read through safetensors onto `device` (the page cache is warm)."""
-    import torch
-    from safetensors import safe_open
-
     start = time.perf_counter()
     with safe_open(str(model), framework="pt", device="cpu") as f:
         for key in f.keys():
@@ -92,17 +94,13 @@ def fmt(x: float | None) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_common_args(p, threads_help="OMP_NUM_THREADS of the runs (default: torch's)")
     p.add_argument("--quick", action="store_true", help="tiny text encoders: a smoke test of this script")
     p.add_argument("--families", default="sd15,sdxl", help="comma list of sd15, sdxl")
     p.add_argument("--methods", default="uce,rece,erasepro", help="comma list (space runs 50 iterations)")
     p.add_argument("--baseline", type=Path, help="another checkout: run it too, alternating, and print ratios")
     p.add_argument("--models", type=Path, help="folder for the generated checkpoints (kept; reused when present)")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: torch's)")
     args = p.parse_args(argv)
-    import torch
-    from bench_erasepro import write_model
-
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
@@ -155,6 +153,11 @@ def main(argv=None) -> int:
         print(line)
     print("  method: the report's `seconds` (the method alone); process: the whole command; start-up: the command "
           "refused at once (imports); read file: every tensor through safetensors onto the device.")
+    write_json(args.json, "end_to_end", torch.device(args.device), hardware,
+               runs=[{"model": family, "method": method, "read_file_seconds": read,
+                      **{f"{part}_seconds_{label}": (boot[label] if part == "start_up" else figures[label][part])
+                         for label in labels for part in ("start_up", "method", "process")}}
+                     for family, method, read, boot, figures in rows])
     return 0
 
 

@@ -18,7 +18,7 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs), on CUDA
 torch.cuda.max_memory_allocated. Most of it is the text encoders' float32 copy (SDXL's bigG alone
 is 2.8 GB).
 
-    python benchmarks/bench_erasepro.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench_erasepro.py [--device cpu|cuda] [--quick] [--json PATH]
 
 --quick uses the tiny text encoders and U-Net (seconds; a smoke test of this script; a start layer past
 their last block is moved to it).

@@ -31,7 +31,7 @@ It checks correctness on a few matrices against a float64 evaluation of the same
 kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) and a psutil RSS sampler;
 on CUDA from torch.cuda.max_memory_allocated.
 
-    python benchmarks/bench_uce.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench_uce.py [--device cpu|cuda] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
