@@ -46,9 +46,11 @@ def erase(
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
     unnamed = ErasurePatch(model.arch.family, output.edits)
-    layers = layer_changes(model, unnamed)
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
-    probe = recoverability(model, unnamed, asked.targets, progress=progress)
+    # The per-layer figures are taken from the same application of the patch.
+    layers = LayerChanges(unnamed)
+    probe = recoverability(model, unnamed, asked.targets, progress=progress, each_edit=layers.add)
+    layers.check()
     # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
     source = dict(model.source(), fingerprint=source_fingerprint(model.arch, model.weight))
     step = provenance_step(chosen.name, values, concepts.as_dict(), source, model.arch.family)
@@ -61,7 +63,7 @@ def erase(
         "architecture": model.arch.family,
         "source": source,
         "seconds": round(seconds, 4),
-        "layers": layers,
+        "layers": layers.figures,
         "probe": probe,
         **({"expansion": expansion.as_report()} if expansion else {}),
         **output.details,
@@ -69,28 +71,34 @@ def erase(
     return ErasureResult(patch, report, output.artifacts)
 
 
-def layer_changes(model: EditableModel, patch: ErasurePatch) -> dict[str, dict[str, float]]:
-    """Per edited matrix: relative change ‖W − W_o‖ / ‖W_o‖, the edit's form and, for a sparse edit, the
-    fraction of zeros in the new weights. Refuses a result that is not finite in the model's own dtype (what any
-    host writes or patches in) and warns when the erasure is a no-op or leaves matrices all zero."""
-    out, zeroed = {}, []
-    for key, stages in patch.edits.items():
-        original = model.weight(key)
-        new = patch.apply_to(key, original)
+class LayerChanges:
+    """Per edited tensor: relative change ‖W − W_o‖ / ‖W_o‖, the edit's form and, for a sparse edit, the fraction
+    of zeros in the new weights. Refuses a result that is not finite in the model's own dtype (what any host writes
+    or patches in); `check` warns when the erasure is a no-op or leaves matrices all zero."""
+
+    def __init__(self, patch: ErasurePatch):
+        self.patch = patch
+        self.figures: dict[str, dict[str, float]] = {}
+        self.zeroed: list[str] = []
+
+    def add(self, key: str, new: torch.Tensor, original: torch.Tensor) -> None:
         check_written_finite(key, new)
+        stages = self.patch.edits[key]
         new, original = new.float(), original.float()
         base = original.norm().item()
-        out[key] = {
+        self.figures[key] = {
             "relative_change": (new - original).norm().item() / base if base else 0.0,
             "form": "+".join(s.kind for s in stages),
         }
         if stages[-1].kind == "sparse":
-            out[key]["zeros"] = 1.0 - stages[-1].nnz / new.numel()
+            self.figures[key]["zeros"] = 1.0 - stages[-1].nnz / new.numel()
         if base and not new.any():
-            zeroed.append(key)
-    if out and not any(v["relative_change"] for v in out.values()):
-        warnings.warn("the erasure changed no weight: every edited matrix is exactly as before", stacklevel=3)
-    if zeroed:
-        warnings.warn(f"{len(zeroed)} of the {len(out)} edited matrices are now all zero, so those layers ignore "
-                      "every prompt (SPACE: lower mu)", stacklevel=3)
-    return out
+            self.zeroed.append(key)
+
+    def check(self) -> None:
+        self.figures = figures = {key: self.figures[key] for key in self.patch.edits if key in self.figures}
+        if figures and not any(v["relative_change"] for v in figures.values()):
+            warnings.warn("the erasure changed no weight: every edited matrix is exactly as before", stacklevel=3)
+        if self.zeroed:
+            warnings.warn(f"{len(self.zeroed)} of the {len(figures)} edited matrices are now all zero, so those "
+                          "layers ignore every prompt (SPACE: lower mu)", stacklevel=3)

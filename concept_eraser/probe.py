@@ -33,7 +33,7 @@ before any edit; a method that also edits the text encoder (ErasePro) is probed 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -146,14 +146,23 @@ def recoverability(
     targets: Sequence[str],
     lam_r: float = DEFAULT_LAM_R,
     progress: Progress = no_progress,
+    each_edit: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
-    """The probe for each target on `model` with `patch` applied (the model itself is not changed)."""
+    """The probe for each target on `model` with `patch` applied (the model itself is not changed).
+    `each_edit(key, new, original)` sees every edited tensor as the patch is applied for the probe — the edited
+    maps and any other edited tensor (a text encoder's) — so a caller's per-layer figures need no second
+    application of the patch."""
     features, groups = probe_columns(model.text_encoder, targets)
     probe = RecoveryProbe(features.to(model.device))
-    keys = model.arch.map_keys()
+    maps = model.arch.map_keys()
+    keys = [*maps, *(key for key in patch.edits if key not in set(maps))] if each_edit else list(maps)
     for i, key in enumerate(keys):
         original = model.weight(key)
-        probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
+        new = patch.apply_to(key, original) if key in patch.edits else original
+        if each_edit is not None and key in patch.edits:
+            each_edit(key, new, original)
+        if i < len(maps):
+            probe.add(new, original)
         progress(i + 1, len(keys), "probing recoverability")
     return {
         "lam_r": lam_r,

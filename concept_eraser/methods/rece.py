@@ -12,8 +12,9 @@ UCE first, then T epochs of derive-and-erase, as RECE's code (``train.py``,
 
    for all 77 token positions c of each target prompt (BOS and padding included, as RECE's code),
    one d × d matrix shared by all targets of the epoch. Then the UCE closed form (λ = ``lam``, preserve
-   scale ``preserve_scale``, RECE's 0.1 and 0.1) erases {c'} from the current weights, each c' paired
-   position by position with the guide's 77 tokens, and the preserved prompts' 77 tokens kept:
+   scale ``preserve_scale``; RECE's 0.1 and 0.1, λ = 2 by default: see below) erases {c'} from the current
+   weights, each c' paired position by position with the guide's 77 tokens, and the preserved prompts' 77
+   tokens kept:
 
        W ← W (λ I + s_e C_G C'ᵀ + s_p C_P C_Pᵀ)(λ I + s_e C' C'ᵀ + s_p C_P C_Pᵀ)⁻¹ = W T_t
 
@@ -28,20 +29,29 @@ device, and the weights are read twice in all (G_o, then the edit W_o (𝒯 − 
 Variables → paper symbols: ``lam`` λ₂ of Eq. 2 (UCE's ridge), ``preserve_scale`` λ₁, ``lam_r`` the λ
 of Eqs. 6–8, ``epochs`` T of Alg. 1.
 
+λ of the epochs: RECE's 0.1 lets one epoch re-map everything the preserve term does not hold, and the preserve
+term holds the preserved prompts' own token features, not the captions they appear in. On ToyWorld (48
+samples per set, epoch 1) a larger λ keeps other shapes in captions and erases the three shapes better:
+circle → square preserved 85 / 87 / 91 / 94 / 96 % and three shapes erased 58 / 71 / 77 / 79 / 77 % at
+λ 0.1 / 0.7 / 1 / 1.5 / 2 (UCE alone: 98 % and 73 %), while the paraphrase attack stays low (circle: 29 % at
+0.1, 8 % at 2; UCE 67 %). The default is 2.
+
 λ_r: a larger λ_r shrinks c', and mapping a smaller c' onto the full-size guide output takes a larger change
-of the weights — on ToyWorld (circle → square) the first epoch moves the K/V by 30 / 43 / 62 / 131 % of their
-size at λ_r 1e-3 / 0.1 / 1 / 10 — so a larger λ_r spares unrelated concepts less, not more.
+of the weights — on ToyWorld (circle → square) the K/V differ from the original by 37 / 41 / 44 / 68 % of their
+size after epoch 1 at λ_r 1e-3 / 0.1 / 1 / 10 (50 / 57 / 72 / 136 % at RECE's λ 0.1; 32 % after the UCE step)
+— so a larger λ_r spares unrelated concepts less, not more.
 
 Which epoch: RECE's authors keep the epoch that a validation set selects (generated images judged by a
-detector; epoch 2 for nudity, 1–3 in their README). ``epoch`` empty (auto) selects from the model itself:
-see `select_epoch`. The report lists every epoch's probe figures and the preserved prompts' K/V change, and
-the output for ``epoch=k`` is exactly that of ``epochs=k, epoch=k``.
+detector; epoch 2 for nudity, 1–3 in their README, 1 for art and hard objects). ``epoch`` empty (auto)
+selects from the model itself: see `select_epoch`. The report lists every epoch's probe figures and the
+preserved prompts' K/V change, and the output for ``epoch=k`` is exactly that of ``epochs=k, epoch=k``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -57,7 +67,7 @@ from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns, preserve_scale_for
 _UCE = {p.name: p for p in UCE_PARAMS}
 
 # epoch=auto: how much more the epochs may move the preserved prompts' K/V than the UCE step did (see select_epoch).
-AUTO_PRESERVED_BUDGET = 0.01
+AUTO_PRESERVED_BUDGET = 0.0225
 
 RECE_PARAMS = (
     Param("epochs", int, 2,
@@ -65,15 +75,18 @@ RECE_PARAMS = (
           "epoch 2 kept; its README: 1-3). 0 = UCE only", min=0, max=50, step=1),
     Param("lam_r", float, 0.1,
           "λ_r: ridge of the derived embedding c' (RECE: 0.1 for unsafe content, 1e-3 for art styles). Larger "
-          "shrinks c', so each epoch moves the weights MORE (ToyWorld, first epoch: 43 % of the K/V at 0.1, 131 % at "
-          "10)",
+          "shrinks c', so each epoch moves the weights MORE (ToyWorld, after epoch 1: K/V changed by 41 % at 0.1, "
+          "68 % at 10; 32 % after the UCE step)",
           min=0.0, min_exclusive=True, max=1e3, step=0.01),
     Param("epoch", int, None,
           "which epoch's weights to return (0 = the UCE step); empty = auto: the last epoch whose preserved "
           f"prompts' K/V outputs moved at most {AUTO_PRESERVED_BUDGET:g} (relative) more than after the UCE step, as "
-          "RECE keeps a validation-selected epoch. epoch=k gives exactly the result of epochs=k", min=0, max=50, step=1,
-          nullable=True),
-    replace(_UCE["lam"], default=0.1, help="λ: weight of ‖W − W_o‖² in the epochs' UCE solves (RECE: 0.1)"),
+          "RECE keeps a validation-selected epoch (ToyWorld, defaults: epoch 1 on all four benchmark tasks; epoch 2 "
+          "erased less). epoch=k gives exactly the result of epochs=k", min=0, max=50, step=1, nullable=True),
+    replace(_UCE["lam"], default=2.0,
+            help="λ: weight of ‖W − W_prev‖² in the epochs' UCE solves (RECE: 0.1). Larger keeps "
+                 "captions of other concepts (ToyWorld, epoch 1, circle → square preserved 85 % at 0.1, 96 % at 2) "
+                 "and erased as well or better (three shapes 58 % at 0.1, 77 % at 2; UCE 73 %)"),
     Param("preserve_scale", float, 0.1, "λ_p: weight of the preserve term in the epochs' UCE solves (RECE: 0.1)",
           min=0.0, max=1e4, step=0.05),
     replace(_UCE["lam"], name="uce_lam",
@@ -115,9 +128,13 @@ def select_epoch(figures: Sequence[Mapping[str, Any]], budget: float = AUTO_PRES
     RECE's scripts keep the epoch that erases most while other concepts stay within a tolerance of the UCE
     checkpoint's (objects: other-class accuracy within 0.1 of UCE's). Here both sides come from the model: every
     epoch makes the target less recoverable (the probe's residual grows), and every epoch moves the preserved
-    prompts' keys/values further. On ToyWorld each epoch adds 0.6–0.9 % to that change on all four benchmark
-    tasks, and judged preservation fell at epoch 2 on two of them (stripes 96 → 75 %, red 100 → 92 %) and at
-    epoch 3 on three (see the README), so the budget of 1 % keeps one epoch there."""
+    prompts' keys/values further. On ToyWorld at the default λ 2 the first epoch adds 1.0–2.0 % to that change
+    and two epochs 2.5–4.3 % on the four benchmark tasks; epoch 2 erased less than epoch 1 on three of them
+    (stripes 100 → 98 %, red 52 → 19 %, three shapes 77 → 58 %), so the budget of 2.25 % keeps epoch 1 on all
+    four. The change is of the preserved prompts' own tokens, not of captions that contain them: across λ it
+    runs opposite to judged preservation (circle → square, epoch 1: +0.8 % at λ 0.1 with 85 % preserved, +2.0 %
+    at λ 2 with 96 %), so the budget is calibrated for the default λ; a heuristic checked on four tasks, not a
+    validator."""
     start, kept = figures[0]["preserved_change"], 0
     for figure in figures[1:]:
         if figure["preserved_change"] - start > budget:

@@ -63,10 +63,10 @@ KPOP_SETTINGS = {"steps": 200, "lr": 3e-4, "prompt_lr": 1e-2, "ddim_steps": 20,
 # Settings per method (others: their defaults), and extra rows: the paper's ablation, KPOP without its prompt.
 METHOD_SETTINGS = {"kpop": KPOP_SETTINGS}
 VARIANTS = {"kpop (no prompt)": ("kpop", {**KPOP_SETTINGS, "use_prompt": False}),
-            # the papers' settings where the defaults differ: RECE's Alg. 1 with T = 5, last epoch kept; SPACE at
+            # the papers' settings where the defaults differ: RECE's Alg. 1 (T = 5, last epoch kept, λ 0.1); SPACE at
             # the paper's 80 % zeros, also on the last word without the empty prompt held; ErasePro without the
             # empty prompt held
-            "rece (paper)": ("rece", {"epochs": 5, "epoch": 5}),
+            "rece (paper)": ("rece", {"epochs": 5, "epoch": 5, "lam": 0.1}),
             "space (sparsity 0.8)": ("space", {"sparsity": 0.8}),
             "space (paper)": ("space", {"sparsity": 0.8, "token_policy": "last_word", "preserve_empty": False}),
             "erasepro (paper)": ("erasepro", {"preserve_empty": False})}
