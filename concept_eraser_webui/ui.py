@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import warnings
 from typing import Any, Callable, Sequence
 
 from concept_eraser.errors import EraserError
@@ -124,11 +125,17 @@ class Tab:
         def run():
             request = parse_erase({"method": method, "erase": targets or "", "guide": guides or "",
                                    "preserve": preserve or "", "params": self.params_for(method, values)})
-            result = self.service.erase(request, id_task or None)
+            with warnings.catch_warnings(record=True) as caught:  # shown in the message (and the console)
+                warnings.simplefilter("always")
+                result = self.service.erase(request, id_task or None)
+            warned = [str(w.message) for w in caught]
+            for text in warned:
+                log.warning("concept_eraser: %s", text)
             e = result["erased"]
             text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
-            return json.dumps(jsonable(result["report"]), indent=1)[:20000], message_html(text, "ok")
+            text += "".join(f"; WARNING: {w}" for w in warned)
+            return json.dumps(jsonable(result["report"]), indent=1)[:20000], message_html(text, "info" if warned else "ok")
 
         report, message = self._guard(run, id_task)
         return self.status_line(), message, report if report is not None else ""
