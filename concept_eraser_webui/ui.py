@@ -129,13 +129,14 @@ class Tab:
                 warnings.simplefilter("always")
                 result = self.service.erase(request, id_task or None)
             warned = [str(w.message) for w in caught]
-            for text in warned:
-                log.warning("concept_eraser: %s", text)
+            for message in warned:
+                log.warning("concept_eraser: %s", message)
             e = result["erased"]
             text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
             text += "".join(f"; WARNING: {w}" for w in warned)
-            return json.dumps(jsonable(result["report"]), indent=1)[:20000], message_html(text, "info" if warned else "ok")
+            report = json.dumps(jsonable(result["report"]), indent=1)[:20000]
+            return report, message_html(text, "info" if warned else "ok")
 
         report, message = self._guard(run, id_task)
         return self.status_line(), message, report if report is not None else ""

@@ -66,11 +66,11 @@ constraints W Ũ ≈ W_o Ṽ keep more entries of each row non-zero the more col
 percentile of |W_o| gave 78 % zeros with one column, 59–70 % with 77-token columns). So the default μ is the one
 whose optimum has ``sparsity`` zeros on 512 rows sampled evenly from
 all K/V matrices, found by bisection in log μ (a few Newton solves on the sample); the μ used is reported, and a
-number for ``mu`` overrides the search. ``iterations`` 500 is a cap (convergence takes 20–60 passes);
-``start = uce`` (the μ = 0 optimum). ``sparsity`` 0.4 by default, chosen on ToyWorld (48 samples per set,
-preserved on the four tasks): 0.8 — the paper's regime, 80–90 % on SDXL — kept 53 / 33 / 27 / 29 %, 0.5 kept
-96 / 81 / 83 / 92 %, 0.4 kept 100 / 90 / 96 / 98 % while erasing no less than UCE (100 / 81 / 60 / 73 %
-against 100 / 65 / 38 / 73 %); ``sparsity=0.8`` gives the paper's sparsity.
+number for ``mu`` overrides the search. ``iterations`` 500 is a cap (convergence took 21–25 passes with features
+from real-size text encoders, ~60 on synthetic ones); ``start = uce`` (the μ = 0 optimum). ``sparsity`` 0.4 by
+default, chosen on ToyWorld (48 samples per set, preserved on the four tasks): 0.8 — the paper's regime, 80–90 %
+on SDXL — kept 53 / 33 / 27 / 29 %, 0.5 kept 96 / 81 / 83 / 92 %, 0.4 kept 100 / 90 / 96 / 98 % while erasing no
+less than UCE (100 / 81 / 60 / 73 % against 100 / 65 / 38 / 73 %); ``sparsity=0.8`` gives the paper's sparsity.
 
 CSR costs a value and a column index (int16) per non-zero, so below ~50 % sparsity it is larger than
 the dense matrix (the paper notes the same); checkpoints are written dense either way, and patch files hold the
