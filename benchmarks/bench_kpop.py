@@ -41,7 +41,7 @@ from concept_eraser.denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumpro
 from concept_eraser.encoding import EncodedPrompts  # noqa: E402
 from concept_eraser.methods import get_method  # noqa: E402
 from concept_eraser.methods.kpop import Trainer, trainable_keys  # noqa: E402
-from concept_eraser.models.arch import UNET_PREFIX  # noqa: E402
+from concept_eraser.models.arch import CLIP_WINDOW, UNET_PREFIX, ArchSpec, cross_attention_maps  # noqa: E402
 from concept_eraser.models.unet import LDMConfig, LDMUNet  # noqa: E402
 from concept_eraser.params import resolve  # noqa: E402
 from concept_eraser.toyworld.benchmark import KPOP_SETTINGS  # noqa: E402
@@ -59,7 +59,8 @@ class RandomText:
     """Seeded random 77 × 768 features per prompt (the U-Net's work does not depend on their values)."""
 
     def encode(self, prompts):
-        rows = [torch.randn(77, 768, generator=torch.Generator().manual_seed(hash(p) % 2 ** 31)) for p in prompts]
+        rows = [torch.randn(CLIP_WINDOW, SD15.context_dim, generator=torch.Generator().manual_seed(hash(p) % 2 ** 31))
+                for p in prompts]
         return EncodedPrompts(tuple(prompts), torch.stack(rows), tuple(5 for _ in prompts))
 
 
@@ -68,8 +69,8 @@ class ShapedModel:
 
     def __init__(self, denoiser: ModuleDenoiser):
         self.device = denoiser.device
-        keys = [k for k in denoiser.parameters() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
-        self.arch = type("Arch", (), {"kv_keys": tuple(keys)})()
+        shapes = {k: tuple(w.shape) for k, w in denoiser.parameters().items()}
+        self.arch = ArchSpec("sd1", "synthetic", SD15.context_dim, cross_attention_maps(shapes), ())
         self.text_encoder = RandomText()
 
 

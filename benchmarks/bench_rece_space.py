@@ -39,7 +39,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -56,6 +55,7 @@ from concept_eraser.encoding import EncodedPrompts
 from concept_eraser.errors import ConvergenceWarning
 from concept_eraser.methods import get_method
 from concept_eraser.methods.uce import gather_columns
+from concept_eraser.models.arch import CONTEXT, ArchSpec, TextMap
 from concept_eraser.params import resolve
 from concept_eraser.patch import ErasurePatch
 from concept_eraser.probe import recoverability
@@ -81,7 +81,8 @@ class SyntheticModel:
 
     def __init__(self, weights: dict[str, torch.Tensor], d: int, device: torch.device):
         self.weights, self.device = weights, device
-        self.arch = SimpleNamespace(kv_keys=tuple(weights), family="synthetic")
+        maps = tuple(TextMap(k, CONTEXT, tuple(w.shape)) for k, w in weights.items())
+        self.arch = ArchSpec("synthetic", "synthetic", d, maps, ())
         self.text_encoder = FakeEncoder(d)
 
     def weight(self, key):
@@ -137,7 +138,7 @@ def run_space(model, concepts, params, device, sync):
     """(seconds, peak bytes above the baseline, report) of one SPACE run (method only, no probe)."""
     space = get_method("space")
     values = resolve(space.params, params, "space")
-    for key in model.arch.kv_keys:  # a memory-mapped checkpoint's K/V pages read in: they are the model, not the solve
+    for key in model.arch.map_keys():  # a memory-mapped checkpoint's K/V pages read in: the model, not the solve
         model.weight(key).sum()
     sync()
     with warnings.catch_warnings():
@@ -202,7 +203,7 @@ def bench_arch(arch: str, args, device: torch.device, sync, folder: Path) -> lis
             t0 = time.perf_counter()
             path = write_model(folder, arch, args.quick)
             model = CheckpointModel(path, device)
-            weights = {k: model.weight(k) for k in model.arch.kv_keys}
+            weights = {k: model.weight(k) for k in model.arch.map_keys()}
             n_all, scale = len(weights), 1.0
             print(f"[{arch}] real-size text encoders: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
         note = f" (subset {len(weights)}/{n_all} matrices; times and memory scaled ×{scale:.1f})" if scale != 1 else ""

@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from concept_eraser.linalg import right_update_edits, uce_factors  # noqa: E402
+from concept_eraser.models.arch import CLIP_WINDOW
 from concept_eraser.patch import DenseEdit, LowRankEdit  # noqa: E402
 from concept_eraser.tiny import SD_BLOCKS, SDXL_BLOCKS  # noqa: E402
 
@@ -61,7 +62,7 @@ ARCHS = {
     "sdxl": (SDXL_BLOCKS, {0: 640, 1: 1280}, 2048),
 }
 LAM, ERASE_SCALE = 0.5, 1.0           # UCE's published λ and erase scale
-WINDOW = 77                            # CLIP's padded sequence length
+WINDOW = CLIP_WINDOW                   # CLIP's padded sequence length
 TOKEN_NORM = 27.0                      # typical per-token norm of CLIP text features
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -14,7 +14,7 @@ from .editable import EditableModel, Progress, no_progress
 from .expansion import with_expansion
 from .methods import get_method
 from .params import resolve
-from .patch import ErasurePatch, check_written_finite, fingerprint, provenance_step
+from .patch import ErasurePatch, check_written_finite, provenance_step, source_fingerprint
 from .pooled import check_pooled, with_pooled_edit
 from .probe import brief, recoverability
 
@@ -50,13 +50,13 @@ def erase(
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
     probe = recoverability(model, unnamed, asked.targets, progress=progress)
     # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
-    source = dict(model.source(), fingerprint=fingerprint(model.arch.kv_keys, model.weight))
+    source = dict(model.source(), fingerprint=source_fingerprint(model.arch, model.weight))
     step = provenance_step(chosen.name, values, concepts.as_dict(), source, model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))
     report = {
         "method": chosen.name,
-        "params": values,
+        "params": dict(values),
         "concepts": concepts.as_dict(),
         "architecture": model.arch.family,
         "source": source,

@@ -8,19 +8,20 @@ import re
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from .denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod, training_size
 from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
-from .models.arch import ArchSpec, UNET_PREFIX, detect
+from .models.arch import FAMILIES, UNET_PREFIX, ArchSpec, detect
 from .models.text_encoders import hf_state_dict
 from .patch import ErasurePatch, check_written_finite, edit_from_parts
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
 
-FORMATS = ("checkpoint", "patch", "lora")
+# What an erasure can be saved as (`save_erasure`); learned_prompt is KPOP's prompt, not the erasure itself.
+FORMATS = ("checkpoint", "patch", "lora", "learned_prompt")
 META_PREFIX = "concept_eraser."
 
 
@@ -328,9 +329,33 @@ def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec 
     meta = provenance_metadata(patch, "lora")
     meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
                  "ss_network_alpha": str(max(ranks))})
-    arch = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}.get(patch.architecture)
-    if arch:
-        meta["modelspec.architecture"] = f"{arch}/lora"
+    modelspec = next((f.modelspec_architecture for f in FAMILIES if f.name == patch.architecture), None)
+    if modelspec:
+        meta["modelspec.architecture"] = f"{modelspec}/lora"
     meta["modelspec.title"] = "Concept Eraser: " + meta[META_PREFIX + "erased"]
     check_tensors_finite(tensors)
     return write_safetensors(out, tensors, meta, overwrite, field)
+
+
+def save_erasure(fmt: str, out, patch: ErasurePatch, arch: ArchSpec, *, checkpoint: Callable[[Path], Path] | None = None,
+                 solved_on: Callable[[str], torch.Tensor] | None = None, artifacts: Mapping | None = None,
+                 report: Mapping | None = None, overwrite: bool = False, field: str = "out") -> Path:
+    """Write an erasure to `out` in one of FORMATS, the same way for every host (command line, ComfyUI, WebUI):
+
+    - checkpoint: the whole model, by `checkpoint(out)`: the host's own writer (`save_checkpoint` for a file);
+    - patch: only the changed tensors, dense and sparse edits as changes to `solved_on` (the weights they were
+      solved on) where given, so that the patch applies to a model read in another dtype;
+    - lora: the low-rank erasure as a LoRA (`arch` names the text encoders' modules);
+    - learned_prompt: what the method learned besides the patch (`artifacts`, described by its `report`)."""
+    if fmt == "checkpoint":
+        return checkpoint(Path(out))
+    if fmt == "patch":
+        return save_patch(patch.relative(solved_on) if solved_on else patch, out, overwrite, field)
+    if fmt == "lora":
+        return save_lora(patch, out, overwrite, arch=arch, field=field)
+    if fmt == "learned_prompt":
+        if not artifacts:
+            raise InvalidParameterError("format", f"{(report or {}).get('method')} learned no prompt; "
+                                        "'learned_prompt' is for KPOP with use_prompt on")
+        return save_artifacts(artifacts, report or {}, out, overwrite, field)
+    raise InvalidParameterError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")

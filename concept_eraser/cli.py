@@ -15,8 +15,17 @@ from pathlib import Path
 
 from . import __version__, presets
 from .api import erase
-from .checkpoint import (FORMATS, META_PREFIX, CheckpointModel, load_patch, read_steps,
-                         resolve_device, save_artifacts, save_checkpoint, save_lora, save_patch, step_problem)
+from .checkpoint import (
+    FORMATS,
+    META_PREFIX,
+    CheckpointModel,
+    load_patch,
+    read_steps,
+    resolve_device,
+    save_checkpoint,
+    save_erasure,
+    step_problem,
+)
 from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError, NonFiniteResultError
 from .expansion import describe_expansion
@@ -59,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--expand-exclude", action="append", default=[], metavar="TEXT",
                    help="a wording the expansion must not add (repeatable)")
     e.add_argument("--out", required=True, help="output .safetensors file")
-    e.add_argument("--format", default="checkpoint", choices=FORMATS,
+    e.add_argument("--format", default="checkpoint", choices=[f for f in FORMATS if f != "learned_prompt"],
                    help="checkpoint: the whole model; patch: only the changed tensors; lora: a LoRA file")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     e.add_argument("--report", help="write the report as JSON to this file")
@@ -82,14 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "write a preview grid (no download)")
     d.add_argument("--out-dir", default="concept-eraser-demo")
     return parser
-
-
-def _save(model: CheckpointModel, patch, fmt: str, out: Path, overwrite: bool) -> Path:
-    if fmt == "checkpoint":
-        return save_checkpoint(model, patch, out, overwrite, field="--out")
-    if fmt == "patch":  # dense and sparse edits as changes to the weights they were solved on
-        return save_patch(patch.relative(model.weight), out, overwrite, field="--out")
-    return save_lora(patch, out, overwrite, arch=model.arch, field="--out")
 
 
 def _progress(done: int, total: int, message: str) -> None:
@@ -161,7 +162,10 @@ def cmd_erase(args) -> int:
         result = erase(model, args.method, concepts, params, _progress)
     start = time.perf_counter()
     with blame("model", nonfinite="result"):
-        written = _save(model, result.patch, args.format, out, args.overwrite)
+        written = save_erasure(args.format, out, result.patch, model.arch, solved_on=model.weight,
+                               checkpoint=lambda path: save_checkpoint(model, result.patch, path, args.overwrite,
+                                                                       field="--out"),
+                               overwrite=args.overwrite, field="--out")
     report = dict(result.report, output={"path": str(written), "format": args.format,
                                           "bytes": written.stat().st_size,
                                           "seconds": round(time.perf_counter() - start, 3)})
@@ -173,7 +177,8 @@ def cmd_erase(args) -> int:
           f"max {max(changes):.4f}")
     print(f"wrote {written} ({args.format}, {written.stat().st_size / 1e6:.1f} MB)")
     if args.save_prompt:
-        saved = save_artifacts(result.artifacts, result.report, args.save_prompt, args.overwrite, field="--save-prompt")
+        saved = save_erasure("learned_prompt", args.save_prompt, result.patch, model.arch, artifacts=result.artifacts,
+                             report=result.report, overwrite=args.overwrite, field="--save-prompt")
         print(f"wrote {saved} (learned prompt)")
     if args.report:
         print(f"wrote {write_json(args.report, report, args.overwrite, field='--report')}")
@@ -206,11 +211,11 @@ def describe_file(path: str, field: str = "file") -> dict:
             arch = model.arch
             info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
                         context_dim=arch.context_dim, summary=arch.describe(),
-                        cross_attention={k: list(reader.infos[k].shape) for k in arch.kv_keys},
+                        cross_attention={k: list(reader.infos[k].shape) for k in arch.map_keys()},
                         text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
                                         "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
                                         (", final norm" if e.final_norm else "")} for e in arch.encoders],
-                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.kv_keys}))
+                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.map_keys()}))
         info["erasures"] = list(read_steps(meta, field))
     return info
 
@@ -257,7 +262,7 @@ def cmd_apply(args) -> int:
         model = CheckpointModel(args.model)
     with blame("patch"):
         patch = load_patch(args.patch)
-        check_fits(patch, model.arch.family, model.arch.kv_keys, model.weight,
+        check_fits(patch, model.arch, model.weight,
                    lambda key: model.reader.infos[key].shape if key in model.reader else None, args.force, "patch",
                    "pass --force")
         # Provenance: the steps were solved on the patch's source; record what they were applied to, and the force.

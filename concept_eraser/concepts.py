@@ -9,20 +9,45 @@ Token policies (which columns of the 77 × d feature matrix represent a prompt):
 - ``last_word`` (UCE's current script, SPEED): one column per prompt, the last word token
   (BOS for the empty prompt).
 - ``all_tokens``: all 77 positions, paired position by position (RECE's derivation, SPEED for nudity).
+- ``prompt_tokens`` (ErasePro): BOS, words and EOS of the longer of target and guide, position by position.
+- ``first_k`` (ErasePro's implicit-nudity variants): the first k positions, BOS included.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from .encoding import EncodedPrompts, TextEncoder
 from .errors import InvalidParameterError
 
-TOKEN_POLICIES = ("last_word_to_end", "last_word", "all_tokens")
+# Every token policy, defined once: which positions of a prompt's token window stand for it (see the module
+# docstring). Each method offers those its paper uses (its `token_policy` choices): UCE, RECE, SPACE the first
+# three, ErasePro the last three.
+TOKEN_POLICIES = ("last_word_to_end", "last_word", "all_tokens", "prompt_tokens", "first_k")
+
+
+def token_positions(policy: str, length_target: int, length_guide: int, window: int,
+                    k: int = 1) -> tuple[list[int], list[int]]:
+    """(target positions, guide positions), paired one to one, under `policy`; lengths count BOS, words, EOS."""
+    if policy == "last_word":
+        return [max(length_target - 2, 0)], [max(length_guide - 2, 0)]
+    if policy == "last_word_to_end":
+        start_e, start_g = max(length_target - 2, 0), max(length_guide - 2, 0)
+        count = window - max(start_e, start_g)
+        return list(range(start_e, start_e + count)), list(range(start_g, start_g + count))
+    if policy == "all_tokens":
+        return list(range(window)), list(range(window))
+    if policy == "prompt_tokens":
+        both = list(range(max(length_target, length_guide)))
+        return both, both
+    if policy == "first_k":
+        both = list(range(min(k, window)))
+        return both, both
+    raise InvalidParameterError("token_policy", f"{policy!r} is not one of {', '.join(TOKEN_POLICIES)}")
 
 
 def same_prompt(text: str) -> str:
@@ -38,7 +63,7 @@ class Concepts:
     preserve: tuple[str, ...]
 
     @classmethod
-    def build(cls, targets: Sequence[str], guides: Sequence[str] = (), preserve: Sequence[str] = ()) -> "Concepts":
+    def build(cls, targets: Sequence[str], guides: Sequence[str] = (), preserve: Sequence[str] = ()) -> Concepts:
         """Validate user lists. No guide means the empty prompt; one guide is used for every target."""
         targets = tuple(t.strip() for t in targets if t and t.strip())
         guides = tuple(g.strip() for g in guides)
@@ -89,18 +114,9 @@ def target_columns(targets: EncodedPrompts, guides: EncodedPrompts, policy: str)
     erase, guide, owner = [], [], []
     window = targets.features.shape[1]
     for i in range(len(targets.prompts)):
-        if policy == "last_word":
-            e, g = [_last_word(targets, i)], [_last_word(guides, i)]
-        elif policy == "last_word_to_end":
-            start_e, start_g = _last_word(targets, i), _last_word(guides, i)
-            count = window - max(start_e, start_g)
-            e, g = range(start_e, start_e + count), range(start_g, start_g + count)
-        elif policy == "all_tokens":
-            e = g = range(window)
-        else:
-            raise InvalidParameterError("token_policy", f"{policy!r} is not one of {', '.join(TOKEN_POLICIES)}")
-        erase.append(targets.features[i, list(e)])
-        guide.append(guides.features[i, list(g)])
+        e, g = token_positions(policy, targets.lengths[i], guides.lengths[i], window)
+        erase.append(targets.features[i, e])
+        guide.append(guides.features[i, g])
         owner += [i] * len(e)
     return torch.cat(erase).T, torch.cat(guide).T, tuple(owner)
 

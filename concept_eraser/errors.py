@@ -6,10 +6,12 @@ class EraserError(Exception):
 
 
 class InvalidParameterError(EraserError, ValueError):
-    """A setting or input is out of range; the message names the field and what is allowed."""
+    """A setting or input is out of range; the message names the field and what is allowed. Hosts that show
+    the field their own way read `field` (the solver's name for it) and `detail` (the message without it)."""
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.detail = message
         super().__init__(f"{field}: {message}")
 
 

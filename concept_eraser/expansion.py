@@ -48,7 +48,7 @@ from .concepts import Concepts, same_prompt
 from .editable import EditableModel, Progress
 from .errors import InvalidParameterError
 from .models.arch import EncoderSpec
-from .params import Param
+from .params import Param, Values
 from .tokenizer import WordTokenizer, clip_tokenizer, tokenizer_for
 
 EXPANSION_PARAMS = (
@@ -111,13 +111,13 @@ def parse_exclude(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(same_prompt(t) for t in re.split(r"[,\n]", text or "") if t.strip()))
 
 
-def with_expansion(model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+def with_expansion(model: EditableModel, concepts: Concepts, values: Values,
                    progress: Progress) -> tuple[Concepts, Expansion | None]:
     """`concepts` with the expansion's wordings added when `expand` > 0; called by `api.erase`."""
-    if not values.get("expand"):
+    if not values.expand:
         return concepts, None
-    expansion = expand(model, concepts, values["expand"], parse_exclude(values["expand_exclude"]),
-                       values["expand_separation"], progress)
+    expansion = expand(model, concepts, values.expand, parse_exclude(values.expand_exclude),
+                       values.expand_separation, progress)
     return expansion.concepts, expansion
 
 
@@ -184,7 +184,7 @@ def _features(model: EditableModel, texts: Sequence[str], progress: Progress) ->
 def _metric_root(model: EditableModel) -> torch.Tensor:
     """G^½ for G = Σ_l W_lᵀ W_l over every cross-attention K/V: ‖G^½ c‖ = the K/V outputs' joint norm."""
     gram = None
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         w = model.weight(key).double()
         gram = w.T @ w if gram is None else gram + w.T @ w
     values, vectors = torch.linalg.eigh(gram)

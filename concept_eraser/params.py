@@ -79,7 +79,47 @@ class Param:
         return number
 
 
-def resolve(params: Sequence[Param], values: Mapping[str, Any], method: str) -> dict[str, Any]:
+class Values(Mapping[str, Any]):
+    """A method's parameter values, resolved: read as attributes (`values.lam`); a read-only mapping where they
+    are recorded (`dict(values)` in reports and provenance)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no parameter {name!r}; the parameters are {', '.join(self._values)}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("parameter values are read-only: use replace()")
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Values({self._values!r})"
+
+    def replace(self, **changes: Any) -> Values:
+        """These values with some of them changed (already converted: no check)."""
+        unknown = set(changes) - set(self._values)
+        if unknown:
+            raise AttributeError(f"no parameter {min(unknown)!r}")
+        return Values({**self._values, **changes})
+
+
+def resolve(params: Sequence[Param], values: Mapping[str, Any], method: str) -> Values:
     """Defaults overlaid with `values`, converted and range-checked; unknown names are refused."""
     known = {p.name: p for p in params}
     unknown = sorted(set(values) - set(known))
@@ -87,7 +127,7 @@ def resolve(params: Sequence[Param], values: Mapping[str, Any], method: str) -> 
         raise InvalidParameterError(
             unknown[0], f"unknown parameter for method {method!r}; its parameters are: {', '.join(known)}"
         )
-    return {p.name: p.convert(values[p.name]) if p.name in values else p.default for p in params}
+    return Values({p.name: p.convert(values[p.name]) if p.name in values else p.default for p in params})
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, str]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Union
 
 import torch
 
 from .errors import InvalidParameterError, NonFiniteResultError
+from .models.arch import ArchSpec
 
 
 @dataclass(frozen=True)
@@ -279,12 +280,12 @@ FINGERPRINT_SIZE = 8
 FINGERPRINT_TOLERANCE = 1e-2
 
 
-def fingerprint(keys: Sequence[str], weight: Callable[[str], torch.Tensor]) -> list[float]:
+def source_fingerprint(arch: ArchSpec, weight: Callable[[str], torch.Tensor]) -> list[float]:
     """What identifies the weights a patch is solved on in every host, whatever dtype it reads them in:
-    FINGERPRINT_SIZE numbers Σ_k u_kᵢᵀ W_k v_kᵢ over the tensors `keys` (the model's cross-attention K/V),
+    FINGERPRINT_SIZE numbers Σ_k u_kᵢᵀ W_k v_kᵢ over the model's per-token text maps (cross-attention K/V),
     with Gaussian u, v seeded by each key's name (a file's SHA-256 is not known to hosts that load it)."""
     out = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)
-    for key in keys:
+    for key in arch.map_keys():
         w = weight(key).detach().to("cpu", torch.float64)
         rng = torch.Generator().manual_seed(zlib.crc32(key.encode()))
         u = torch.randn(FINGERPRINT_SIZE, w.shape[0], generator=rng, dtype=torch.float64)
@@ -293,14 +294,14 @@ def fingerprint(keys: Sequence[str], weight: Callable[[str], torch.Tensor]) -> l
     return [float(f"{x:.8g}") for x in out]
 
 
-def check_fits(patch: ErasurePatch, family: str, kv_keys: Sequence[str], weight: Callable[[str], torch.Tensor],
+def check_fits(patch: ErasurePatch, arch: ArchSpec, weight: Callable[[str], torch.Tensor],
                shape: Callable[[str], tuple | None], force: bool, field: str, force_hint: str) -> None:
     """Refuse a patch that cannot be applied to a model (another architecture, a tensor the model lacks or
     shapes apart) and, unless `force`, one made for another checkpoint: the source fingerprint recorded in
     the patch's first step (`fingerprint` of the model it was solved on) against the model's own. `shape(key)`
     is the model's shape of a tensor (None: no such tensor); errors name `field`; `force_hint` says how to force."""
-    if patch.architecture and patch.architecture != family:
-        raise InvalidParameterError(field, f"the patch was made for {patch.architecture}, the model is {family}")
+    if patch.architecture and patch.architecture != arch.family:
+        raise InvalidParameterError(field, f"the patch was made for {patch.architecture}, the model is {arch.family}")
     for key, stages in patch.edits.items():
         have = shape(key)
         if have is None:
@@ -313,7 +314,7 @@ def check_fits(patch: ErasurePatch, family: str, kv_keys: Sequence[str], weight:
     expected = source.get("fingerprint")
     if force or not expected:
         return
-    got = torch.tensor(fingerprint(kv_keys, weight), dtype=torch.float64)
+    got = torch.tensor(source_fingerprint(arch, weight), dtype=torch.float64)
     want = torch.tensor(expected, dtype=torch.float64)
     distance = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
     if distance > FINGERPRINT_TOLERANCE:

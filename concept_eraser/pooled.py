@@ -1,4 +1,5 @@
-"""SDXL's pooled text path: an optional closed-form edit of the first ADM layer, offered by every method.
+"""The pooled text path: an optional closed-form edit of the maps that read the pooled embedding (`POOLED` maps
+of the model's family: SDXL's first ADM layer), offered by every method.
 
 SDXL's U-Net reads the prompt twice: per-token features through the cross-attention K/V (what the
 methods edit), and the pooled bigG embedding p — the final layer-normed EOS state times
@@ -23,8 +24,8 @@ The update has rank ≤ #targets (+ #preserved when the text encoder changed): a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
 
 import torch
 
@@ -32,12 +33,10 @@ from .concepts import Concepts
 from .editable import EditableModel, Progress
 from .errors import EraserError, InvalidParameterError
 from .linalg import right_update_edits, uce_factors
-from .models.arch import UNET_PREFIX, ArchSpec
+from .models.arch import POOLED, ArchSpec
 from .models.layerwise import LayerwiseEncoder
-from .params import Param
+from .params import Param, Values
 from .patch import Edit
-
-ADM_KEY = UNET_PREFIX + "label_emb.0.0.weight"
 
 POOLED_PARAMS = (
     Param("pooled_edit", bool, False, "SDXL only: also edit the pooled-text path (label_emb, pooled columns) so a "
@@ -50,11 +49,11 @@ POOLED_PARAMS = (
 )
 
 
-def check_pooled(arch: ArchSpec, values: Mapping[str, Any]) -> None:
+def check_pooled(arch: ArchSpec, values: Values) -> None:
     """Refuse `pooled_edit` on a model without a pooled path, before any work."""
-    if not values.get("pooled_edit"):
+    if not values.pooled_edit:
         return
-    if not any(e.pooled for e in arch.encoders) or not arch.extra.get("adm_in_channels"):
+    if not arch.map_keys(POOLED):
         raise InvalidParameterError(
             "pooled_edit", f"{arch.title} has no pooled text path to edit (only SDXL feeds a pooled embedding to "
             "the U-Net, through label_emb); turn it off")
@@ -68,7 +67,7 @@ def _apply_stages(stages, weight: torch.Tensor) -> torch.Tensor:
 
 def pooled_embeddings(model: EditableModel, prompts: tuple[str, ...],
                       text_edits: Mapping[str, tuple[Edit, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(original, current) pooled embeddings [n, 1280], float32. Without text-encoder edits both are the
+    """(original, current) pooled embeddings [n, width], float32. Without text-encoder edits both are the
     model's own encoder's; with them both come from one rebuilt encoder, before and after the edits."""
     spec = next(e for e in model.arch.encoders if e.pooled)
     edited = {k: v for k, v in text_edits.items() if k.startswith(spec.prefix)}
@@ -85,9 +84,10 @@ def pooled_embeddings(model: EditableModel, prompts: tuple[str, ...],
     return original.float(), encoder.encode(prompts)[1].float()
 
 
-def pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+def pooled_edit(model: EditableModel, concepts: Concepts, values: Values,
                 method_edits: Mapping[str, tuple[Edit, ...]], progress: Progress) -> tuple[dict[str, Edit], dict]:
-    """The label_emb edit for `concepts`, on top of the method's `method_edits`; with report figures."""
+    """The edit of every map that reads the pooled embedding (SDXL: label_emb) for `concepts`, on top of the
+    method's `method_edits`; with report figures over those maps' pooled columns."""
     progress(0, 1, "editing the pooled path")
     preserve = tuple(dict.fromkeys(("",) + concepts.preserve))
     prompts = tuple(dict.fromkeys(concepts.targets + concepts.guides + preserve))
@@ -100,23 +100,29 @@ def pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, A
     p_e, p_g = cols(current, concepts.targets), cols(original, concepts.guides)
     p_p, p_p0 = cols(current, preserve), cols(original, preserve)
     moved = not torch.equal(p_p, p_p0)
-    A, B = uce_factors(p_e, p_g, p_p, values["pooled_lam"], 1.0, values["pooled_preserve_scale"], torch.float64,
+    A, B = uce_factors(p_e, p_g, p_p, values.pooled_lam, 1.0, values.pooled_preserve_scale, torch.float64,
                        preserve_target=p_p0 if moved else None)
-    weight = _apply_stages(method_edits.get(ADM_KEY, ()), model.weight(ADM_KEY))
-    # ΔW touches only the pooled columns: pad the right factors with zero rows for the size/crop columns.
-    width = weight.shape[1]
-    A, B = (torch.cat([f, f.new_zeros(width - f.shape[0], f.shape[1])]) for f in (A, B))
-    edit = right_update_edits({ADM_KEY: weight}, A, B)[ADM_KEY]
+    edits, old, new = {}, [], []
+    for text_map in model.arch.maps:
+        if text_map.reads != POOLED:
+            continue
+        weight = _apply_stages(method_edits.get(text_map.key, ()), model.weight(text_map.key))
+        # ΔW touches only the pooled columns: pad the right factors with zero rows for the other columns.
+        start, stop = text_map.columns or (0, weight.shape[1])
+        A_map, B_map = (torch.cat([f.new_zeros(start, f.shape[1]), f, f.new_zeros(weight.shape[1] - stop, f.shape[1])])
+                        for f in (A, B))
+        edits[text_map.key] = right_update_edits({text_map.key: weight}, A_map, B_map)[text_map.key]
+        old.append(weight.double()[:, start:stop])
+        new.append(edits[text_map.key].apply(weight).double()[:, start:stop])
     progress(1, 1, "editing the pooled path")
 
-    new = edit.apply(weight).double()[:, :p_e.shape[0]]
-    old = weight.double()[:, :p_e.shape[0]]
+    new, old = torch.cat(new), torch.cat(old)
     wanted = old @ p_g
 
     def gap(w):
         return float((w @ p_e - wanted).norm() / wanted.norm())
 
-    return {ADM_KEY: edit}, {
+    return edits, {
         "target_gap_before": gap(old),  # ‖W_o P_E − W_o P_G‖ / ‖W_o P_G‖
         "target_gap_after": gap(new),
         "preserve_drift": float((new @ p_p - old @ p_p0).norm() / (old @ p_p0).norm()),
@@ -124,9 +130,9 @@ def pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, A
     }
 
 
-def with_pooled_edit(model: EditableModel, concepts: Concepts, values: Mapping[str, Any], output, progress: Progress):
+def with_pooled_edit(model: EditableModel, concepts: Concepts, values: Values, output, progress: Progress):
     """`output` (a MethodOutput) plus the pooled edit when `pooled_edit` is set; called by `api.erase`."""
-    if not values.get("pooled_edit"):
+    if not values.pooled_edit:
         return output
     extra, figures = pooled_edit(model, concepts, values, output.edits, progress)
     edits = dict(output.edits)

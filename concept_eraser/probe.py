@@ -150,7 +150,7 @@ def recoverability(
     """The probe for each target on `model` with `patch` applied (the model itself is not changed)."""
     features, groups = probe_columns(model.text_encoder, targets)
     probe = RecoveryProbe(features.to(model.device))
-    keys = model.arch.kv_keys
+    keys = model.arch.map_keys()
     for i, key in enumerate(keys):
         original = model.weight(key)
         probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)

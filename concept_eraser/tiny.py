@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .models.arch import CLIP_WINDOW
 from .safetensors_io import write_safetensors
 
 VOCAB = 49408
-POSITIONS = 77
 
 # (block, transformer depth, level) of every spatial transformer in the real U-Nets.
 SD_BLOCKS = [(f"input_blocks.{i}.1", 1, lvl) for i, lvl in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))] + \
@@ -44,12 +44,12 @@ class _Init:
 def _hf_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int, position_ids: bool) -> dict:
     sd = {
         prefix + "embeddings.token_embedding.weight": init.normal(VOCAB, width),
-        prefix + "embeddings.position_embedding.weight": init.normal(POSITIONS, width, std=0.01),
+        prefix + "embeddings.position_embedding.weight": init.normal(CLIP_WINDOW, width, std=0.01),
         prefix + "final_layer_norm.weight": init.ones(width),
         prefix + "final_layer_norm.bias": init.zeros(width),
     }
     if position_ids:
-        sd[prefix + "embeddings.position_ids"] = torch.arange(POSITIONS).unsqueeze(0)
+        sd[prefix + "embeddings.position_ids"] = torch.arange(CLIP_WINDOW).unsqueeze(0)
     for i in range(layers):
         p = f"{prefix}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -66,7 +66,7 @@ def _hf_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int, positi
 def _open_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int) -> dict:
     sd = {
         prefix + "token_embedding.weight": init.normal(VOCAB, width),
-        prefix + "positional_embedding": init.normal(POSITIONS, width, std=0.01),
+        prefix + "positional_embedding": init.normal(CLIP_WINDOW, width, std=0.01),
         prefix + "ln_final.weight": init.ones(width),
         prefix + "ln_final.bias": init.zeros(width),
         prefix + "text_projection": init.normal(width, width),

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import EraserError
+from .models.arch import CLIP_WINDOW
 
 BOS_ID = 49406
 EOS_ID = 49407
-WINDOW = 77  # BOS + 75 tokens + EOS
 
 
 def _bpe_merges_path() -> Path:
@@ -109,26 +109,26 @@ def clip_tokenizer():
 
 @dataclass(frozen=True)
 class Tokens:
-    ids: tuple[int, ...]  # always WINDOW long: BOS, words, EOS, padding
+    ids: tuple[int, ...]  # always the window long: BOS, words, EOS, padding
     length: int  # BOS + words + EOS
     truncated: bool
 
 
-def tokenize(text: str, pad_id: int) -> Tokens:
-    """Tokenize like the hosts: BOS, at most 75 tokens, EOS, padding to 77 with `pad_id`.
+def tokenize(text: str, pad_id: int, window: int = CLIP_WINDOW) -> Tokens:
+    """Tokenize like the hosts: BOS, at most window − 2 tokens, EOS, padding to `window` with `pad_id`.
 
-    Longer prompts are truncated with a warning (hosts split them into several 77-token chunks;
+    Longer prompts are truncated with a warning (hosts split them into several window-long chunks;
     an erasure target is one chunk)."""
     words = clip_tokenizer().encode(text, add_special_tokens=False).ids
-    truncated = len(words) > WINDOW - 2
+    truncated = len(words) > window - 2
     if truncated:
         warnings.warn(
-            f"prompt {text[:40]!r}... has {len(words)} tokens; only the first {WINDOW - 2} are used", stacklevel=2
+            f"prompt {text[:40]!r}... has {len(words)} tokens; only the first {window - 2} are used", stacklevel=2
         )
-        words = words[: WINDOW - 2]
+        words = words[: window - 2]
     ids = [BOS_ID, *words, EOS_ID]
     length = len(ids)
-    ids += [pad_id] * (WINDOW - length)
+    ids += [pad_id] * (window - length)
     return Tokens(tuple(ids), length, truncated)
 
 
@@ -174,4 +174,4 @@ def tokenizer_for(spec) -> Callable[[str], Tokens]:
     if spec.tokenizer == "word":
         return WordTokenizer(spec.vocab, spec.window)
     pad = EOS_ID if spec.pad_token == "eos" else 0
-    return lambda text: tokenize(text, pad)
+    return lambda text: tokenize(text, pad, spec.window)

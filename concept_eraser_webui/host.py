@@ -179,11 +179,11 @@ class A1111Model:
 
     def editable(self, prior_steps: Sequence[dict]) -> WebUIModel:
         arch = host_arch(self.tensors)
-        _check_dtypes(self.tensors, arch.kv_keys)
+        _check_dtypes(self.tensors, arch.map_keys())
         arch = host_arch(self.tensors, a1111_layers(self.obj, arch.family, self._opts))
         wrappers = [self.obj.cond_stage_model] if arch.family != "sdxl" else list(self.obj.conditioner.embedders[:2])
         engines = [A1111Engine(w, self._devices.device, self._devices.autocast) for w in wrappers]
-        encoder = HostTextEncoder(engines, [e.pooled for e in arch.encoders])
+        encoder = HostTextEncoder(engines, [e.pooled for e in arch.encoders], arch.encoders[0].window)
         return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps,
                           lambda resolution: self.denoiser(arch, resolution))
 
@@ -288,7 +288,7 @@ class ForgeModel:
         from backend import memory_management
 
         arch = host_arch(self.tensors)
-        _check_dtypes(self.tensors, arch.kv_keys)
+        _check_dtypes(self.tensors, arch.map_keys())
         if self.family == "sdxl":
             engines = [self.obj.text_processing_engine_l, self.obj.text_processing_engine_g]
         else:
@@ -298,7 +298,8 @@ class ForgeModel:
         def load():
             memory_management.load_model_gpu(self.clip_patcher.patcher)
 
-        encoder = HostTextEncoder([ForgeEngine(e, load) for e in engines], [e.pooled for e in arch.encoders])
+        encoder = HostTextEncoder([ForgeEngine(e, load) for e in engines], [e.pooled for e in arch.encoders],
+                                  arch.encoders[0].window)
         return WebUIModel(self.tensors, arch, encoder, self.source(), prior_steps,
                           lambda resolution: self.denoiser(arch, resolution))
 

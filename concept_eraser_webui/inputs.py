@@ -7,14 +7,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from concept_eraser.checkpoint import FORMATS as FILE_FORMATS
+from concept_eraser.checkpoint import FORMATS
 from concept_eraser.concepts import Concepts
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.methods import METHODS, get_method
 from concept_eraser.params import resolve
-
-# the model files, and KPOP's learned prompt (which re-enables the concept it erased)
-FORMATS = FILE_FORMATS + ("learned_prompt",)
 
 
 class RequestError(ValueError):
@@ -74,7 +71,7 @@ def parse_erase(body: Any) -> EraseRequest:
     try:
         method = get_method(name)
     except InvalidParameterError as exc:
-        raise RequestError("method", str(exc).split(": ", 1)[-1]) from None
+        raise RequestError("method", exc.detail) from None
     targets = lines(body.get("erase"), "erase")
     guides = lines(body.get("guide"), "guide")
     preserve = lines(body.get("preserve"), "preserve")
@@ -83,14 +80,14 @@ def parse_erase(body: Any) -> EraseRequest:
     try:
         concepts = Concepts.build(targets, guides, preserve)
     except InvalidParameterError as exc:
-        raise RequestError(exc.field, str(exc).split(": ", 1)[-1]) from None
+        raise RequestError(exc.field, exc.detail) from None
     params = body.get("params") or {}
     if not isinstance(params, Mapping):
         raise RequestError("params", f"must be an object of {method.name}'s parameters")
     try:
         resolve(method.params, params, method.name)
     except InvalidParameterError as exc:
-        raise RequestError(f"params.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+        raise RequestError(f"params.{exc.field}", exc.detail) from None
     return EraseRequest(method.name, concepts, dict(params))
 
 

@@ -22,7 +22,6 @@ from concept_eraser.models.arch import ArchSpec, detect
 from .live import LiveTensors
 
 log = logging.getLogger("concept_eraser")
-WINDOW = 77
 
 
 class TextEngine(Protocol):
@@ -36,16 +35,17 @@ class TextEngine(Protocol):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[n, 77] token ids → ([n, 77, width] features, pooled [n, width] or None)."""
+        """[n, window] token ids → ([n, window, width] features, pooled [n, width] or None)."""
         ...
 
 
 class HostTextEncoder:
     """Per-token features from the host's encoders, concatenated in checkpoint order (SDXL: CLIP-L, bigG)."""
 
-    def __init__(self, engines: Sequence[TextEngine], pooled: Sequence[bool]):
+    def __init__(self, engines: Sequence[TextEngine], pooled: Sequence[bool], window: int):
         self.engines = list(engines)
         self.pooled = list(pooled)
+        self.window = window  # the family's token window (`EncoderSpec.window`)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
@@ -55,11 +55,11 @@ class HostTextEncoder:
             rows, counts = [], []
             for text, ids in zip(prompts, engine.tokenize(list(prompts))):
                 ids = list(ids)
-                if len(ids) > WINDOW - 2:
-                    log.warning("concept_eraser: prompt %r is longer than 75 tokens; only the first 75 are used",
-                                text[:40])
-                    ids = ids[:WINDOW - 2]
-                rows.append([engine.id_start] + ids + [engine.id_end] + [engine.id_pad] * (WINDOW - 2 - len(ids)))
+                if len(ids) > self.window - 2:
+                    log.warning("concept_eraser: prompt %r is longer than %d tokens; only the first %d are used",
+                                text[:40], self.window - 2, self.window - 2)
+                    ids = ids[:self.window - 2]
+                rows.append([engine.id_start] + ids + [engine.id_end] + [engine.id_pad] * (self.window - 2 - len(ids)))
                 counts.append(len(ids) + 2)
             features, pool = engine.encode(torch.tensor(rows, dtype=torch.long))
             parts.append(features.float().clone())
@@ -107,7 +107,7 @@ class WebUIModel:
         self._text_encoder = text_encoder
         self._source = dict(source)
         self._prior = tuple(prior_steps)
-        self.device = tensors.device(arch.kv_keys[0])
+        self.device = tensors.device(arch.map_keys()[0])
 
     @property
     def text_encoder(self) -> HostTextEncoder:

@@ -63,7 +63,7 @@ def error_payload(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, InvalidParameterError):
         top_level = ("erase", "guide", "preserve", "method", "format", "name")
         field = exc.field if exc.field in top_level else f"params.{exc.field}"
-        return 400, {"error": str(exc).split(": ", 1)[-1], "field": field}
+        return 400, {"error": exc.detail, "field": field}
     if isinstance(exc, NoModelError):
         return 409, {"error": str(exc), "field": "model"}
     if isinstance(exc, Cancelled):

@@ -13,9 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from concept_eraser.checkpoint import CheckpointModel, save_artifacts, save_checkpoint, save_lora, save_patch
+from concept_eraser.checkpoint import CheckpointModel, save_checkpoint, save_erasure
 from concept_eraser.errors import Cancelled
 from concept_eraser.patch import ErasurePatch
+from concept_eraser.report import report_text
 
 from .host import Host
 from .inputs import EraseRequest, RequestError, SaveRequest, default_name
@@ -74,7 +75,7 @@ class Service:
                                         self.host.progress(state), lambda: self.host.interrupted(state),
                                         self.host.live_for)
             return {"erased": record_summary(record), "report": _report_brief(record.report),
-                    "status": self.status(live)}
+                    "text": report_text(record.report, record.step.get("results")), "status": self.status(live)}
 
     def restore(self, id_task: str | None = None) -> dict:
         with self.host.job("Concept Eraser: restore", id_task):
@@ -91,7 +92,7 @@ class Service:
             raise RequestError("model", "no checkpoint is loaded", 409)
         self.session.reconcile(live, self.host.live_for)
         arch = host_arch(live.tensors)
-        wanted = list(keys) if keys else list(dict.fromkeys(list(arch.kv_keys) + list(self.session.backups)))
+        wanted = list(keys) if keys else list(dict.fromkeys(list(arch.map_keys()) + list(self.session.backups)))
         unknown = [k for k in wanted if k not in live.tensors]
         if unknown:
             raise RequestError("keys", f"{unknown[0]} is not a tensor of the loaded model")
@@ -163,23 +164,14 @@ class Service:
             patch = self.session.patch
             if request.format == "checkpoint":
                 return self._save_checkpoint(live, patch, request)
-            if request.format in ("patch", "learned_prompt"):
-                folder = self.host.patch_dir()
-                folder.mkdir(parents=True, exist_ok=True)
-                out = _target(folder, request)
-                if request.format == "patch":
-                    save_patch(patch, out, overwrite=request.overwrite)
-                else:
-                    last = self.session.records[-1]
-                    if not last.artifacts:
-                        raise RequestError("format", f"the last erasure ({last.method}) learned no prompt; "
-                                           "learned_prompt is for KPOP with use_prompt on", 409)
-                    save_artifacts(last.artifacts, last.report, out, overwrite=request.overwrite)
-                return {"format": request.format, "path": str(out)}
-            folder = self.host.lora_dir()
+            last = self.session.records[-1]
+            folder = self.host.lora_dir() if request.format == "lora" else self.host.patch_dir()
             folder.mkdir(parents=True, exist_ok=True)
             out = _target(folder, request)
-            save_lora(patch, out, overwrite=request.overwrite, arch=host_arch(live.tensors))
+            save_erasure(request.format, out, patch, host_arch(live.tensors), artifacts=last.artifacts,
+                         report=last.report, overwrite=request.overwrite)
+            if request.format != "lora":
+                return {"format": request.format, "path": str(out)}
             self.host.refresh_loras()
             return {"format": "lora", "path": str(out), "prompt": f"<lora:{out.stem}:1>"}
 

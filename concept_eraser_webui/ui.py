@@ -2,7 +2,7 @@
 declarations (`METHODS[name].params`), so the tab, the command line and the ComfyUI nodes offer the
 same knobs with the same defaults, ranges and help. Gradio use is limited to what gradio 3.41
 (AUTOMATIC1111 1.10) and 4.x (Forge) share: Blocks/Row/Column/Group/Accordion, Textbox, Number,
-Checkbox, Dropdown, Radio, Button, Gallery, HTML and `gr.update`.
+Checkbox, Dropdown, Radio, Button, Gallery, Image, HTML and `gr.update`.
 
 `Tab` holds the handlers (plain functions of the widget values, testable without gradio);
 `build` lays the widgets out and wires them.
@@ -11,7 +11,6 @@ Checkbox, Dropdown, Radio, Button, Gallery, HTML and `gr.update`.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import warnings
 from typing import Any, Callable, Sequence
@@ -19,10 +18,11 @@ from typing import Any, Callable, Sequence
 from concept_eraser.errors import EraserError
 from concept_eraser.methods import METHODS
 from concept_eraser.params import Param
+from concept_eraser.report import layer_plot
 
 from .inputs import FORMATS, RequestError, parse_erase, parse_save
 from .preview import TXT2IMG_SETTINGS
-from .routes import error_payload, jsonable
+from .routes import error_payload
 
 log = logging.getLogger("concept_eraser")
 ELEM = "concept_eraser"
@@ -135,11 +135,13 @@ class Tab:
             text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
             text += "".join(f"; WARNING: {w}" for w in warned)
-            report = json.dumps(jsonable(result["report"]), indent=1)[:20000]
-            return report, message_html(text, "info" if warned else "ok")
+            # the same text and plot as ComfyUI's Erasure Report node (`concept_eraser.report`)
+            shown = (result["text"], layer_plot(self.service.session.records[-1].report))
+            return shown, message_html(text, "info" if warned else "ok")
 
-        report, message = self._guard(run, id_task)
-        return self.status_line(), message, report if report is not None else ""
+        shown, message = self._guard(run, id_task)
+        text, plot = shown if shown is not None else ("", None)
+        return self.status_line(), message, text, plot
 
     def restore(self, id_task):
         def run():
@@ -248,13 +250,15 @@ def build(service):
                 gr.HTML(f'<div id="{ELEM}_progress_anchor"></div>', elem_id=f"{ELEM}_progress")
                 gallery = gr.Gallery(label="Preview: original | erased", columns=2, elem_id=f"{ELEM}_gallery")
                 with gr.Accordion("Report", open=False):
-                    report = gr.Code(label="Last erasure", language="json", elem_id=f"{ELEM}_report")
+                    report = gr.Textbox(label="Last erasure", lines=16, interactive=False, elem_id=f"{ELEM}_report")
+                    plot = gr.Image(label="Relative change per tensor", type="pil", interactive=False,
+                                    elem_id=f"{ELEM}_plot")
 
         method.change(lambda m: [method_help(m), *(gr.update(visible=v) for v in tab.method_visibility(m))],
                       inputs=[method], outputs=[help_text, *groups])
         erase_button.click(tab.erase, **submit,
                            inputs=[id_task, targets, guides, preserve, method, *widgets],
-                           outputs=[status, message, report])
+                           outputs=[status, message, report, plot])
         restore_button.click(tab.restore, **submit, inputs=[id_task], outputs=[status, message])
         txt2img = [TXT2IMG[elem] for elem in tab.txt2img_ids()]
         preview_button.click(tab.preview, **submit, inputs=[id_task, prompts, *txt2img],

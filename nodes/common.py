@@ -40,35 +40,15 @@ class Erasure:
     # what the method learned besides the edit (KPOP's prompt), for Save Erasure's 'learned_prompt' format
     artifacts: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def results(self) -> Mapping[str, Any]:
+        """The headline figures its provenance step keeps (`concept_eraser.report` shows them)."""
+        return self.patch.steps[-1].get("results", {}) if self.patch.steps else {}
+
 
 def lines(text: str | None) -> list[str]:
     """One concept per line; blank lines and surrounding spaces are ignored."""
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
-
-
-def headline(erasure: Erasure) -> list[str]:
-    """What a user checks first after an erase, as lines: what was erased how fast, whether the solver
-    converged, the sparsity of a sparse edit, how recoverable each target is, then every warning."""
-    r = erasure.report
-    layers = r.get("layers", {})
-    changes = [v["relative_change"] for v in layers.values()]
-    out = [f"{r.get('method')}: erased {', '.join(r.get('concepts', {}).get('erase', []))} in "
-           f"{r.get('seconds', 0.0):.2f} s; {len(layers)} tensors changed"
-           + (f" (mean relative change {sum(changes) / len(changes):.3g})" if changes else "")
-           + f", strength {erasure.strength:g}"]
-    results = erasure.patch.steps[-1].get("results", {}) if erasure.patch.steps else {}
-    if "converged" in results:
-        iterations = f" after {results['iterations']} iterations" if "iterations" in results else ""
-        out.append(f"converged: {'yes' if results['converged'] else 'NO'}{iterations}")
-    zeros = [v["zeros"] for v in layers.values() if "zeros" in v]
-    if zeros:
-        out.append(f"sparsity: {sum(zeros) / len(zeros):.1%} zeros in the edited weights")
-    probe = (r.get("probe") or {}).get("targets") or {}
-    if probe:
-        out.append("recoverability (residual 0 = fully recoverable): "
-                   + ", ".join(f"{t} {f['residual']:.3f}" for t, f in probe.items()))
-    out += [f"WARNING: {w}" for w in r.get("warnings", [])]
-    return out
 
 
 # ---- method parameters as node inputs ------------------------------------------------------------
@@ -161,8 +141,7 @@ def unknown_inputs(given: Mapping[str, Any], declared: set[str]) -> list[str]:
 def node_error(exc: EraserError, method: str | None = None, model_field: str = "model") -> ValueError:
     """A ValueError whose message starts with the node input at fault, as ComfyUI shows it."""
     if isinstance(exc, InvalidParameterError):
-        field_name = exc.field
-        text = str(exc)[len(field_name) + 2:] if str(exc).startswith(field_name + ": ") else str(exc)
+        field_name, text = exc.field, exc.detail
         if field_name in CONCEPT_FIELDS:
             field_name = CONCEPT_FIELDS[field_name]
         elif method and method in METHODS:

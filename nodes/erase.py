@@ -11,7 +11,8 @@ from ..concept_eraser.errors import EraserError
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.params import resolve
 from ..concept_eraser.patch import ErasurePatch
-from .common import CATEGORY, ERASURE, Erasure, headline, lines, method_values, node_error, param_inputs, unknown_inputs
+from ..concept_eraser.report import headline
+from .common import CATEGORY, ERASURE, Erasure, lines, method_values, node_error, param_inputs, unknown_inputs
 
 log = logging.getLogger("concept_eraser")
 
@@ -110,7 +111,8 @@ class EraseConcept:
                           result.artifacts)
         log.info("[Concept Eraser] %s erased %s in %.2f s (%d tensors patched at strength %.2f)", method,
                  ", ".join(concepts.targets), result.report.get("seconds", 0.0), len(result.patch.edits), strength)
-        return {"ui": {"text": ["\n".join(headline(erasure))]}, "result": (new_model, new_clip, erasure)}
+        text = "\n".join(headline(erasure.report, erasure.results, erasure.strength))
+        return {"ui": {"text": [text]}, "result": (new_model, new_clip, erasure)}
 
 
 NODE_CLASS_MAPPINGS = {"ConceptEraserErase": EraseConcept}

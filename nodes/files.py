@@ -7,8 +7,7 @@ import json
 import logging
 import os
 
-from ..concept_eraser.checkpoint import (META_PREFIX, load_patch, provenance_metadata, read_steps, save_artifacts,
-                                         save_lora, save_patch)
+from ..concept_eraser.checkpoint import FORMATS, META_PREFIX, load_patch, provenance_metadata, read_steps, save_erasure
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.models.arch import detect
 from ..concept_eraser.patch import ErasurePatch, check_fits
@@ -18,7 +17,6 @@ from .common import CATEGORY, ERASURE, node_error
 log = logging.getLogger("concept_eraser")
 
 ERASURES_FOLDER = "erasures"  # models/erasures: patch files and erasure LoRAs
-FORMATS = ("checkpoint", "patch", "lora", "learned_prompt")
 FOLDERS = ("output", "models")
 
 
@@ -161,7 +159,7 @@ class ApplyErasurePatch:
             # a LoRA's tensors are checked by the host's key mapping; its source like a patch's
             patch = load_patch(path, "erasure_name") if kind == "patch" else ErasurePatch(
                 meta.get(META_PREFIX + "architecture", ""), {}, tuple(steps))
-            check_fits(patch, adapter.arch.family, adapter.arch.kv_keys, adapter.weight, _shape_of(adapter),
+            check_fits(patch, adapter.arch, adapter.weight, _shape_of(adapter),
                        bool(force), "erasure_name", "set force to true")
             if kind == "patch":
                 new_model, new_clip = self._apply_patch(model, clip, adapter, patch, strength)
@@ -277,17 +275,10 @@ class SaveErasure:
         if os.path.exists(path):
             raise ValueError(f"filename_prefix: {path} already exists; nothing was overwritten")
         try:
-            if format == "checkpoint":
-                self._checkpoint(path, erasure, model, clip, vae, prompt, extra_pnginfo)
-            elif format == "patch":
-                save_patch(erasure.patch, path, field="filename_prefix")
-            elif format == "learned_prompt":
-                if not erasure.artifacts:
-                    raise InvalidParameterError("format", f"{erasure.report.get('method')} learned no prompt; "
-                                                "'learned_prompt' is for KPOP with use_prompt on")
-                save_artifacts(erasure.artifacts, erasure.report, path, field="filename_prefix")
-            else:
-                save_lora(erasure.patch, path, arch=erasure.arch, field="filename_prefix")
+            # the erasure's patch is already relative to the weights it was solved on (see the Erase node)
+            save_erasure(format, path, erasure.patch, erasure.arch, artifacts=erasure.artifacts, report=erasure.report,
+                         checkpoint=lambda out: self._checkpoint(out, erasure, model, clip, vae, prompt, extra_pnginfo),
+                         field="filename_prefix")
         except EraserError as exc:
             raise node_error(exc) from None
         log.info("[Concept Eraser] saved %s (%s)", path, format)
@@ -332,6 +323,7 @@ class SaveErasure:
         # ComfyUI's writer, into a partial file that becomes `path` only when complete and never over another file
         with atomic_output(path, field="filename_prefix") as (_, partial):
             comfy.sd.save_checkpoint(str(partial), model, clip, vae, metadata=metadata, extra_keys=extra_keys)
+        return path
 
 
 NODE_CLASS_MAPPINGS = {

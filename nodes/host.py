@@ -31,7 +31,6 @@ from ..concept_eraser.patch import DeltaEdit, ErasurePatch, LowRankEdit, check_f
 log = logging.getLogger("concept_eraser")
 
 COMFY_UNET = "diffusion_model."
-WINDOW = 77
 # ModelPatcher attachments (copied by clone()): where the model came from, and the provenance of the
 # erasures already on it, oldest first -- what the Save node writes into a checkpoint.
 SOURCE_ATTACHMENT = "concept_eraser.source"
@@ -91,9 +90,10 @@ class ComfyTextEncoder:
     """Per-token features through the host's own CLIP (`tokenize` + `encode_from_tokens`): exactly the
     context ComfyUI's CLIPTextEncode gives the U-Net, clip skip (CLIPSetLastLayer) and patches included."""
 
-    def __init__(self, clip, pooled: bool):
+    def __init__(self, clip, pooled: bool, window: int):
         self.clip = clip
         self.pooled = pooled
+        self.window = window  # the family's token window (`EncoderSpec.window`)
         # one erase encodes the same prompts several times (method, probe); the CLIP does not change meanwhile
         self._cache: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
 
@@ -101,13 +101,14 @@ class ComfyTextEncoder:
     def _encode_one(self, prompt: str) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         tokens = self.clip.tokenize(literal(prompt), return_word_ids=True)
         if any(len(chunks) > 1 for chunks in tokens.values()):
-            log.warning("prompt %r is longer than 75 tokens; only the first 75 are used", prompt[:40])
+            log.warning("prompt %r is longer than %d tokens; only the first %d are used", prompt[:40],
+                        self.window - 2, self.window - 2)
         first = {slot: chunks[:1] for slot, chunks in tokens.items()}
         chunk = next(iter(first.values()))[0]
         words = sum(1 for t in chunk if len(t) > 2 and t[2] > 0)
         out = self.clip.encode_from_tokens(first, return_pooled=True, return_dict=True)
         pooled = out["pooled_output"][0].float() if self.pooled else None
-        return out["cond"][0, :WINDOW].float(), min(words + 2, WINDOW), pooled
+        return out["cond"][0, :self.window].float(), min(words + 2, self.window), pooled
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         features, lengths, pooled = [], [], []
@@ -120,7 +121,7 @@ class ComfyTextEncoder:
             if p is not None:
                 pooled.append(p)
         device = features[0].device if features else torch.device("cpu")
-        stacked = torch.stack(features) if features else torch.zeros(0, WINDOW, 0)
+        stacked = torch.stack(features) if features else torch.zeros(0, self.window, 0)
         return EncodedPrompts(tuple(prompts), stacked.to(device), tuple(lengths),
                               torch.stack(pooled) if pooled else None)
 
@@ -200,7 +201,7 @@ class ComfyModel:
         self.arch = _clip_layer_encoders(arch, clip)
         self._unet_patches: dict | None = None
         self._clip_patches: dict | None = None
-        self._text_encoder = ComfyTextEncoder(clip, any(e.pooled for e in arch.encoders))
+        self._text_encoder = ComfyTextEncoder(clip, any(e.pooled for e in arch.encoders), arch.encoders[0].window)
 
     # ---- EditableModel -------------------------------------------------------------------------
     @property
@@ -398,7 +399,7 @@ def reserve_device_memory(adapter: ComfyModel, text_encoder: bool) -> None:
 
     if adapter.device.type == "cpu":
         return
-    need = 2 * sum(4 * adapter.unet_shapes[COMFY_UNET + k[len(UNET_PREFIX):]].numel() for k in adapter.arch.kv_keys)
+    need = 2 * sum(4 * adapter.unet_shapes[COMFY_UNET + k[len(UNET_PREFIX):]].numel() for k in adapter.arch.map_keys())
     if text_encoder:
         need += sum(4 * s.numel() for s in adapter.clip_shapes.values())
     comfy.model_management.free_memory(need + (512 << 20), adapter.device)
@@ -411,8 +412,8 @@ def describe_layout(arch: ArchSpec, unet_shapes: dict[str, Any]) -> str:
         where = "last layer" if e.hidden_layer == -1 else f"hidden layer {e.hidden_layer}"
         lines.append(f"  {e.name}: {e.layers} blocks × {e.width}, {where}{', final norm' if e.final_norm else ''}"
                      f"{', pooled output' if e.pooled else ''}")
-    lines += ["", f"cross-attention K/V ({len(arch.kv_keys)} matrices, out × context):"]
-    for key in arch.kv_keys:
+    lines += ["", f"cross-attention K/V ({len(arch.map_keys())} matrices, out × context):"]
+    for key in arch.map_keys():
         if key.endswith("to_k.weight"):
             name = key[len(UNET_PREFIX):-len(".attn2.to_k.weight")]
             shape = tuple(unet_shapes.get(COMFY_UNET + key[len(UNET_PREFIX):], ()))

@@ -23,12 +23,12 @@ def test_detects_each_family_and_lists_every_cross_attention_kv(tiny_checkpoints
     model = CheckpointModel(tiny_checkpoints[family])
     arch = model.arch
     assert arch.family == family and arch.variant == "base"
-    assert len(arch.kv_keys) == 2 * layers
-    assert all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in arch.kv_keys)
+    assert len(arch.map_keys()) == 2 * layers
+    assert all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in arch.map_keys())
     expected = {k for k in model.reader.keys() if ".attn2.to_k." in k or ".attn2.to_v." in k}
-    assert set(arch.kv_keys) == expected
+    assert set(arch.map_keys()) == expected
     assert arch.context_dim == context
-    assert {model.reader.infos[k].shape[0] for k in arch.kv_keys} == widths
+    assert {model.reader.infos[k].shape[0] for k in arch.map_keys()} == widths
     assert [e.name for e in arch.encoders] == encoders
 
 

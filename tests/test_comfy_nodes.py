@@ -210,13 +210,13 @@ def test_adapter_serves_the_checkpoint_keys_and_weights(host, sd15):
     adapter = ComfyModel(sd15["model"], sd15["clip"])
     ours = CheckpointModel(sd15["path"])
     assert adapter.arch.family == ours.arch.family == "sd1"
-    assert adapter.arch.kv_keys == ours.arch.kv_keys and len(ours.arch.kv_keys) == 14
+    assert adapter.arch.map_keys() == ours.arch.map_keys() and len(ours.arch.map_keys()) == 14
     fields = ("name", "layout", "width", "layers", "hidden_layer", "final_norm", "pooled")
     assert [[getattr(e, f) for f in fields] for e in adapter.arch.encoders] == \
         [[getattr(e, f) for f in fields] for e in ours.arch.encoders]
     text = [k for k in ours.keys() if k.startswith("cond_stage_model.") and not k.endswith("position_ids")]
-    assert set(text) <= set(adapter.keys()) and set(ours.arch.kv_keys) <= set(adapter.keys())
-    for key in list(ours.arch.kv_keys[:4]) + text[:6]:
+    assert set(text) <= set(adapter.keys()) and set(ours.arch.map_keys()) <= set(adapter.keys())
+    for key in list(ours.arch.map_keys()[:4]) + text[:6]:
         got = adapter.weight(key)
         assert got.dtype == torch.float32  # the dtype ComfyUI runs this model in on a CPU
         assert torch.equal(got.cpu(), ours.weight(key).float()), key
@@ -242,7 +242,7 @@ def test_adapter_maps_openclip_fused_keys(host, sd15, family):
     try:
         adapter = host_mod.ComfyModel(model, clip)
         ours = CheckpointModel(path)
-        assert adapter.arch.family == ours.arch.family == family and adapter.arch.kv_keys == ours.arch.kv_keys
+        assert adapter.arch.family == ours.arch.family == family and adapter.arch.map_keys() == ours.arch.map_keys()
         assert [e.name for e in adapter.arch.encoders] == [e.name for e in ours.arch.encoders]
         g = ours.arch.encoders[-1].prefix
         fused, proj = g + "transformer.resblocks.3.attn.in_proj_weight", g + "text_projection"
@@ -360,7 +360,7 @@ def test_erasepro_edits_comfy_clip_and_reads_clip_skip(host, sd15):
     guide = adapter.text_encoder.encode(["a painter"])
     rows = max(target.lengths[0], guide.lengths[0])
     X, Y = target.features[0, :rows].T, guide.features[0, :rows].T
-    for key in adapter.arch.kv_keys[:4]:
+    for key in adapter.arch.map_keys()[:4]:
         wanted = adapter.weight(key) @ Y
         residual = ((erased.weight(key) @ X - wanted).norm() / wanted.norm()).item()
         assert residual < 1e-2, (key, residual)
@@ -570,7 +570,7 @@ def test_apply_refuses_a_patch_made_for_another_checkpoint_unless_forced(host, s
     adapter = pack_module("nodes.host").ComfyModel(sd15["model"], sd15["clip"])
     other = sd15["model"].clone()
     other.add_patches({"diffusion_model." + k[len(UNET):]: ("diff", (0.05 * adapter.weight(k).float(),))
-                       for k in adapter.arch.kv_keys}, 1.0)
+                       for k in adapter.arch.map_keys()}, 1.0)
     apply = node(host, "ConceptEraserApplyPatch")
     source = uce["erasure"].report["source"]["name"]
     with pytest.raises(ValueError, match=f"^erasure_name: the patch was made for another checkpoint, {source} .*"
@@ -625,15 +625,17 @@ def test_report_node(host, uce):
     # every glyph of the plot's title exists in the font it is drawn with (no boxes)
     from PIL import Image, ImageDraw
 
-    views = pack_module("nodes.views")
-    font = views._font(13)
+    from concept_eraser.report import font as report_font
+    from concept_eraser.report import plot_title
+
+    font = report_font(13)
 
     def drawn(char):
         image = Image.new("L", (40, 30))
         ImageDraw.Draw(image).text((2, 2), char, font=font, fill=255)
         return image.tobytes()
 
-    title = views.plot_title(uce["erasure"])
+    title = plot_title(uce["erasure"].report)
     assert [c for c in title if drawn(c) == drawn("\uffff")] == [], title
     assert plot.shape == (1, 420, 960, 3) and 0 <= plot.min() and plot.max() <= 1 and plot.std() > 0.05
     assert out["ui"]["text"] == [text] and out["ui"]["images"][0]["type"] == "temp"

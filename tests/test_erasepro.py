@@ -98,7 +98,7 @@ def test_zero_residual_at_every_edited_layer_of_the_saved_checkpoint(erased):
             assert (W_o @ X - W_o @ Y).norm() / (W_o @ Y).norm() > 1e-2  # the edit did something
             checked.add(key)
     X, Y = columns(x_context, x_cols), columns(y_context, y_cols)
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         W, W_o = edited.tensors[key], original.tensors[key]
         assert (W @ X - W_o @ Y).norm() / (W_o @ Y).norm() <= 1e-5, key
         checked.add(key)
@@ -109,7 +109,7 @@ def test_zero_residual_at_every_edited_layer_of_the_saved_checkpoint(erased):
     te_keys = {k for k in result.patch.edits if not k.startswith("model.diffusion_model.")}
     per_block = {spec.name: 1 if spec.layout == "open_clip" else 3 for spec in model.arch.encoders}
     assert len(te_keys) == sum(per_block[name] * count for name, count in expected_blocks.items())
-    assert te_keys | set(model.arch.kv_keys) == checked == set(result.patch.edits)
+    assert te_keys | set(model.arch.map_keys()) == checked == set(result.patch.edits)
     assert all(torch.equal(edited.tensors[k], original.tensors[k]) for k in original.tensors if k not in checked)
     assert result.report["max_residual"] <= 1e-5
 

@@ -49,7 +49,7 @@ def kv_outputs(model, texts):
     """Every K/V matrix times the last word's and the EOS token's features: [n, Σ outputs × 2]."""
     encoded = model.text_encoder.encode(texts)
     columns = torch.stack([encoded.features[i, [max(n - 2, 0), n - 1]] for i, n in enumerate(encoded.lengths)])
-    outputs = [columns.double() @ model.weight(k).double().T for k in model.arch.kv_keys]
+    outputs = [columns.double() @ model.weight(k).double().T for k in model.arch.map_keys()]
     return torch.cat(outputs, dim=-1).flatten(1)
 
 
@@ -145,3 +145,19 @@ def test_presets_carry_provenance_and_licence_and_reach_the_command_line(tiny_ch
                  "--out", str(tmp_path / "p.safetensors"), "--format", "patch", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["concepts"]["erase"] == ["logo", *[w for w in presets.load("watermarks")
                                                                             if w != "logo"]]
+
+
+def test_target_unsaid_rows_replace_the_target_by_what_the_guide_stands_for():
+    """The unseen attack's floor: its scenes with the target worded as the guide (not at all for the empty guide)."""
+    from concept_eraser.toyworld.benchmark import TASKS
+    from concept_eraser.toyworld.expansion_bench import target_unsaid, unseen_attack
+
+    words = {"shape": world.SHAPE_WORDS, "colour": world.COLOUR_WORDS, "background": world.BACKGROUND_WORDS}
+    for task in TASKS:
+        rows = [r for v in task.targets for r in unseen_attack(task.attribute, v, 12)]
+        unsaid = target_unsaid(task, rows)
+        assert [attrs for _, attrs in unsaid] == [attrs for _, attrs in rows]
+        target_words = {w for v in task.targets for w in words[task.attribute][v]} | set(world.IMPLICIT)
+        for text, _ in unsaid:
+            assert not target_words & set(text.split()), text
+            assert task.guide.split()[0] in text.split() if task.guide else True

@@ -152,7 +152,7 @@ def test_fp8_checkpoints_are_solved_in_float32_and_written_back_in_fp8(tmp_path)
         out[name] = load_file(str(save_checkpoint(model, erase(model, "uce", concepts, params).patch,
                                                   tmp_path / f"{name}-erased.safetensors")))
     assert all(t.dtype == torch.float8_e4m3fn for t in out["fp8"].values())
-    kv = CheckpointModel(fp8).arch.kv_keys
+    kv = CheckpointModel(fp8).arch.map_keys()
     changed = sum(not torch.equal(out["fp8"][k].float(), sd[k].float()) for k in kv)
     assert changed == len(kv)
     for key in kv:

@@ -72,7 +72,7 @@ def test_forced_dense_patch_is_a_change_not_a_replacement(sd1_erasure, tmp_path)
     """A dense edit is stored as its change to the weights it was solved on: forced onto another checkpoint it
     adds that change (W' + new − W), it does not copy the first model's weights."""
     model, result = sd1_erasure
-    key = model.arch.kv_keys[0]
+    key = model.arch.map_keys()[0]
     source = model.weight(key)
     new = (source.float() * 0.5 + 0.01).to(source.dtype)
     dense = ErasurePatch("sd1", {key: (DenseEdit(new),)}, result.patch.steps)
@@ -96,8 +96,8 @@ def test_lora_file_reproduces_the_erasure_with_standard_key_names(sd1_erasure, t
     lora = load_file(str(save_lora(result.patch, tmp_path / "lora.safetensors")))
     name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
     assert {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"} <= set(lora)
-    assert len(lora) == 3 * len(model.arch.kv_keys)
-    for key in model.arch.kv_keys:
+    assert len(lora) == 3 * len(model.arch.map_keys())
+    for key in model.arch.map_keys():
         stem = "lora_unet_" + key[len(UNET):-len(".weight")].replace(".", "_")
         up, down, alpha = lora[stem + ".lora_up.weight"], lora[stem + ".lora_down.weight"], lora[stem + ".alpha"]
         # How every LoRA loader applies it: W + (alpha / rank) · up @ down.
@@ -125,7 +125,7 @@ def test_erasing_an_erased_checkpoint_records_both_steps_and_patches_compose(sd1
     assert steps[1]["source"]["sha256"] == file_sha256(once)
     composed = first.patch.then(second.patch)
     direct = load_file(str(twice))
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         torch.testing.assert_close(composed.apply_to(key, model.weight(key)), direct[key], rtol=0, atol=2e-3)
 
 

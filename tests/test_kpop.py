@@ -56,7 +56,7 @@ def test_loss_gradients_match_finite_differences(toyworld, rng):
     keys = [k for k in trainable_keys(params, "xattn") if "middle_block" in k]
     weights = {k: (params[k].double() + 0.01 * torch.randn(params[k].shape, generator=rng, dtype=torch.float64))
                .requires_grad_(True) for k in keys}
-    layers = injection_keys(toyworld.arch.kv_keys, "mid")
+    layers = injection_keys(toyworld.arch.map_keys(), "mid")
     window, dim = features.shape[1:]
     def random_tokens():
         return (0.5 * torch.randn(window, dim, generator=rng, dtype=torch.float64)).requires_grad_()
@@ -95,7 +95,7 @@ def test_concatenated_copies_of_the_text_change_nothing(toyworld, rng):
     features = toyworld.text_encoder.encode(["a red circle"]).features
     z, t = torch.randn(1, 3, 16, 16, generator=rng), torch.tensor([600])
     plain = den.eps(z, t, features)
-    layers = injection_keys(toyworld.arch.kv_keys, "all")
+    layers = injection_keys(toyworld.arch.map_keys(), "all")
     copies = features[0].repeat(3, 1)
     same = den.eps(z, t, features, prompt=PromptInjection(layers, copies, copies))
     torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-5)
@@ -175,7 +175,7 @@ def test_deterministic_and_prompt_returned(toyworld):
     assert torch.equal(first.artifacts["prompt_k"], second.artifacts["prompt_k"])
     window = toyworld.text_encoder.encode([""]).features.shape[1]
     assert first.artifacts["prompt_k"].shape[0] == window  # prompt_size 1 × the text window
-    assert first.report["prompt_layers"] == list(injection_keys(toyworld.arch.kv_keys, "mid"))
+    assert first.report["prompt_layers"] == list(injection_keys(toyworld.arch.map_keys(), "mid"))
     assert first.patch.steps[0]["results"]["steps"] == QUICK["steps"]
 
 

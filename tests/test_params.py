@@ -38,8 +38,20 @@ def test_a_choice_must_be_text():
 
 
 def test_numbers_still_come_as_numbers_or_text():
-    assert resolve(METHODS["uce"].params, {"lam": "0.25"}, "uce")["lam"] == 0.25
-    assert resolve(METHODS["uce"].params, {"lam": 2}, "uce")["lam"] == 2.0
+    assert resolve(METHODS["uce"].params, {"lam": "0.25"}, "uce").lam == 0.25
+    assert resolve(METHODS["uce"].params, {"lam": 2}, "uce").lam == 2.0
+
+
+def test_resolved_values_are_read_as_attributes_and_recorded_as_a_dict():
+    values = resolve(METHODS["rece"].params, {"epochs": "3"}, "rece")
+    assert values.epochs == 3 and values.lam == 0.1 and values.epoch is None
+    assert dict(values) == {p.name: values[p.name] for p in METHODS["rece"].params}  # reports and provenance
+    with pytest.raises(AttributeError, match="no parameter 'epoch_count'.*epochs"):
+        values.epoch_count  # noqa: B018 - a misspelt parameter is an error, not None
+    with pytest.raises(AttributeError, match="read-only"):
+        values.lam = 1.0
+    changed = values.replace(token_policy="all_tokens")
+    assert changed.token_policy == "all_tokens" and values.token_policy == "last_word_to_end"
 
 
 def test_the_route_and_tab_refuse_lam_true_naming_the_field():

@@ -10,10 +10,9 @@ from safetensors import safe_open
 from concept_eraser import METHODS, CheckpointModel, Concepts, erase, save_checkpoint, save_lora
 from concept_eraser.errors import InvalidParameterError
 from concept_eraser.methods.base import ErasureMethod
-from concept_eraser.models.arch import detect
+from concept_eraser.models.arch import SDXL, detect
 from concept_eraser.models.text_encoders import hf_state_dict
 from concept_eraser.params import Param
-from concept_eraser.pooled import ADM_KEY
 from concept_eraser.tiny import make_tiny_checkpoint
 from concept_eraser.tokenizer import EOS_ID, tokenize
 
@@ -69,9 +68,9 @@ def test_pooled_edit_is_the_ridge_optimum_and_touches_only_the_pooled_columns(so
     result = erase(model, "uce", Concepts.build(TARGETS, GUIDES, PRESERVE), values)
     before, after = read(source), read(save_checkpoint(model, result.patch, tmp_path / "erased.safetensors"))
     width = model.arch.encoders[1].width
-    W_o, W = before[ADM_KEY][:, :width], after[ADM_KEY][:, :width]
-    assert torch.equal(after[ADM_KEY][:, width:], before[ADM_KEY][:, width:])  # size/crop columns kept
-    bias = ADM_KEY.replace(".weight", ".bias")
+    W_o, W = before[SDXL.ADM_KEY][:, :width], after[SDXL.ADM_KEY][:, :width]
+    assert torch.equal(after[SDXL.ADM_KEY][:, width:], before[SDXL.ADM_KEY][:, width:])  # size/crop columns kept
+    bias = SDXL.ADM_KEY.replace(".weight", ".bias")
     assert torch.equal(after[bias], before[bias])
 
     P_E, P_G = pooled(before, TARGETS).T, pooled(before, GUIDES).T
@@ -104,7 +103,7 @@ def test_pooled_edit_follows_a_text_encoder_edit(source, tmp_path):
     result = erase(model, "erasepro", Concepts.build(TARGETS, GUIDES, PRESERVE), values)
     before, after = read(source), read(save_checkpoint(model, result.patch, tmp_path / "erased.safetensors"))
     width = model.arch.encoders[1].width
-    W_o, W = before[ADM_KEY][:, :width], after[ADM_KEY][:, :width]
+    W_o, W = before[SDXL.ADM_KEY][:, :width], after[SDXL.ADM_KEY][:, :width]
     kept = ["", *PRESERVE]
     P_E, P_P = pooled(after, TARGETS).T, pooled(after, kept).T
     P_G, P_P0 = pooled(before, GUIDES).T, pooled(before, kept).T
@@ -117,7 +116,7 @@ def test_every_method_offers_the_pooled_option_off_by_default(source):
         params = {p.name: p for p in method.params}
         assert params["pooled_edit"].default is False and "pooled_lam" in params, method.name
     result = erase(CheckpointModel(source), "uce", Concepts.build(TARGETS), {"token_policy": "last_word"})
-    assert ADM_KEY not in result.patch.edits
+    assert SDXL.ADM_KEY not in result.patch.edits
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

@@ -42,7 +42,7 @@ def test_one_epoch_equals_a_direct_transcription_of_rece(sd1_float32):
     enc = model.text_encoder.encode(["Van Gogh", "a painting", "", "Claude Monet"]).features.double().numpy()
     c, g = enc[0].T, enc[1].T  # all 77 positions, paired position by position
     preserved = np.hstack([enc[2].T, enc[3].T])  # '' (always preserved) and Monet, 77 tokens each
-    keys = model.arch.kv_keys
+    keys = model.arch.map_keys()
     originals = {k: model.weight(k).double().numpy() for k in keys}
     uce_step = {k: uce_reference(originals[k], c, g, preserved, 0.5, s_e, max(0.1, 1 / 2)) for k in keys}
     zero = erase(model, "rece", CONCEPTS, {"epochs": 1, "epoch": 0, "token_policy": "all_tokens"})
@@ -64,7 +64,7 @@ def test_the_derivation_is_float64_where_a_float32_gram_is_not(sd1_float32):
     """RECE's Eq. 8 at the art setting λ_r = 1e-3 from G_o = Σ W_oᵀW_o in float64 matches a float64 least-squares
     solve of the stacked system; the same sums formed in float32 (the earlier probe) do not."""
     torch.manual_seed(0)
-    keys = sd1_float32.arch.kv_keys
+    keys = sd1_float32.arch.map_keys()
     weights = [sd1_float32.weight(k).double() * torch.logspace(0, 2, sd1_float32.weight(k).shape[1]) for k in keys]
     d = weights[0].shape[1]
     features = torch.randn(d, 12, dtype=torch.float64)
@@ -86,13 +86,13 @@ def test_epoch_zero_is_uce_and_epoch_k_equals_epochs_k(tiny_checkpoints):
     model = CheckpointModel(tiny_checkpoints["sd1"])
     uce = erase(model, "uce", CONCEPTS)  # UCE at its defaults = RECE's first step at its defaults
     zero = erase(model, "rece", CONCEPTS, {"epochs": 0})
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         W = model.weight(key)
         assert torch.equal(zero.patch.apply_to(key, W), uce.patch.apply_to(key, W))
 
     three = erase(model, "rece", CONCEPTS, {"epochs": 3, "epoch": 1})
     one = erase(model, "rece", CONCEPTS, {"epochs": 1, "epoch": 1})
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         W = model.weight(key)
         assert torch.equal(three.patch.apply_to(key, W), one.patch.apply_to(key, W))
     assert three.report["epoch_returned"] == 1 and len(three.report["epochs"]) == 4
@@ -127,10 +127,10 @@ def test_epoch_auto_keeps_the_last_epoch_within_the_preserved_budget(sd1_float32
     for t, figure in enumerate(auto.report["epochs"]):
         patch = erase(model, "rece", CONCEPTS, {"epochs": 3, "epoch": t}).patch
         moved = sum((((patch.apply_to(k, model.weight(k)).double() - model.weight(k).double()) @ C_P) ** 2).sum()
-                    for k in model.arch.kv_keys)
-        before = sum(((model.weight(k).double() @ C_P) ** 2).sum() for k in model.arch.kv_keys)
+                    for k in model.arch.map_keys())
+        before = sum(((model.weight(k).double() @ C_P) ** 2).sum() for k in model.arch.map_keys())
         assert figure["preserved_change"] == pytest.approx((moved / before).sqrt().item(), rel=1e-3)
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         W = model.weight(key)
         assert torch.equal(auto.patch.apply_to(key, W), given.patch.apply_to(key, W))
 

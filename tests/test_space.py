@@ -188,13 +188,13 @@ def test_sparse_patch_round_trips_and_reports_its_storage(sdxl, tmp_path):
 
     path = save_patch(result.patch, tmp_path / "space.safetensors")
     loaded = load_patch(path)
-    for key in sdxl.arch.kv_keys:
+    for key in sdxl.arch.map_keys():
         W = sdxl.weight(key)
         assert torch.equal(loaded.apply_to(key, W), result.patch.apply_to(key, W))
     storage = report["storage"]
     stored = sum(t.numel() * t.element_size() for (e,) in edits.values() for t in e.tensors().values())
     assert storage["sparse_bytes"] == stored == result.patch.nbytes()
-    assert storage["dense_bytes"] == sum(sdxl.weight(k).numel() * 2 for k in sdxl.arch.kv_keys)
+    assert storage["dense_bytes"] == sum(sdxl.weight(k).numel() * 2 for k in sdxl.arch.map_keys())
     assert 0 < storage["compressed_bytes"] < storage["sparse_bytes"]
     assert stored < path.stat().st_size < stored + 200_000  # the file holds the non-zeros (plus its header)
 
@@ -217,7 +217,7 @@ def test_mu_zero_through_the_method_is_uce_and_short_runs_warn(sdxl):
     space = erase(sdxl, "space", CONCEPTS, {**shared, "mu": 0.0})
     uce = erase(sdxl, "uce", CONCEPTS, shared)
     assert space.report["space"]["total"]["converged"] and space.report["space"]["total"]["iterations"] <= 3
-    for key in sdxl.arch.kv_keys:
+    for key in sdxl.arch.map_keys():
         W = sdxl.weight(key)
         torch.testing.assert_close(space.patch.apply_to(key, W), uce.patch.apply_to(key, W), rtol=2e-3, atol=2e-3)
 

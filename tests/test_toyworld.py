@@ -52,7 +52,7 @@ def test_judge_reads_fresh_renders_and_does_not_call_blobs_circles(the_judge):
 
 def test_the_checkpoint_is_a_toyworld_checkpoint_with_a_word_tokenizer(toy_model):
     assert toy_model.arch.family == "toyworld"
-    assert len(toy_model.arch.kv_keys) > 0 and all(".attn2.to_" in k for k in toy_model.arch.kv_keys)
+    assert len(toy_model.arch.map_keys()) > 0 and all(".attn2.to_" in k for k in toy_model.arch.map_keys())
     encoded = toy_model.text_encoder.encode(["a red circle on a striped background", "", "a zorblax"])
     window = toy_model.arch.encoders[0].window
     assert encoded.features.shape == (3, window, toy_model.arch.context_dim)

@@ -119,7 +119,7 @@ def test_checkpoint_erasure_equals_a_per_matrix_reference(tiny_checkpoints):
         count = 77 - max(s_t, s_g)
         pairs += list(zip(f[t, s_t:s_t + count], f[g, s_g:s_g + count]))
     preserved = list(f[3]) + list(f[4])
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         W_o = model.weight(key).double()
         mat1 = 0.3 * W_o
         mat2 = 0.3 * torch.eye(W_o.shape[1], dtype=torch.float64)
@@ -137,10 +137,10 @@ def test_checkpoint_erasure_equals_a_per_matrix_reference(tiny_checkpoints):
 
 def test_the_result_is_written_in_the_model_dtype_and_the_input_is_untouched(tiny_checkpoints):
     model = CheckpointModel(tiny_checkpoints["sdxl"])
-    before = {k: model.weight(k).clone() for k in model.arch.kv_keys}
+    before = {k: model.weight(k).clone() for k in model.arch.map_keys()}
     result = erase(model, "uce", Concepts.build(["Van Gogh"]), {"token_policy": "last_word", "solve_dtype": "float32"})
     assert len(result.patch.edits) == 140
-    for key in model.arch.kv_keys:
+    for key in model.arch.map_keys():
         assert result.patch.apply_to(key, before[key]).dtype == torch.float16
         assert torch.equal(model.weight(key), before[key])
     changes = [v["relative_change"] for v in result.report["layers"].values()]

@@ -71,7 +71,7 @@ def test_a1111_live_keys_are_the_checkpoint_keys(a1111):
     for key in expected:  # same values (the fake's text encoder is fp32, the file fp16)
         assert torch.equal(live.tensors.read(key).to(state[key].dtype), state[key]), key
     arch = live.editable(()).arch
-    assert arch.family == "sd1" and arch.kv_keys == CheckpointModel(path).arch.kv_keys
+    assert arch.family == "sd1" and arch.map_keys() == CheckpointModel(path).arch.map_keys()
 
 
 def test_host_text_features_equal_the_solvers_own_encoder(a1111):
@@ -140,7 +140,7 @@ def test_erase_changes_kv_in_place_and_restore_is_bit_identical(a1111):
     assert model.model.diffusion_model.get_parameter(K0[len(UNET_PREFIX):]) is k0  # same parameter, edited in place
     after = snapshot(live)
     changed = {k for k in before if before[k] != after[k]}
-    assert changed == set(live.editable(()).arch.kv_keys) == set(service.session.backups)
+    assert changed == set(live.editable(()).arch.map_keys()) == set(service.session.backups)
     assert k0.dtype == torch.float16
     assert result["status"]["erasures"][0]["erase"] == ["van gogh"]
     assert "1 erasure(s) active on tiny-sd1.safetensors" in result["status"]["text"]

@@ -56,19 +56,21 @@ def test_default_widget_values_resolve_to_the_methods_defaults():
 
 
 def test_erase_with_a_bad_value_shows_a_message_naming_the_field(tab):
-    status, message, report = tab.erase("task(bad)", "van gogh", "", "", "uce", *values_for("uce", lam=-1))
-    assert "params.lam" in message and "⚠" in message and report == ""
+    status, message, report, plot = tab.erase("task(bad)", "van gogh", "", "", "uce", *values_for("uce", lam=-1))
+    assert "params.lam" in message and "⚠" in message and report == "" and plot is None
     assert ("finish", "task(bad)") in tab.webui.progress.events  # the progress bar stops
     assert status.startswith("No erasure active on tiny-sd1.safetensors")
-    status, message, _ = tab.erase("", "", "", "", "uce", *values_for("uce"))
+    status, message, _, _ = tab.erase("", "", "", "", "uce", *values_for("uce"))
     assert "erase: give at least one concept" in message
 
 
 def test_erase_restore_and_status_line(tab):
-    status, message, report = tab.erase("task(abc)", "van gogh", "", "monet", "uce", *values_for("uce"))
+    status, message, report, plot = tab.erase("task(abc)", "van gogh", "", "monet", "uce", *values_for("uce"))
     assert "✓" in message and "UCE erased van gogh" in message
     assert status.startswith("1 erasure(s) active on tiny-sd1.safetensors") and "keeping monet" in status
-    assert '"method": "uce"' in report
+    # the human-readable report and plot of ComfyUI's Erasure Report node, not JSON
+    assert report.startswith("uce: erased van gogh in ") and "\nmethod: uce " in report and "recoverability" in report
+    assert plot.size == (960, 420) and len(set(plot.getdata())) > 3
     assert ("start", "task(abc)") in tab.webui.progress.events and ("finish", "task(abc)") in tab.webui.progress.events
     status, message = tab.restore("")
     assert "restored 32 tensors" in message and status.startswith("No erasure active")
@@ -76,9 +78,9 @@ def test_erase_restore_and_status_line(tab):
 
 
 def test_an_unconverged_space_run_says_so_in_the_message(tab):
-    _status, message, report = tab.erase("", "van gogh", "", "", "space", *values_for("space", iterations=2))
+    _status, message, report, _plot = tab.erase("", "van gogh", "", "", "space", *values_for("space", iterations=2))
     assert "SPACE erased van gogh" in message and "WARNING: SPACE stopped at iterations=2" in message
-    assert "✓" not in message and '"converged": false' in report
+    assert "✓" not in message and "converged: NO after 2 iterations" in report
 
 
 def test_preview_reads_the_captured_txt2img_settings(tab, monkeypatch):
@@ -121,10 +123,10 @@ def test_method_choice_shows_only_that_methods_parameters_and_help():
 
 
 def test_the_tab_offers_display_names_and_erases_with_them(tab):
-    _status, message, report = tab.erase("", "van gogh", "", "", METHODS["uce"].title, *values_for("uce"))
-    assert "UCE erased van gogh" in message and '"method": "uce"' in report
-    _status, message, report = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
-    assert "ErasePro erased monet" in message and '"method": "erasepro"' in report
+    _status, message, report, _ = tab.erase("", "van gogh", "", "", METHODS["uce"].title, *values_for("uce"))
+    assert "UCE erased van gogh" in message and "\nmethod: uce " in report
+    _status, message, report, _ = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
+    assert "ErasePro erased monet" in message and "\nmethod: erasepro " in report
 
 
 def test_a_fast_erasure_reports_milliseconds():
@@ -133,7 +135,7 @@ def test_a_fast_erasure_reports_milliseconds():
 
 
 def test_lam_true_is_refused_in_the_tab(tab):
-    _status, message, report = tab.erase("", "van gogh", "", "", "UCE", *values_for("uce", lam=True))
+    _status, message, report, _ = tab.erase("", "van gogh", "", "", "UCE", *values_for("uce", lam=True))
     assert "params.lam" in message and "⚠" in message and report == ""
 
 

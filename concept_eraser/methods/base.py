@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from ..concepts import Concepts
 from ..editable import EditableModel, Progress
 from ..expansion import EXPANSION_PARAMS
-from ..params import Param
+from ..params import Param, Values
 from ..patch import Edit
 from ..pooled import POOLED_PARAMS
 
@@ -46,6 +46,6 @@ class ErasureMethod:
         cls.params = tuple(own) + extra
 
     def run(
-        self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress
+        self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress
     ) -> MethodOutput:
         raise NotImplementedError

@@ -57,22 +57,22 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
-from ..concepts import Concepts
+from ..concepts import Concepts, token_positions
 from ..editable import EditableModel, Progress
 from ..errors import InvalidParameterError
 from ..linalg import default_rcond, right_update_edits, zero_residual_factors
+from ..models.arch import CLIP_WINDOW
 from ..models.layerwise import LayerwiseEncoder, blocks_reaching_unet
-from ..params import Param
+from ..params import Param, Values
 from ..patch import Edit, LowRankEdit, compute_dtype
-from ..tokenizer import WINDOW, tokenizer_for
+from ..tokenizer import tokenizer_for
 from .base import ErasureMethod, MethodOutput
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TOKEN_POLICIES = ("all_tokens", "prompt_tokens", "first_k")
 RESIDUAL_WARNING = 1e-2
 
 ERASEPRO_PARAMS = (
@@ -81,9 +81,9 @@ ERASEPRO_PARAMS = (
     Param("token_policy", str, "all_tokens",
           "token positions that form the constraints, target and guide paired position by position: all_tokens "
           "(all 77), prompt_tokens (BOS, words, EOS of both prompts), first_k (the first k; the paper's "
-          "implicit-nudity variants)", choices=TOKEN_POLICIES),
+          "implicit-nudity variants)", choices=("all_tokens", "prompt_tokens", "first_k")),
     Param("k", int, 5, "with token_policy=first_k: how many leading tokens, BOS included (paper: -w 5, -s 8)",
-          min=1, max=WINDOW, step=1),
+          min=1, max=CLIP_WINDOW, step=1),
     Param("progressive", bool, True, "target features of each block computed through the blocks already edited "
           "(the paper's Algorithm 1); false: from the original model (its Algorithm 2, used for implicit nudity)"),
     Param("edit_unet", bool, True, "also edit the U-Net cross-attention K/V, the last stage of the progression"),
@@ -99,17 +99,6 @@ ERASEPRO_PARAMS = (
 )
 
 
-def token_positions(policy: str, k: int, length_target: int, length_anchor: int, window: int = WINDOW) -> list[int]:
-    """Positions (shared by target and anchor) whose features form the constraint columns."""
-    if policy == "all_tokens":
-        return list(range(window))
-    if policy == "prompt_tokens":
-        return list(range(max(length_target, length_anchor)))
-    if policy == "first_k":
-        return list(range(min(k, window)))
-    raise InvalidParameterError("token_policy", f"{policy!r} is not one of {', '.join(TOKEN_POLICIES)}")
-
-
 def _columns(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """d × N feature columns from [n, 77, d] states."""
     return hidden[rows, positions].T
@@ -122,20 +111,20 @@ class ErasePro(ErasureMethod):
                "cross-attention K/V, shallow to deep; edits the text encoder too")
     params = ERASEPRO_PARAMS
 
-    def run(self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+    def run(self, model: EditableModel, concepts: Concepts, values: Values,
             progress: Progress) -> MethodOutput:
-        start = values["start_layer"] - 1
+        start = values.start_layer - 1
         plan = {spec.name: range(start, blocks_reaching_unet(spec)) for spec in model.arch.encoders}
         blocks = sum(len(r) for r in plan.values())
         if not blocks:  # not one text-encoder block: not ErasePro any more
             deepest = max(blocks_reaching_unet(s) for s in model.arch.encoders)
-            raise InvalidParameterError("start_layer", f"{values['start_layer']} is past the last block the U-Net "
+            raise InvalidParameterError("start_layer", f"{values.start_layer} is past the last block the U-Net "
                                         f"reads ({deepest}): no text-encoder block would be edited")
-        feature_dtype = DTYPES[values["feature_dtype"]]
+        feature_dtype = DTYPES[values.feature_dtype]
 
         # Constraint columns: (current row, anchor row, position). Targets pair with their guides,
         # preserved prompts with themselves.
-        preserve = tuple(dict.fromkeys(concepts.preserve + (("",) if values["preserve_empty"] else ())))
+        preserve = tuple(dict.fromkeys(concepts.preserve + (("",) if values.preserve_empty else ())))
         current = list(dict.fromkeys(concepts.targets + preserve))
         anchors = list(dict.fromkeys(concepts.guides + preserve))
         pairs = list(zip(concepts.targets, concepts.guides)) + [(p, p) for p in preserve]
@@ -144,8 +133,9 @@ class ErasePro(ErasureMethod):
         spec = model.arch.encoders[0]
         tokenize = tokenizer_for(spec)
         for target, anchor in pairs:
-            pos = token_positions(values["token_policy"], values["k"], tokenize(target).length,
-                                  tokenize(anchor).length, spec.window)
+            # this method's policies pair a target's positions with the same positions of its guide
+            pos, _ = token_positions(values.token_policy, tokenize(target).length, tokenize(anchor).length,
+                                     spec.window, values.k)
             rows_c += [current.index(target)] * len(pos)
             rows_a += [anchors.index(anchor)] * len(pos)
             positions += pos
@@ -153,7 +143,7 @@ class ErasePro(ErasureMethod):
 
         edits: dict[str, tuple[Edit, ...]] = {}
         stages: list[dict] = []
-        total = blocks + (len(model.arch.kv_keys) if values["edit_unet"] else 0)
+        total = blocks + (len(model.arch.map_keys()) if values.edit_unet else 0)
         done = 0
         context_c, context_a = [], []
         clock, building = time.perf_counter(), 0.0
@@ -184,7 +174,7 @@ class ErasePro(ErasureMethod):
                     stages.append({"stage": f"{spec.name} block {i + 1}", **info})
                     for key, edit in block_edits.items():
                         edits[key] = (edit,)
-                        if values["progressive"]:
+                        if values.progressive:
                             # the weights as they will be written (rounded to the model's dtype)
                             encoder.set_weight(key, edit.apply(model.weight(key)))
                     done += 1
@@ -197,23 +187,23 @@ class ErasePro(ErasureMethod):
         seconds = {"build_text_encoders": round(building, 4),
                    "text_encoders": round(time.perf_counter() - clock - building, 4)}
 
-        if values["edit_unet"]:
+        if values.edit_unet:
             clock = time.perf_counter()
             X = _columns(torch.cat(context_c, -1), rows_c, positions)
             Y = _columns(torch.cat(context_a, -1), rows_a, positions)
             unet_edits, info = self._solve(
-                model, model.arch.kv_keys, X, Y, values,
+                model, model.arch.map_keys(), X, Y, values,
                 lambda i, n: progress(done + i, total, "editing cross-attention"))
             stages.append({"stage": "unet cross-attention K/V", **info})
             edits.update({key: (edit,) for key, edit in unet_edits.items()})
             seconds["unet"] = round(time.perf_counter() - clock, 4)
 
         worst = max(stages, key=lambda s: s["residual"])
-        cut = values["rcond"] is not None and worst["rank"] < min(worst["columns"], worst["width"])
+        cut = values.rcond is not None and worst["rank"] < min(worst["columns"], worst["width"])
         if worst["residual"] > RESIDUAL_WARNING and cut:  # the user's rcond dropped directions, not the columns
             warnings.warn(
                 f"ErasePro could not meet its constraints at {worst['stage']} (relative residual "
-                f"{worst['residual']:.2e}): rcond={values['rcond']:g} kept rank {worst['rank']} of its "
+                f"{worst['residual']:.2e}): rcond={values.rcond:g} kept rank {worst['rank']} of its "
                 f"{worst['columns']} columns; lower rcond or leave it empty (max(d, N)·eps)", stacklevel=2)
         elif worst["residual"] > RESIDUAL_WARNING:
             warnings.warn(
@@ -227,11 +217,11 @@ class ErasePro(ErasureMethod):
 
     @staticmethod
     def _solve(model: EditableModel, keys: Sequence[str], X: torch.Tensor, Y: torch.Tensor,
-               values: Mapping[str, Any], progress=None) -> tuple[dict[str, Edit], dict]:
+               values: Values, progress=None) -> tuple[dict[str, Edit], dict]:
         """The zero-residual edits of the matrices `keys`, which all read features X (anchors Y)."""
         d, n = X.shape
-        rcond = values["rcond"] if values["rcond"] is not None else default_rcond(d, n, X.dtype)
-        A, B = zero_residual_factors(X, Y, rcond, DTYPES[values["solve_dtype"]])
+        rcond = values.rcond if values.rcond is not None else default_rcond(d, n, X.dtype)
+        A, B = zero_residual_factors(X, Y, rcond, DTYPES[values.solve_dtype])
         weights = {key: model.weight(key) for key in keys}
         edits = right_update_edits(weights, A, B, progress)
         residual = 0.0

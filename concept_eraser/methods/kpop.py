@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch.nn import functional as F
@@ -34,7 +34,7 @@ from ..concepts import Concepts
 from ..denoiser import INJECTION_MODES, Denoiser, PromptInjection, injection_keys, partial_ddim
 from ..editable import EditableModel, Progress
 from ..errors import InvalidParameterError, NonFiniteResultError, UnsupportedModelError
-from ..params import Param
+from ..params import Param, Values
 from ..patch import DenseEdit, check_finite
 from .base import ErasureMethod, MethodOutput
 
@@ -167,21 +167,21 @@ class KPOP(ErasureMethod):
     summary = "learnable prompt + adversarial fine-tuning of the U-Net (gradient method; minutes, needs a GPU)"
     params = KPOP_PARAMS
 
-    def run(self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+    def run(self, model: EditableModel, concepts: Concepts, values: Values,
             progress: Progress) -> MethodOutput:
         make = getattr(model, "denoiser", None)
         if make is None:
             raise UnsupportedModelError("KPOP trains the U-Net, which this host adapter does not provide")
-        if concepts.preserve and not values["preserve_weight"]:
+        if concepts.preserve and not values.preserve_weight:
             warnings.warn(f"KPOP keeps other concepts through its prompt: the {len(concepts.preserve)} preserved "
                           "concept(s) were not used (preserve_weight > 0 adds ESD's preservation term for them)")
-        training_wordings(concepts.targets, concepts.guides, values["wordings"])  # bad templates: fail before work
-        progress(0, values["steps"], "KPOP: preparing")
-        denoiser: Denoiser = make(resolution=values["resolution"] or None)
+        training_wordings(concepts.targets, concepts.guides, values.wordings)  # bad templates: fail before work
+        progress(0, values.steps, "KPOP: preparing")
+        denoiser: Denoiser = make(resolution=values.resolution or None)
         current = denoiser.parameters()
-        keys = trainable_keys(list(current), values["train"])
+        keys = trainable_keys(list(current), values.train)
         if not keys:
-            raise UnsupportedModelError(f"no U-Net tensors match train={values['train']!r} in this model")
+            raise UnsupportedModelError(f"no U-Net tensors match train={values.train!r} in this model")
         if denoiser.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(denoiser.device)
         # Hosts run nodes under inference mode; training needs autograd and ordinary tensors.
@@ -198,12 +198,12 @@ class KPOP(ErasureMethod):
         prompt = trainer.prompt
         peak = torch.cuda.max_memory_allocated(denoiser.device) if denoiser.device.type == "cuda" else None
         summary = {
-            "steps": values["steps"],
+            "steps": values.steps,
             "training_wordings": len(trainer.pairs),
             "trained_tensors": len(keys),
             "trained_parameters": sum(current[k].numel() for k in keys),
             "final_losses": history[-1]["losses"] if history else {},
-            "seconds_per_step": round(seconds / values["steps"], 4),
+            "seconds_per_step": round(seconds / values.steps, 4),
         }
         if peak is not None:
             summary["peak_gpu_memory_gib"] = round(peak / 2 ** 30, 2)
@@ -217,12 +217,12 @@ class KPOP(ErasureMethod):
 class Trainer:
     """The alternating transfer / removal loop on one denoiser; deterministic for a seed on CPU."""
 
-    def __init__(self, denoiser: Denoiser, model: EditableModel, concepts: Concepts, values: Mapping[str, Any],
+    def __init__(self, denoiser: Denoiser, model: EditableModel, concepts: Concepts, values: Values,
                  keys: list[str]):
         self.denoiser, self.values = denoiser, values
-        self.gen = torch.Generator().manual_seed(values["seed"])
-        self.pairs = training_wordings(concepts.targets, concepts.guides, values["wordings"])
-        preserved = concepts.preserve if values["preserve_weight"] else ()
+        self.gen = torch.Generator().manual_seed(values.seed)
+        self.pairs = training_wordings(concepts.targets, concepts.guides, values.wordings)
+        preserved = concepts.preserve if values.preserve_weight else ()
         prompts = list(dict.fromkeys([p for pair in self.pairs for p in pair] + [""] + list(preserved)))
         encoded = model.text_encoder.encode(prompts)
         row = {p: i for i, p in enumerate(prompts)}
@@ -237,18 +237,18 @@ class Trainer:
         self.pending: list[TrainBatch] = []  # batches drawn from the last sampling run, not yet trained on
         current = denoiser.parameters()
         self.weights = {k: current[k].detach().to(device, torch.float32).clone().requires_grad_(True) for k in keys}
-        self.optimizer = torch.optim.Adam(self.weights.values(), lr=values["lr"])
+        self.optimizer = torch.optim.Adam(self.weights.values(), lr=values.lr)
         self.prompt: PromptInjection | None = None
-        if values["use_prompt"]:
+        if values.use_prompt:
             window, dim = self.features.shape[1:]
-            tokens = window if values["injection"] == "additive" else values["prompt_size"] * window
+            tokens = window if values.injection == "additive" else values.prompt_size * window
             scale = self.features[self.target_rows].std().item()
             def init():
                 return (torch.randn(tokens, dim, generator=self.gen) * scale).to(device).requires_grad_(True)
 
-            layers = injection_keys(model.arch.kv_keys, values["inject_blocks"])
-            self.prompt = PromptInjection(layers, init(), init(), values["injection"])
-            self.prompt_optimizer = torch.optim.Adam([self.prompt.k, self.prompt.v], lr=values["prompt_lr"])
+            layers = injection_keys(model.arch.map_keys(), values.inject_blocks)
+            self.prompt = PromptInjection(layers, init(), init(), values.injection)
+            self.prompt_optimizer = torch.optim.Adam([self.prompt.k, self.prompt.v], lr=values.prompt_lr)
         # fp16 hosts: scale the loss so small gradients survive the half-precision backward pass
         self.scaler = grad_scaler(device, enabled=denoiser.dtype == torch.float16)
 
@@ -308,13 +308,13 @@ class Trainer:
             self._step(loss_e, self.prompt_optimizer, step)
             losses["transfer"] = loss_e.item()
             held = PromptInjection(self.prompt.keys, self.prompt.k.detach(), self.prompt.v.detach(), self.prompt.mode)
-        loss_r, parts = removal_loss(self.denoiser, batch, self.weights, held, self.values["lam"],
-                                     self.values["preserve_weight"])
+        loss_r, parts = removal_loss(self.denoiser, batch, self.weights, held, self.values.lam,
+                                     self.values.preserve_weight)
         self._step(loss_r, self.optimizer, step)
         return losses | parts
 
     def train(self, progress: Progress) -> list[dict]:
-        steps = self.values["steps"]
+        steps = self.values.steps
         every = max(1, steps // 50)
         history = []
         for step in range(steps):

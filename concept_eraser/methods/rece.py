@@ -49,7 +49,7 @@ from ..concepts import Concepts
 from ..editable import EditableModel, Progress
 from ..errors import InvalidParameterError
 from ..linalg import right_update_edits, uce_factors
-from ..params import Param
+from ..params import Param, Values
 from ..probe import RecoveryProbe
 from .base import ErasureMethod, MethodOutput
 from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns, preserve_scale_for
@@ -134,24 +134,24 @@ class RECE(ErasureMethod):
     params = RECE_PARAMS
 
     def run(
-        self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress
+        self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress
     ) -> MethodOutput:
-        epochs, lam_r = values["epochs"], values["lam_r"]
-        if values["epoch"] is not None and values["epoch"] > epochs:
+        epochs, lam_r = values.epochs, values.lam_r
+        if values.epoch is not None and values.epoch > epochs:
             raise InvalidParameterError(
-                "epoch", f"{values['epoch']} is beyond epochs={epochs}: choose 0..{epochs} or raise epochs")
-        lam, s_e, s_p = values["lam"], values["erase_scale"], values["preserve_scale"]
-        dtype = SOLVE_DTYPES[values["solve_dtype"]]
+                "epoch", f"{values.epoch} is beyond epochs={epochs}: choose 0..{epochs} or raise epochs")
+        lam, s_e, s_p = values.lam, values.erase_scale, values.preserve_scale
+        dtype = SOLVE_DTYPES[values.solve_dtype]
         device = model.device
 
         progress(0, 1, "encoding prompts")
         first = gather_columns(model, concepts, values)
-        every = gather_columns(model, concepts, dict(values, token_policy="all_tokens"))
-        n_preserved = len(concepts.preserve) + (1 if values["preserve_empty"] and "" not in concepts.preserve else 0)
-        uce_s_p = preserve_scale_for({"preserve_scale": values["uce_preserve_scale"]}, n_preserved)
+        every = gather_columns(model, concepts, values.replace(token_policy="all_tokens"))
+        n_preserved = len(concepts.preserve) + (1 if values.preserve_empty and "" not in concepts.preserve else 0)
+        uce_s_p = preserve_scale_for(values.uce_preserve_scale, n_preserved)
         # Probe figures over each target's positions 1-76 (BOS is shared by all prompts; see `probe`).
         groups = {t: [j for j, o in enumerate(every.erase_owner) if o == i][1:] for i, t in enumerate(concepts.targets)}
-        keys = model.arch.kv_keys
+        keys = model.arch.map_keys()
         steps, done = 2 * epochs + 3, 0
 
         def tick(message: str):
@@ -166,7 +166,7 @@ class RECE(ErasureMethod):
 
         # 1. UCE (the epochs' "W^new" starts here): 𝒯_0 = I + A Bᵀ. Each step's increment of 𝒯 is kept as
         # factors (𝒯_{t-1} A_t, B_t), so the returned epoch is one low-rank (or dense) edit of W_o.
-        A, B = uce_factors(first.erase, first.guide, first.preserve, values["uce_lam"], s_e, uce_s_p, dtype)
+        A, B = uce_factors(first.erase, first.guide, first.preserve, values.uce_lam, s_e, uce_s_p, dtype)
         ups, downs = [A.to(torch.float64)], [B.to(torch.float64)]
         transform = eye + ups[0] @ downs[0].T
         tick("UCE step")
@@ -188,7 +188,7 @@ class RECE(ErasureMethod):
             transform = transform + ups[-1] @ downs[-1].T
             tick(f"epoch {t + 1}: erasing")
 
-        chosen = select_epoch(figures) if values["epoch"] is None else values["epoch"]
+        chosen = select_epoch(figures) if values.epoch is None else values.epoch
         up, down = torch.cat(ups[: chosen + 1], 1), torch.cat(downs[: chosen + 1], 1)
         edits = right_update_edits({key: model.weight(key) for key in keys}, up, down,
                                    lambda i, n: progress(done, steps, "editing cross-attention"))
@@ -196,12 +196,12 @@ class RECE(ErasureMethod):
             {key: (edit,) for key, edit in edits.items()},
             {
                 "epoch_returned": chosen,
-                "epoch_selected": "auto" if values["epoch"] is None else "given",
+                "epoch_selected": "auto" if values.epoch is None else "given",
                 "epochs": figures,
                 "epoch_figures": "probe of the weights after each epoch (0 = UCE step) with RECE's lam_r, over each "
                                  "target's positions 1-76; preserved_change = ‖ΔK/V of the preserved prompts' "
                                  "77 tokens‖ / ‖their K/V‖",
-                "uce_step": {"lam": values["uce_lam"], "preserve_scale": uce_s_p},
+                "uce_step": {"lam": values.uce_lam, "preserve_scale": uce_s_p},
                 "columns": {"uce_step": first.erase.shape[1], "epochs": every.erase.shape[1],
                             "preserve": every.preserve.shape[1]},
             },

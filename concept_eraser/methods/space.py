@@ -98,7 +98,7 @@ from ..concepts import Columns, Concepts
 from ..editable import EditableModel, Progress
 from ..errors import ConvergenceWarning
 from ..linalg import uce_factors
-from ..params import Param
+from ..params import Param, Values
 from ..patch import SparseEdit, check_finite
 from ..safetensors_io import tensor_bytes
 from .base import ErasureMethod, MethodOutput
@@ -297,7 +297,8 @@ def newton_l1(
     while True:
         G = Y / 2 - R  # ∇(−D)(y) = y/2 + Ṽᵀw_o − Ũᵀx
         distance = relative_distance(G.pow(2).sum().item(), lam, norm2.sum().item())
-        last = products >= 2 * iterations
+        remaining = 2 * iterations - products
+        last = remaining < 5  # no room for a step (CG, the update of R) and the stop (R in float64, the gap)
         if distance <= tol or last:
             if not exact_r:  # R drifted by the float32 rounding of its updates: recompute it in float64
                 R, exact_r = residual(C, ops, WoV, tau), True
@@ -316,7 +317,8 @@ def newton_l1(
         active = torch.empty(n, d, dtype=dtype, device=W_o.device)  # the generalised Jacobian of x(y): |c| > τ
         for b in row_blocks(n, d):
             torch.gt(C[b].abs(), tau, out=active[b])
-        step, UD, cg_products = newton_direction(G.to(dtype), active, U, ops.eig.to(dtype), lam, rtol)
+        step, UD, cg_products = newton_direction(G.to(dtype), active, U, ops.eig.to(dtype), lam, rtol,
+                                                 min(CG_MAX, (remaining - 3) // 2))
         del active
         step = step.double()
         t = line_search(C, UD, G, step, WoV, Y, lam, tau, dX, norm2)  # c moves by −t Ũ Δ/(2λ), row-wise
@@ -358,11 +360,11 @@ def line_search(C, UD, G, step, WoV, Y, lam, tau, dX, norm2) -> torch.Tensor:
 
 
 def newton_direction(G: torch.Tensor, active: torch.Tensor, U: torch.Tensor, eig: torch.Tensor, lam: float,
-                     rtol: float):
+                     rtol: float, most: int = CG_MAX):
     """Solve H Δ = −G row by row, H = I/2 + Ũᵀ diag(active) Ũ/(2λ), to relative residual `rtol`, by
     preconditioned conjugate gradients on all rows at once (one n × d × k product pair per iteration).
     Preconditioner: H with diag(active) replaced by the row's active share times I, diagonal since Ũ's columns
-    are orthogonal (it leaves a condition number of ~3 on SDXL's features). Returns (Δ, Δ Ũᵀ/(2λ), products
+    are orthogonal (it leaves a condition number of ~3 on SDXL's features). At most `most` iterations. Returns (Δ, Δ Ũᵀ/(2λ), products
     made): Δ Ũᵀ is summed from the iterations' own p Ũᵀ, so it costs no product."""
     scale = G.norm(dim=1, keepdim=True)
     live = scale > 0
@@ -375,7 +377,7 @@ def newton_direction(G: torch.Tensor, active: torch.Tensor, U: torch.Tensor, eig
     p = z.clone()
     rz = (r * z).sum(1, keepdim=True)
     products = 0
-    for _ in range(CG_MAX):
+    for _ in range(most):
         pU = torch.mm(p, U.T)
         Hp = torch.mm(pU * active, U).mul_(0.5 / lam).add_(p, alpha=0.5)
         products += 2
@@ -554,36 +556,36 @@ class SPACE(ErasureMethod):
     params = SPACE_PARAMS
 
     def run(
-        self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress
+        self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress
     ) -> MethodOutput:
-        lam, s_e, s_p = values["lam"], values["erase_scale"], values["preserve_scale"]
-        iterations, tol = values["iterations"], values["tol"]
-        dtype = SOLVE_DTYPES[values["solve_dtype"]]
+        lam, s_e, s_p = values.lam, values.erase_scale, values.preserve_scale
+        iterations, tol = values.iterations, values.tol
+        dtype = SOLVE_DTYPES[values.solve_dtype]
         progress(0, 1, "encoding prompts")
         columns = gather_columns(model, concepts, values)
         ops = reduce_operands(*space_operands(columns, s_e, s_p))
         uce = None
-        if values["start"] == "uce":
+        if values.start == "uce":
             uce = uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)  # float64
 
         # The weights are read one chunk at a time and each result is stored sparse in the model's dtype at
         # once: memory is the result plus a few chunk-sized buffers, not a copy of every K/V.
-        keys = model.arch.kv_keys
+        keys = model.arch.map_keys()
         layout = {}  # key → (shape, dtype)
         for key in keys:
             w = model.weight(key)
             layout[key] = (tuple(w.shape), w.dtype)
             del w
         reached, search_seconds = None, 0.0
-        if values["mu"] is None:
-            progress(0, 1, f"choosing μ for {values['sparsity']:.0%} zeros")
+        if values.mu is None:
+            progress(0, 1, f"choosing μ for {values.sparsity:.0%} zeros")
             started = time.perf_counter()
             W_s = sample_rows((model.weight(key) for key in keys), sum(layout[k][0][0] for k in keys), dtype)
-            mu, reached = auto_mu(W_s, ops, lam, uce, values["sparsity"])
+            mu, reached = auto_mu(W_s, ops, lam, uce, values.sparsity)
             search_seconds = time.perf_counter() - started
             del W_s
         else:
-            mu = values["mu"]
+            mu = values.mu
         total_entries = sum(math.prod(shape) for shape, _ in layout.values())
         chunks = weight_chunks({k: shape for k, (shape, _) in layout.items()},
                                min(CHUNK_ENTRIES.get(model.device.type, CHUNK_ENTRIES["cpu"]),
@@ -598,10 +600,10 @@ class SPACE(ErasureMethod):
             Y = dual_start(W_o, ops, uce)
             start = W_o if uce is None else uce_start(W_o, uce)  # W_0: float64 for UCE, c(Y) exactly
             objective_start = objective_rows(start, W_o, Y / 2, ops, lam, mu)  # R = Y/2 at the start point
-            if values["solver"] == "newton":
+            if values.solver == "newton":
                 result = newton_l1(W_o, ops, lam, mu, Y, iterations, tol, None if uce is None else start)
             else:
-                result = fista_l1(W_o, ops, lam, mu, start.to(dtype, copy=True), iterations, tol, values["restart"])
+                result = fista_l1(W_o, ops, lam, mu, start.to(dtype, copy=True), iterations, tol, values.restart)
             del start, Y
             objective = objective_rows(result.weights, W_o, result.residual, ops, lam, mu)
             gap += result.gap
@@ -653,7 +655,7 @@ class SPACE(ErasureMethod):
         return MethodOutput(
             {key: (edit,) for key, edit in edits.items()},
             {"space": {"mu": mu, "mu_sample_sparsity": reached, "mu_search_seconds": round(search_seconds, 3),
-                       "solver": values["solver"], "total": totals,
+                       "solver": values.solver, "total": totals,
                        "matrices": matrices, "storage": storage, "condition": 1.0 + ops.eig.max().item() / lam,
                        "columns": {"erase": columns.erase.shape[1], "preserve": columns.preserve.shape[1],
                                    "rank": len(ops.eig)}}},

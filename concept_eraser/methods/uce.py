@@ -8,14 +8,12 @@ preserve scale max(0.1, 1 / #preserved prompts) with the empty prompt always pre
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 
-from ..concepts import TOKEN_POLICIES, Columns, Concepts, concept_columns
+from ..concepts import Columns, Concepts, concept_columns
 from ..editable import EditableModel, Progress, WeightView
 from ..linalg import right_update_edits, uce_factors
-from ..params import Param
+from ..params import Param, Values
 from .base import ErasureMethod, MethodOutput
 
 SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -29,21 +27,22 @@ UCE_PARAMS = (
           min=0.0, max=1e4, step=0.05, nullable=True),
     Param("token_policy", str, "last_word_to_end",
           "which token features stand for a prompt: last_word_to_end (UCE paper), last_word (UCE's current "
-          "script), all_tokens", choices=TOKEN_POLICIES),
+          "script), all_tokens", choices=("last_word_to_end", "last_word", "all_tokens")),
     Param("preserve_empty", bool, True, "always preserve the empty prompt (UCE paper code does)"),
     Param("solve_dtype", str, "float64", "precision of the factorisation (the edit is written in the model's dtype)",
           choices=tuple(SOLVE_DTYPES)),
 )
 
 
-def preserve_scale_for(values: Mapping[str, Any], columns_prompts: int) -> float:
-    if values["preserve_scale"] is not None:
-        return float(values["preserve_scale"])
+def preserve_scale_for(scale: float | None, columns_prompts: int) -> float:
+    """The preserve scale given, or UCE's rule max(0.1, 1 / #preserved prompts) when none is."""
+    if scale is not None:
+        return float(scale)
     return max(0.1, 1.0 / max(columns_prompts, 1))
 
 
-def gather_columns(model: EditableModel, concepts: Concepts, values: Mapping[str, Any]) -> Columns:
-    columns = concept_columns(model.text_encoder, concepts, values["token_policy"], values["preserve_empty"])
+def gather_columns(model: EditableModel, concepts: Concepts, values: Values) -> Columns:
+    columns = concept_columns(model.text_encoder, concepts, values.token_policy, values.preserve_empty)
     return Columns(*(c.to(model.device) for c in (columns.erase, columns.guide, columns.preserve)), columns.erase_owner)
 
 
@@ -53,14 +52,14 @@ class UCE(ErasureMethod):
     summary = "Unified Concept Editing: one closed-form edit of every cross-attention K/V; seconds, the baseline"
     params = UCE_PARAMS
 
-    def run(self, model: EditableModel, concepts: Concepts, values: Mapping[str, Any], progress: Progress) -> MethodOutput:
+    def run(self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress) -> MethodOutput:
         progress(0, 1, "encoding prompts")
         columns = gather_columns(model, concepts, values)
-        n_preserved = len(concepts.preserve) + (1 if values["preserve_empty"] and "" not in concepts.preserve else 0)
-        scale_p = preserve_scale_for(values, n_preserved)
-        A, B = uce_factors(columns.erase, columns.guide, columns.preserve, values["lam"], values["erase_scale"],
-                           scale_p, SOLVE_DTYPES[values["solve_dtype"]])
-        edits = right_update_edits(WeightView(model, model.arch.kv_keys), A, B,
+        n_preserved = len(concepts.preserve) + (1 if values.preserve_empty and "" not in concepts.preserve else 0)
+        scale_p = preserve_scale_for(values.preserve_scale, n_preserved)
+        A, B = uce_factors(columns.erase, columns.guide, columns.preserve, values.lam, values.erase_scale,
+                           scale_p, SOLVE_DTYPES[values.solve_dtype])
+        edits = right_update_edits(WeightView(model, model.arch.map_keys()), A, B,
                                    lambda i, n: progress(i, n, "editing cross-attention"))
         return MethodOutput(
             {k: (e,) for k, e in edits.items()},

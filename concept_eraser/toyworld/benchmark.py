@@ -223,7 +223,7 @@ class Bench:
         features = self.base.encode(prompts)  # [n, window, d]
         n, window, d = features.shape
         probe = RecoveryProbe(features[:, 1:].reshape(-1, d).T)
-        for key in self.model.arch.kv_keys:
+        for key in self.model.arch.map_keys():
             original = self.model.weight(key)
             probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
         derived = probe.derive(DEFAULT_LAM_R).T.reshape(n, window - 1, d).float()

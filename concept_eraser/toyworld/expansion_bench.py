@@ -82,6 +82,15 @@ def unseen_attack(attribute: str, value: str, n: int) -> list[tuple[str, dict]]:
     return rows
 
 
+def target_unsaid(task: Task, rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The attack's scenes with the target replaced by what the guide stands for (no colour word for the empty
+    guide, "shape" for "shape"): what a perfect erasure would draw, so the share of the target in these samples
+    is the floor of the unseen attack."""
+    def scene(attrs: dict) -> dict:
+        return {a: attrs[a] for a in ATTRIBUTES} | {task.attribute: task.anchor}
+    return [(world.describe(**scene(attrs)), attrs) for _, attrs in rows]
+
+
 def _concepts(task: Task) -> Concepts:
     return Concepts.build([concept_word(task.attribute, v) for v in task.targets], [task.guide],
                           [concept_word(task.attribute, v) for v in ATTRIBUTES[task.attribute] if v not in task.targets])
@@ -96,6 +105,10 @@ def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: di
             "erased": 1 - before["target"].share(task.attribute, task.targets), "preserved": 1.0,
             "paraphrase": before["paraphrase"].share(task.attribute, task.targets),
             "unseen": before["unseen"].share(task.attribute, task.targets), "drift": 0.0, "seconds": 0.0}]
+    floor = bench.run(bench.base, target_unsaid(task, sets["unseen"]), bench.seed + list(sets).index("unseen"))
+    out.append({"task": task.name, "method": "(target unsaid)", "expand": 0, "added": [], "erased": None,
+                "preserved": None, "paraphrase": None, "unseen": floor.share(task.attribute, task.targets),
+                "drift": None, "seconds": None})
     for method, expand in runs:
         start = time.perf_counter()
         result = erase(bench.model, method, _concepts(task), {**settings, "expand": expand})
@@ -119,10 +132,12 @@ def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: di
 def table(results: list[dict]) -> str:
     lines = [("| task | method | expand | erased ↑ | preserved ↑ | paraphrase attack ↓ | unseen attack ↓ | drift ↓ "
               "| solve (s) |"), "|---|---|---|---|---|---|---|---|---|"]
+    def figure(value: float | None, digits: int = 0, scale: float = 100) -> str:
+        return "—" if value is None else f"{scale * value:.{digits}f}"
     for r in results:
-        lines.append(f"| {r['task']} | {r['method']} | {r['expand'] or 'off'} | {100 * r['erased']:.0f} "
-                     f"| {100 * r['preserved']:.0f} | {100 * r['paraphrase']:.0f} | {100 * r['unseen']:.0f} "
-                     f"| {100 * r['drift']:.1f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['task']} | {r['method']} | {r['expand'] or 'off'} | {figure(r['erased'])} "
+                     f"| {figure(r['preserved'])} | {figure(r['paraphrase'])} | {figure(r['unseen'])} "
+                     f"| {figure(r['drift'], 1)} | {figure(r['seconds'], 1, 1)} |")
     return "\n".join(lines)
 
 
