@@ -50,8 +50,8 @@ recomputed by a float64 product before a stop is certified.
 Computation. The matrices are solved in chunks of whole matrices of one width (at most 4 M entries on CPU,
 16 M on CUDA, and 1/64 of all K/V entries), read from the model one chunk at a time; element-wise work and
 float64 copies go a block of 256 k entries at a time, and each matrix's result is stored sparse in the model's
-dtype at once. Memory is the sparse result plus ~30 bytes per chunk entry: on SDXL the peak above the loaded
-model is ~1.5× the fp16 K/V weights at 40 % zeros, most of it the result (CSR costs 4 bytes per non-zero).
+dtype at once. Memory is the sparse result plus ~45 bytes per chunk entry: on SDXL the peak above the loaded
+model was 1.87× the fp16 K/V weights at 39 % zeros, 1.22× of it the result (CSR costs 4 bytes per non-zero).
 
 Variables → paper symbols: ``mu`` μ (sparsity weight), ``lam`` the ridge weight of UCE's Eq. 2,
 ``erase_scale`` / ``preserve_scale`` the weights of its erase / preserve sums, ``U``/``V``/``M`` as above.
