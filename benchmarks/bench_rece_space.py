@@ -14,12 +14,14 @@ Concepts: ``--concepts`` targets with the guide "art", as many preserved prompts
 
 * RECE (synthetic features only; ``--epochs``, default 5): the method's whole run (UCE step, derive-and-erase
   epochs, the per-epoch probe), its time and peak memory; and the recoverability probe alone.
-* SPACE at its defaults (Newton on the dual, automatic μ for the target sparsity, certified stop): the whole
-  method's time, passes over the weights ("iterations": one pass = the cost of one FISTA iteration), Newton
-  steps, whether it converged and the certified distance bound, the μ search's share of the time, sparsity
-  per width, peak memory above the weights against the fp16 K/V weights; then FISTA (``solver=fista``, the
-  paper's solver with adaptive restart) in the same run, at the same μ and tolerance, with as many iterations
-  as Newton made passes (equal work) and with ``--fista-iterations``: its certified distance and time.
+* SPACE at its defaults (Newton on the dual, automatic μ for the target sparsity, certified stop; ``--iterations``
+  sets the cap): the method's time once the prompts are encoded (the encoding is timed apart: every method pays
+  it), passes over the weights ("iterations": one pass = the cost of one FISTA iteration), Newton steps, whether
+  it converged, the certified distance bound and duality gap, the μ search's share of the time, sparsity per
+  width, peak memory above the loaded model against the fp16 K/V weights (a memory-mapped checkpoint's K/V
+  pages are read in first: they are the model's); then FISTA (``solver=fista``, the paper's solver with adaptive
+  restart; ``--no-fista`` skips it) in the same run, at the same μ and tolerance, with as many iterations as
+  Newton made passes (equal work) and with ``--fista-iterations``: its certified distance, time and peak.
 
 ``--quick``: on SDXL only a subset of the matrices (``--subset`` per width) is built and every SDXL time and
 memory figure is scaled to all 140 matrices (work is linear in the matrix count); tiny text encoders for
