@@ -14,12 +14,14 @@ Concepts: ``--concepts`` targets with the guide "art", as many preserved prompts
 
 * RECE (synthetic features only; ``--epochs``, default 5): the method's whole run (UCE step, derive-and-erase
   epochs, the per-epoch probe), its time and peak memory; and the recoverability probe alone.
-* SPACE at its defaults (Newton on the dual, automatic μ for the target sparsity, certified stop): the whole
-  method's time, passes over the weights ("iterations": one pass = the cost of one FISTA iteration), Newton
-  steps, whether it converged and the certified distance bound, the μ search's share of the time, sparsity
-  per width, peak memory above the weights against the fp16 K/V weights; then FISTA (``solver=fista``, the
-  paper's solver with adaptive restart) in the same run, at the same μ and tolerance, with as many iterations
-  as Newton made passes (equal work) and with ``--fista-iterations``: its certified distance and time.
+* SPACE at its defaults (Newton on the dual, automatic μ for the target sparsity, certified stop; ``--iterations``
+  sets the cap): the method's time once the prompts are encoded (the encoding is timed apart: every method pays
+  it), passes over the weights ("iterations": one pass = the cost of one FISTA iteration), Newton steps, whether
+  it converged, the certified distance bound and duality gap, the μ search's share of the time, sparsity per
+  width, peak memory above the loaded model against the fp16 K/V weights (a memory-mapped checkpoint's K/V
+  pages are read in first: they are the model's); then FISTA (``solver=fista``, the paper's solver with adaptive
+  restart; ``--no-fista`` skips it) in the same run, at the same μ and tolerance, with as many iterations as
+  Newton made passes (equal work) and with ``--fista-iterations``: its certified distance, time and peak.
 
 ``--quick``: on SDXL only a subset of the matrices (``--subset`` per width) is built and every SDXL time and
 memory figure is scaled to all 140 matrices (work is linear in the matrix count); tiny text encoders for
@@ -52,6 +54,7 @@ from concept_eraser.editable import no_progress
 from concept_eraser.encoding import EncodedPrompts
 from concept_eraser.errors import ConvergenceWarning
 from concept_eraser.methods import get_method
+from concept_eraser.methods.uce import gather_columns
 from concept_eraser.models.arch import CONTEXT, ArchSpec, TextMap
 from concept_eraser.params import resolve
 from concept_eraser.patch import ErasurePatch
@@ -135,6 +138,8 @@ def run_space(model, concepts, params, device, sync):
     """(seconds, peak bytes above the baseline, report) of one SPACE run (method only, no probe)."""
     space = get_method("space")
     values = resolve(space.params, params, "space")
+    for key in model.arch.map_keys():  # a memory-mapped checkpoint's K/V pages read in: the model, not the solve
+        model.weight(key).sum()
     sync()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the table instead
@@ -147,29 +152,36 @@ def run_space(model, concepts, params, device, sync):
 
 def bench_space(model, weights, concepts, args, device, sync, scale, label) -> dict:
     w_bytes = sum(w.numel() * w.element_size() for w in weights.values())
-    t_new, peak, new = run_space(model, concepts, {}, device, sync)
+    # The prompts' features first (a model encodes each prompt once): the runs below time the solve, not the
+    # text encoders, whose cost and memory every method shares.
+    space = get_method("space")
+    peak_enc, _, t_enc, _ = measure_peak(
+        lambda: gather_columns(model, concepts, resolve(space.params, {}, "space")), device)
+    print(f"  features encoded in {fmt(t_enc)} (peak {peak_enc / 2**20:.0f} MiB), not counted "
+          f"below; load avg {os.getloadavg()[0]:.2f}", flush=True)
+    t_new, peak, new = run_space(model, concepts, {"iterations": args.iterations}, device, sync)
     total = new["total"]
     mu = new["mu"]
-    # The μ search alone (the same sample solves the method makes), to split the time.
-    t_mu, _, _ = run_space(model, concepts, {"iterations": 1}, device, sync)
     widths = ", ".join(f"{w}: {s:.1%}" for w, s in total["sparsity_by_width"].items())
     print(f"  SPACE newton [{label}]: {fmt(t_new * scale)} ({'converged' if total['converged'] else 'NOT converged'}, "
           f"{total['iterations']} passes, {total['newton_steps']} Newton steps per chunk at most, certified distance "
-          f"≤ {total['distance_bound']:.1e}); μ={mu:.4g} for {new['mu_sample_sparsity']:.1%} zeros on the sample "
-          f"(search ~{fmt(t_mu * scale)} of it); sparsity {total['sparsity']:.1%} ({widths}); peak "
-          f"{peak * scale / 2**20:.0f} MiB = {peak / w_bytes:.2f}× the fp16 K/V weights; columns "
-          f"{new['columns']}, σ_max(M)/λ = {new['condition']:.3g}", flush=True)
+          f"≤ {total['distance_bound']:.1e}, gap {total['duality_gap']:.2e}); μ={mu:.4g} for "
+          f"{new['mu_sample_sparsity']:.1%} zeros on the sample (search {fmt(new['mu_search_seconds'] * scale)} of "
+          f"it); sparsity {total['sparsity']:.1%} ({widths}); peak {peak * scale / 2**20:.0f} MiB = "
+          f"{peak / w_bytes:.2f}× the fp16 K/V weights; columns {new['columns']}, σ_max(M)/λ = "
+          f"{new['condition']:.3g}; load avg {os.getloadavg()[0]:.2f}", flush=True)
     out = {"label": label, "new_s": t_new * scale, "new_it": total["iterations"], "new_conv": total["converged"],
            "new_dist": total["distance_bound"], "sparsity": total["sparsity"], "by_width": widths,
-           "peak_ratio": peak / w_bytes, "condition": new["condition"]}
-    for iterations in dict.fromkeys((total["iterations"], args.fista_iterations)):
-        t_f, _, fista = run_space(model, concepts, {"solver": "fista", "mu": mu, "iterations": iterations},
-                                  device, sync)
+           "peak_ratio": peak / w_bytes, "condition": new["condition"], "fista": []}
+    for iterations in () if args.no_fista else dict.fromkeys((total["iterations"], args.fista_iterations)):
+        t_f, peak_f, fista = run_space(model, concepts, {"solver": "fista", "mu": mu, "iterations": iterations},
+                                       device, sync)
         ft = fista["total"]
         print(f"  SPACE fista  [{label}], {iterations} iterations: {fmt(t_f * scale)}, "
               f"{'converged' if ft['converged'] else 'NOT converged'}, certified distance ≤ {ft['distance_bound']:.1e}, "
-              f"sparsity {ft['sparsity']:.1%}", flush=True)
-        out.setdefault("fista", []).append((iterations, t_f * scale, ft["converged"], ft["distance_bound"]))
+              f"sparsity {ft['sparsity']:.1%}, peak {peak_f / w_bytes:.2f}× the K/V weights; load avg "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        out["fista"].append((iterations, t_f * scale, ft["converged"], ft["distance_bound"]))
     return out
 
 
@@ -218,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-rece", action="store_true", help="SPACE only")
     p.add_argument("--fista-iterations", type=int, default=None,
                    help="FISTA's second run (default 1000 on CUDA, 100 on CPU, 20 with --quick)")
+    p.add_argument("--no-fista", action="store_true", help="SPACE: Newton only (FISTA at equal work is slow on CPU)")
+    p.add_argument("--iterations", type=int, default=500, help="SPACE's iteration cap (passes; the default is 500)")
     p.add_argument("--subset", type=int, default=10, help="--quick: SDXL matrices built per width")
     args = p.parse_args(argv)
     args.fista_iterations = args.fista_iterations or (20 if args.quick else 1000 if args.device == "cuda" else 100)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import logging
+import warnings
 from typing import Any, Callable, Sequence
 
 from concept_eraser.errors import EraserError
@@ -124,12 +125,19 @@ class Tab:
         def run():
             request = parse_erase({"method": method, "erase": targets or "", "guide": guides or "",
                                    "preserve": preserve or "", "params": self.params_for(method, values)})
-            result = self.service.erase(request, id_task or None)
+            with warnings.catch_warnings(record=True) as caught:  # shown in the message (and the console)
+                warnings.simplefilter("always")
+                result = self.service.erase(request, id_task or None)
+            warned = [str(w.message) for w in caught]
+            for message in warned:
+                log.warning("concept_eraser: %s", message)
             e = result["erased"]
             text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
+            text += "".join(f"; WARNING: {w}" for w in warned)
             # the same text and plot as ComfyUI's Erasure Report node (`concept_eraser.report`)
-            return (result["text"], layer_plot(self.service.session.records[-1].report)), message_html(text, "ok")
+            shown = (result["text"], layer_plot(self.service.session.records[-1].report))
+            return shown, message_html(text, "info" if warned else "ok")
 
         shown, message = self._guard(run, id_task)
         text, plot = shown if shown is not None else ("", None)

@@ -118,6 +118,24 @@ def test_the_duality_gap_bounds_the_distance_to_the_optimum(rng):
     assert result.converged
 
 
+@pytest.mark.parametrize("start", ["original", "uce-like"])
+def test_newtons_certificate_bounds_the_distance_at_every_stop(rng, start):
+    """Newton certifies with its own dual point (gap ‖∇D‖² plus the entry terms): at any iteration cap the
+    reported gap and distance bound the true excess and distance to scikit-learn's optimum."""
+    lam, mu = 0.3, 0.5
+    W_o, U, V = problem(rng, d=24, out=8, scale=3.0)
+    reference = lasso_reference(W_o, U, V, lam, mu)
+    best = objective(reference, W_o, U, V, lam, mu)
+    first = None if start == "original" else W_o + 0.1 * torch.randn(W_o.shape, generator=rng, dtype=W_o.dtype)
+    for iterations in (1, 2, 3, 5, 8, 100):
+        result = solve("newton", W_o, U, V, lam, mu, iterations, 1e-12, start=first)
+        excess = objective(result.weights, W_o, U, V, lam, mu) - best
+        distance = np.linalg.norm(result.weights.numpy() - reference) / np.linalg.norm(result.weights.numpy())
+        assert -1e-9 * best <= excess <= result.gap * (1 + 1e-9) + 1e-12
+        assert distance <= result.distance * (1 + 1e-6) + 1e-9
+    assert result.converged and result.distance <= 1e-12
+
+
 def test_from_uce_the_same_optimum_and_mu_zero_is_uce(rng):
     lam = 0.5
     W_o, U, V = problem(rng)
@@ -245,6 +263,15 @@ def test_command_line_patch_and_inspect(tiny_checkpoints, tmp_path, capsys):
     model, patch = CheckpointModel(tiny_checkpoints["sd1"]), load_patch(out)
     applied = torch.cat([patch.apply_to(key, model.weight(key)).reshape(-1) for key in patch.edits])
     assert abs((applied == 0).double().mean().item() - results["sparsity"]) < 0.01
+
+
+def test_command_line_warns_when_the_solve_stops_unconverged(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "space.safetensors"
+    code = main(["erase", str(tiny_checkpoints["sd1"]), "--method", "space", "--erase", "Van Gogh",
+                 "--set", "iterations=2", "--format", "patch", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: SPACE stopped at iterations=2 before its tolerance" in err
+    assert load_patch(out).steps[-1]["results"]["converged"] is False  # and the file's record says so
 
 
 def test_a_cancel_from_progress_stops_the_solve(sdxl):

@@ -27,22 +27,31 @@ entry-wise and g(z) = ‖z − v‖², Fenchel duality gives a dual in y ∈ ℝ
 
 Each Newton step solves H Δ = −∇(−D) for all rows at once by preconditioned conjugate gradients (one product
 of the n × d rows with Ũᵀ and one with Ũ per CG iteration, the cost of one FISTA iteration; preconditioner:
-H with the active mask replaced by the row's active share, diagonal because Ũ's columns are orthogonal), then
-backtracks per row on −D (Armijo). The Hessian's spread is absorbed by the k-dimensional solve, so the step
-count does not grow with κ: 5–10 steps, 20–60 passes over the weights on SD1.5/SDXL with 77-token columns.
-Start: the dual point of the UCE solution (``start=uce``, the μ = 0 optimum: for μ = 0 it is exact at once)
-or of W_o (``start=original``).
+H with the active mask replaced by the row's active share, diagonal because Ũ's columns are orthogonal: it
+leaves a condition number of ~3 where H's own is 6e6 on SDXL), to 10 % and, near the optimum, to √distance
+(superlinear convergence), then backtracks per row on −D (Armijo). The Hessian's spread is absorbed by the
+k-dimensional solve, so the step count does not grow with κ: 5–6 steps, ~25 passes over the weights on
+SD1.5/SDXL with 77-token columns at the default sparsity. Start: the dual point of the UCE solution
+(``start=uce``, the μ = 0 optimum: for μ = 0 it is exact at once) or of W_o (``start=original``).
 
-Certified stop (both solvers): for the primal W and the dual point y = 2 (W Ũ − W_o Ṽ) the duality gap is a sum
-of non-negative entry terms φ(x) + φ*(s) − s x (s = −Ũ y), so F(W) − F* ≤ gap, and since F is 2λ-strongly
-convex, ‖W − W*‖/‖W‖ ≤ √(gap/λ)/‖W‖ =: distance. The solve stops when distance ≤ ``tol`` (1e-4: below
-the fp16 rounding of the written weights); a `ConvergenceWarning` (not an error: the command line prints it
-as a warning line, hosts show it) and ``converged: false`` in the report say when ``iterations`` ran out first.
-Precision: the products over the weights run in ``solve_dtype`` (float32), the residual W Ũ − W_o Ṽ (which
-cancels) and the iterate c, W in float64: a float32 W alone is off by eps·√κ in the certificate.
+Certified stop. For any primal W and dual point y the duality gap F(W) − D(y) ≥ F(W) − F* is the sum of
+‖W Ũ − W_o Ṽ − y/2‖² and non-negative entry terms φ(x) + φ*(s) − s x (s = −Ũ y); since F is 2λ-strongly
+convex, ‖W − W*‖/‖W‖ ≤ √(gap/λ)/‖W‖ =: distance. Newton pairs W = x(y) with its own y: the entry terms then
+vanish and the gap is ‖∇(−D)(y)‖², free at every step; the stop is confirmed with the entry terms computed
+(float64, so rounding in c cannot fake it). FISTA, which has no dual iterate, uses y = 2 (W Ũ − W_o Ṽ), whose
+gap is ~κ times larger near the optimum. The solve stops when distance ≤ ``tol`` (1e-4: below the fp16
+rounding of the written weights); a `ConvergenceWarning` (not an error: the command line prints it as a
+warning line, hosts show it) and ``converged: false`` in the report say when ``iterations`` ran out first.
+Precision: the products over the weights run in ``solve_dtype`` (float32); c and y are float64, and so is the
+residual R = W Ũ − W_o Ṽ (it cancels: a float32 product of W is off by eps·√κ in the certificate). R is
+updated by the float32 product of each step's change of W, which shrinks as the solve converges, and
+recomputed by a float64 product before a stop is certified.
 
-Computation. All matrices are solved in chunks of whole matrices of one width (a few million entries on CPU,
-tens of millions on CUDA): memory is a few chunk-sized buffers beyond the weights and the sparse result.
+Computation. The matrices are solved in chunks of whole matrices of one width (at most 4 M entries on CPU,
+16 M on CUDA, and 1/64 of all K/V entries), read from the model one chunk at a time; element-wise work and
+float64 copies go a block of 256 k entries at a time, and each matrix's result is stored sparse in the model's
+dtype at once. Memory is the sparse result plus ~45 bytes per chunk entry: on SDXL the peak above the loaded
+model was 1.87× the fp16 K/V weights at 39 % zeros, 1.22× of it the result (CSR costs 4 bytes per non-zero).
 
 Variables → paper symbols: ``mu`` μ (sparsity weight), ``lam`` the ridge weight of UCE's Eq. 2,
 ``erase_scale`` / ``preserve_scale`` the weights of its erase / preserve sums, ``U``/``V``/``M`` as above.
@@ -57,11 +66,11 @@ constraints W Ũ ≈ W_o Ṽ keep more entries of each row non-zero the more col
 percentile of |W_o| gave 78 % zeros with one column, 59–70 % with 77-token columns). So the default μ is the one
 whose optimum has ``sparsity`` zeros on 512 rows sampled evenly from
 all K/V matrices, found by bisection in log μ (a few Newton solves on the sample); the μ used is reported, and a
-number for ``mu`` overrides the search. ``iterations`` 500 is a cap (convergence takes 20–60 passes);
-``start = uce`` (the μ = 0 optimum). ``sparsity`` 0.4 by default, chosen on ToyWorld (48 samples per set,
-preserved on the four tasks): 0.8 — the paper's regime, 80–90 % on SDXL — kept 53 / 33 / 27 / 29 %, 0.5 kept
-96 / 81 / 83 / 92 %, 0.4 kept 100 / 90 / 96 / 98 % while erasing no less than UCE (100 / 81 / 60 / 73 %
-against 100 / 65 / 38 / 73 %); ``sparsity=0.8`` gives the paper's sparsity.
+number for ``mu`` overrides the search. ``iterations`` 500 is a cap (convergence took 21–25 passes with features
+from real-size text encoders, ~60 on synthetic ones); ``start = uce`` (the μ = 0 optimum). ``sparsity`` 0.4 by
+default, chosen on ToyWorld (48 samples per set, preserved on the four tasks): 0.8 — the paper's regime, 80–90 %
+on SDXL — kept 53 / 33 / 27 / 29 %, 0.5 kept 96 / 81 / 83 / 92 %, 0.4 kept 100 / 90 / 96 / 98 % while erasing no
+less than UCE (100 / 81 / 60 / 73 % against 100 / 65 / 38 / 73 %); ``sparsity=0.8`` gives the paper's sparsity.
 
 CSR costs a value and a column index (int16) per non-zero, so below ~50 % sparsity it is larger than
 the dense matrix (the paper notes the same); checkpoints are written dense either way, and patch files hold the
@@ -76,6 +85,7 @@ stored) and deflated (the paper's ZIP "storage" column). Not low-rank: it cannot
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
@@ -97,10 +107,13 @@ from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns
 SOLVERS = ("newton", "fista")
 STARTS = ("uce", "original")
 CHECK_EVERY = 10  # FISTA iterations between certificate / restart checks
-CG_RTOL = 0.1  # inexact Newton: each system to 10 % (the certificate, not CG, decides when to stop)
-CG_MAX = 50  # CG iterations per Newton step at most
+CG_RTOL = 0.1  # inexact Newton: each system to 10 % at most (the certificate, not CG, decides when to stop)
+CG_FORCING = 1.0  # ... and to √(distance) × this near the optimum (superlinear convergence)
+CG_MAX = 10  # CG iterations per Newton step at most (50 went into over-long first steps from UCE: t ≈ 0.05)
 LINE_SEARCH_HALVINGS = 20  # then a row keeps its point for this step (float round-off floor)
-CHUNK_ENTRIES = {"cpu": 2 ** 22, "cuda": 2 ** 26}  # rows solved together: memory stays a few chunk-sized buffers
+CHUNK_ENTRIES = {"cpu": 2 ** 22, "cuda": 2 ** 24}  # rows solved together: memory stays a few chunk-sized buffers
+CHUNK_SHARE = 64  # ... and at most this share of all K/V entries (at least one matrix): ~0.3× the fp16 weights
+BLOCK_ENTRIES = 2 ** 18  # element-wise work and float64 copies a block of rows at a time
 MU_SAMPLE_ROWS = 512  # rows (evenly strided over every K/V) on which the automatic μ is searched
 MU_SEARCH_TOL = 0.01  # the automatic μ hits the target sparsity of the sample within this
 
@@ -113,11 +126,13 @@ class Operands:
     they are replaced by Ũ, Ṽ (d × k, k ≤ min(r, d)) with the same two products and orthogonal columns
     Ũ_j of squared norms `eig`: Ũ = U P, Ṽ = V P with P the eigenvectors of Uᵀ U (r ≤ d), or Ũ = Q Λ^½,
     Ṽ = V Uᵀ Q Λ^−½ from U Uᵀ = Q Λ Qᵀ (r > d). Float64; directions with eigenvalue < 1e-13 × the largest
-    (numerically null) are dropped."""
+    (numerically null) are dropped. ‖W_o V‖² is not kept: `lost` (d × m) has V Vᵀ − Ṽ Ṽᵀ = lost lostᵀ, so
+    F = ‖W Ũ − W_o Ṽ‖² + ‖W_o lost‖² + λ‖W − W_o‖² + μ‖W‖₁ (m = 0 when no direction was dropped, r ≤ d)."""
 
     U: torch.Tensor
     V: torch.Tensor
     eig: torch.Tensor
+    lost: torch.Tensor
 
 
 def space_operands(columns: Columns, erase_scale: float, preserve_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,16 +149,20 @@ def reduce_operands(U: torch.Tensor, V: torch.Tensor) -> Operands:
     if r <= d:
         eig, P = torch.linalg.eigh(U.T @ U)
         keep = eig > 1e-13 * eig[-1].clamp_min(1e-300)
-        return Operands(U @ P[:, keep], V @ P[:, keep], eig[keep])
+        return Operands(U @ P[:, keep], V @ P[:, keep], eig[keep], V @ P[:, ~keep])  # P orthogonal
     eig, Q = torch.linalg.eigh(U @ U.T)
     keep = eig > 1e-13 * eig[-1].clamp_min(1e-300)
     eig, Q = eig[keep], Q[:, keep]
-    return Operands(Q * eig.sqrt(), (V @ (U.T @ Q)) / eig.sqrt(), eig)
+    V_r = (V @ (U.T @ Q)) / eig.sqrt()
+    rest, basis = torch.linalg.eigh(V @ V.T - V_r @ V_r.T)  # positive semi-definite: V (I − projector) Vᵀ
+    big = rest > 1e-13 * rest[-1].clamp_min(1e-300)
+    return Operands(Q * eig.sqrt(), V_r, eig, basis[:, big] * rest[big].sqrt())
 
 
 @dataclass(frozen=True)
 class SolveResult:
-    weights: torch.Tensor  # W, rows as given, in the work dtype
+    weights: torch.Tensor  # W, rows as given: float64 (Newton) or the work dtype (FISTA)
+    residual: torch.Tensor  # W Ũ − W_o Ṽ, float64
     iterations: int  # passes of all rows through Ũ and Ũᵀ (what one FISTA iteration costs)
     newton_steps: int  # 0 for FISTA
     converged: bool
@@ -156,26 +175,66 @@ def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     return x - x.clamp(-tau, tau)
 
 
+def row_blocks(n: int, d: int):
+    """Slices of at most BLOCK_ENTRIES entries of an n × d matrix (whole rows): element-wise work and float64
+    copies are made a block at a time, so they cost a block of memory, not a chunk."""
+    rows = max(1, BLOCK_ENTRIES // max(d, 1))
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def soft_threshold_(C: torch.Tensor, tau: float) -> torch.Tensor:
+    """S_τ(C) in place, a block at a time."""
+    for b in row_blocks(*C.shape):
+        C[b] -= C[b].clamp(-tau, tau)
+    return C
+
+
 def duality_gap(X: torch.Tensor, W_o: torch.Tensor, R: torch.Tensor, U: torch.Tensor, lam: float, mu: float) -> float:
-    """The duality gap of W = X for the dual point y = 2 R, R = X Ũ − W_o Ṽ (float64; module docstring):
-    a sum of non-negative entry terms φ(x) + φ*(s) − s x, φ(x) = λ (x − w_o)² + μ |x|, s = −2 Ũ R, so no
-    large sums cancel. `U` is Ũ in W_o's dtype; the terms in X's."""
-    C = torch.addmm(W_o, R.to(U.dtype), U.T, alpha=-1.0 / lam).to(X.dtype)  # w_o + s/(2λ)
-    X_dual = soft_threshold(C, mu / (2 * lam))  # the minimiser of φ(x) − s x
-    terms = lam * (X - X_dual) * (X + X_dual - 2 * C) + mu * (X.abs() - X_dual.abs())
-    return max(terms.sum(dtype=torch.float64).item(), 0.0)
+    """The duality gap of W = X for the dual point y = 2 R, R = X Ũ − W_o Ṽ (float64; module docstring).
+    `U` is Ũ in W_o's dtype."""
+    return entry_gap(X, lambda b: torch.addmm(W_o[b], R[b].to(U.dtype), U.T, alpha=-1.0 / lam).double(), W_o,
+                     lam, mu)
 
 
-def residual(X: torch.Tensor, ops: Operands, WoV: torch.Tensor) -> torch.Tensor:
-    """R = X Ũ − W_o Ṽ in float64: the difference cancels (it is small where W Ũ ≈ W_o Ṽ is held), so the
-    product is float64 whatever the work dtype (one float64 product per Newton step or FISTA check)."""
-    return torch.addmm(WoV, X.double(), ops.U, alpha=1.0, beta=-1.0)
+def entry_gap(X: torch.Tensor, dual_c, W_o: torch.Tensor, lam: float, mu: float, x_tau: float | None = None) -> float:
+    """Σ φ(x) + φ*(s) − s x over the entries, φ(x) = λ (x − w_o)² + μ |x|, for the primal W = X (with `x_tau`:
+    W = S_τ(X)) and the dual slack s = 2λ (c − w_o), c = `dual_c(rows)` (float64): the part of the duality
+    gap that the entries carry. For the dual point y, c = w_o − Ũ y/(2λ) and the gap is this plus
+    ‖W Ũ − W_o Ṽ − y/2‖²; for y = 2R, R = W Ũ − W_o Ṽ, the latter is 0. Non-negative terms, so no large sums
+    cancel; float64, a block of rows at a time."""
+    total, tau = 0.0, mu / (2 * lam)
+    for b in row_blocks(*X.shape):
+        c = dual_c(b)
+        x = X[b].double() if x_tau is None else soft_threshold(X[b], x_tau)
+        x_dual = soft_threshold(c, tau)  # the minimiser of φ(x) − s x
+        terms = lam * (x - x_dual) * (x + x_dual - 2 * c) + mu * (x.abs() - x_dual.abs())
+        total += terms.sum().item()
+    return max(total, 0.0)
+
+
+def mm64(X: torch.Tensor, B: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+    """X B in float64 (B float64), a block of rows at a time; with `tau`, S_τ(X) B."""
+    out = X.new_empty(X.shape[0], B.shape[1], dtype=torch.float64)
+    for b in row_blocks(*X.shape):
+        x = X[b].double()
+        torch.mm(x if tau is None else soft_threshold(x, tau), B, out=out[b])
+    return out
+
+
+def residual(X: torch.Tensor, ops: Operands, WoV: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+    """R = X Ũ − W_o Ṽ (with `tau`: S_τ(X) Ũ − W_o Ṽ) in float64: the difference cancels (it is small where
+    W Ũ ≈ W_o Ṽ is held), so the product is float64 whatever the work dtype."""
+    return mm64(X, ops.U, tau).sub_(WoV)
 
 
 def certificate(X, W_o, R, Uw, lam, mu) -> tuple[float, float]:
     gap = duality_gap(X, W_o, R, Uw, lam, mu)
-    norm = X.norm().item()
-    return gap, (math.sqrt(gap / lam) / norm if norm > 0 else (0.0 if gap == 0 else math.inf))
+    return gap, relative_distance(gap, lam, sum(X[b].double().pow(2).sum().item() for b in row_blocks(*X.shape)))
+
+
+def relative_distance(gap: float, lam: float, norm2: float) -> float:
+    """√(gap/λ)/‖W‖ ≥ ‖W − W*‖/‖W‖ (F is 2λ-strongly convex)."""
+    return math.sqrt(gap / lam / norm2) if norm2 > 0 else (0.0 if gap == 0 else math.inf)
 
 
 def dual_start(W_o: torch.Tensor, ops: Operands, uce: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -183,7 +242,17 @@ def dual_start(W_o: torch.Tensor, ops: Operands, uce: tuple[torch.Tensor, torch.
     P = ops.U - ops.V
     if uce is not None:
         P = P + uce[0] @ (uce[1].T @ ops.U)
-    return 2.0 * (W_o.double() @ P)
+    return mm64(W_o, 2.0 * P)
+
+
+def uce_start(W_o: torch.Tensor, uce: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """UCE's W_o + W_o A Bᵀ in float64 (a rank-n_e product): c(y) at y = `dual_start`, exactly."""
+    A, B = uce
+    WA = mm64(W_o, A)
+    C = W_o.new_empty(W_o.shape, dtype=torch.float64)
+    for b in row_blocks(*W_o.shape):
+        torch.addmm(W_o[b].double(), WA[b], B.T, out=C[b])
+    return C
 
 
 def newton_l1(
@@ -194,85 +263,138 @@ def newton_l1(
     Y: torch.Tensor,
     iterations: int,
     tol: float,
+    C: torch.Tensor | None = None,
 ) -> SolveResult:
     """Minimise ‖W Ũ − W_o Ṽ‖² + λ‖W − W_o‖² + μ‖W‖₁ by semismooth Newton on its dual (module docstring),
-    from the dual point `Y` (n × k float64); W_o (n × d) in the work dtype of the products. Stops when the
-    certified relative distance to the optimum is ≤ `tol`, or after `iterations` passes (one pass = two
-    n × d × k products, the cost of a FISTA iteration). The iterate c = w_o − Ũ y/(2λ) and W = S_τ(c) are kept in
-    float64: a float32 W alone would be off by eps·√κ in the certificate (1e-4 on SDXL's 77-token columns)."""
-    n = W_o.shape[0]
+    from the dual point `Y` (n × k float64); W_o (n × d) in the work dtype of the products. `C`: c(Y) =
+    w_o − Ũ y/(2λ) when the caller has it exactly (UCE's solution; float64, used as the work buffer).
+    Stops when the certified relative distance to the optimum is ≤ `tol`, or after `iterations` passes (one
+    pass = two n × d × k products in the work dtype, the cost of a FISTA iteration; a float64 one counts two).
+
+    State: c in float64 (x = S_τ(c) is made from it when needed: a float32 W alone would be off by eps·√κ in
+    the certificate), y and the residual R = x Ũ − W_o Ṽ (n × k, float64). R is updated by the float32 product
+    of each step's change of x, which shrinks as the solve converges, and recomputed in float64 before a
+    stop is certified. Gap: at x = x(y) the duality gap of (x, y) is exactly ‖y/2 − R‖² = ‖∇(−D)(y)‖² (the
+    entry terms φ(x) + φ*(s) − s x vanish), free each step; the stop is then confirmed by the entry-wise gap of
+    (x, 2R) (`duality_gap`), which does not rely on c being exactly c(y)."""
+    n, d = W_o.shape
     dtype, tau = W_o.dtype, mu / (2 * lam)
     U = ops.U.to(dtype)
-    WoV = W_o.double() @ ops.V
-    C = torch.addmm(W_o, Y.to(dtype), U.T, alpha=-0.5 / lam).double()
-    X = soft_threshold(C, tau)  # x(y), the primal point of the dual point y
-    products, steps, converged = 2, 0, False  # W_o Ṽ and C so far; every n × d × k product counts ½ pass
+    WoV = mm64(W_o, ops.V)
+    products = 1  # every n × d × k product counts ½ pass, whatever its dtype
+    if C is None:
+        C = torch.empty(n, d, dtype=torch.float64, device=W_o.device)
+        for b in row_blocks(n, d):
+            torch.addmm(W_o[b].double(), Y[b], ops.U.T, alpha=-0.5 / lam, out=C[b])
+        products += 1
+    R = residual(C, ops, WoV, tau)  # x = S_τ(c)
+    norm2 = torch.zeros(n, dtype=torch.float64, device=W_o.device)  # ‖x‖² per row
+    for b in row_blocks(n, d):
+        norm2[b] = soft_threshold(C[b], tau).pow(2).sum(1)
+    products += 1
+    steps, converged, exact_r = 0, False, True
+    dX = torch.empty(n, d, dtype=dtype, device=W_o.device)  # the change of x in a step
     while True:
-        R = residual(X, ops, WoV)
-        gap, distance = certificate(X, W_o, R, U, lam, mu)
-        products += 2
-        if distance <= tol:
-            converged = True
-            break
-        if products >= 2 * iterations:
-            break
         G = Y / 2 - R  # ∇(−D)(y) = y/2 + Ṽᵀw_o − Ũᵀx
-        active = (C.abs() > tau).to(dtype)  # the generalised Jacobian of x(y): diag(active)
-        step, cg_products = newton_direction(G.to(dtype), active, U, ops.eig.to(dtype), lam)
-        products += cg_products + 1
-        UD = torch.mm(step, U.T).double().mul_(0.5 / lam)  # Ũ Δ/(2λ), row-wise
+        distance = relative_distance(G.pow(2).sum().item(), lam, norm2.sum().item())
+        remaining = 2 * iterations - products
+        last = remaining < 5  # no room for a step (CG, the update of R) and the stop (R in float64, the gap)
+        if distance <= tol or last:
+            if not exact_r:  # R drifted by the float32 rounding of its updates: recompute it in float64
+                R, exact_r = residual(C, ops, WoV, tau), True
+                products += 1
+                G = Y / 2 - R
+            # The gap of (x, y): ‖R − y/2‖² plus the entry terms, which vanish but for rounding (c = c(y)).
+            gap = G.pow(2).sum().item() + entry_gap(
+                C, lambda b, Y=Y: torch.addmm(W_o[b].double(), Y[b], ops.U.T, alpha=-0.5 / lam), W_o, lam, mu, tau)
+            distance = relative_distance(gap, lam, norm2.sum().item())
+            products += 1
+            if distance <= tol or last:
+                converged = distance <= tol
+                break
+        # Inexact Newton: systems to rtol, tightened near the optimum (superlinear convergence).
+        rtol = min(CG_RTOL, math.sqrt(distance) * CG_FORCING)
+        active = torch.empty(n, d, dtype=dtype, device=W_o.device)  # the generalised Jacobian of x(y): |c| > τ
+        for b in row_blocks(n, d):
+            torch.gt(C[b].abs(), tau, out=active[b])
+        step, UD, cg_products = newton_direction(G.to(dtype), active, U, ops.eig.to(dtype), lam, rtol,
+                                                 min(CG_MAX, (remaining - 3) // 2))
+        del active
         step = step.double()
-        # Backtracking per row on −D(y) = ⟨y, Ṽᵀw_o⟩ + ‖y‖²/4 + λ Σ S_τ(c)² (+ const), by exact differences.
-        slope = (G * step).sum(1)
-        linear, quadratic = (step * (WoV + Y / 2)).sum(1), step.pow(2).sum(1) / 4
-        t = torch.ones(n, 1, dtype=torch.float64, device=W_o.device)
+        t = line_search(C, UD, G, step, WoV, Y, lam, tau, dX, norm2)  # c moves by −t Ũ Δ/(2λ), row-wise
+        del UD
+        R += torch.mm(dX, U).double()
+        products += cg_products + 1
+        exact_r = False
+        Y = Y + t * step
+        steps += 1
+    return SolveResult(soft_threshold_(C, tau), R, math.ceil(products / 2), steps, converged, gap, distance)
+
+
+def line_search(C, UD, G, step, WoV, Y, lam, tau, dX, norm2) -> torch.Tensor:
+    """Backtracking per row on −D(y) = ⟨y, Ṽᵀw_o⟩ + ‖y‖²/4 + λ Σ S_τ(c)² (+ const), by exact differences,
+    a block of rows at a time. Moves c in place to c − t UD, writes the change of x = S_τ(c) into `dX` and
+    the new ‖x‖² per row into `norm2`; returns t (n × 1)."""
+    n, d = C.shape
+    slope = (G * step).sum(1)
+    linear, quadratic = (step * (WoV + Y / 2)).sum(1), step.pow(2).sum(1) / 4
+    t = torch.ones(n, 1, dtype=torch.float64, device=C.device)
+    for b in row_blocks(n, d):
+        c, ud = C[b], UD[b].double()
+        x = soft_threshold(c, tau)
+        tb = t[b]
         for _ in range(LINE_SEARCH_HALVINGS):
-            C_t = torch.addcmul(C, t, UD, value=-1.0)
-            X_t = soft_threshold(C_t, tau)
-            s = t[:, 0]
-            ok = s * linear + s * s * quadratic + lam * ((X_t - X) * (X_t + X)).sum(1) <= 1e-4 * s * slope
+            x_t = soft_threshold(torch.addcmul(c, tb, ud, value=-1.0), tau)
+            s = tb[:, 0]
+            ok = s * linear[b] + s * s * quadratic[b] + lam * ((x_t - x) * (x_t + x)).sum(1) <= 1e-4 * s * slope[b]
             if bool(ok.all()):
                 break
-            t[~ok] /= 2
+            tb[~ok] /= 2
         else:
-            t[~ok] = 0.0  # no decrease measurable for these rows: they keep their point
-            C_t = torch.addcmul(C, t, UD, value=-1.0)
-            X_t = soft_threshold(C_t, tau)
-        Y = Y + t * step
-        C, X = C_t, X_t
-        steps += 1
-    return SolveResult(X, math.ceil(products / 2), steps, converged, gap, distance)
+            tb[~ok] = 0.0  # no decrease measurable for these rows: they keep their point
+            x_t = soft_threshold(torch.addcmul(c, tb, ud, value=-1.0), tau)
+        c.addcmul_(tb, ud, value=-1.0)
+        torch.sub(x_t, x, out=dX[b]) if dX.dtype == torch.float64 else dX[b].copy_(x_t - x)
+        norm2[b] = x_t.pow(2).sum(1)
+    return t
 
 
-def newton_direction(G: torch.Tensor, active: torch.Tensor, U: torch.Tensor, eig: torch.Tensor, lam: float):
-    """Solve H Δ = −G row by row, H = I/2 + Ũᵀ diag(active) Ũ/(2λ), by preconditioned conjugate gradients on
-    all rows at once (one n × d × k product pair per iteration). Preconditioner: H with diag(active) replaced by
-    the row's active share times I, diagonal since Ũ's columns are orthogonal. Returns (Δ, products made)."""
+def newton_direction(G: torch.Tensor, active: torch.Tensor, U: torch.Tensor, eig: torch.Tensor, lam: float,
+                     rtol: float, most: int = CG_MAX):
+    """Solve H Δ = −G row by row, H = I/2 + Ũᵀ diag(active) Ũ/(2λ), to relative residual `rtol`, by
+    preconditioned conjugate gradients on all rows at once (one n × d × k product pair per iteration).
+    Preconditioner: H with diag(active) replaced by the row's active share times I, diagonal since Ũ's columns
+    are orthogonal (it leaves a condition number of ~3 on SDXL's features). At most `most` iterations. Returns (Δ, Δ Ũᵀ/(2λ), products
+    made): Δ Ũᵀ is summed from the iterations' own p Ũᵀ, so it costs no product."""
     scale = G.norm(dim=1, keepdim=True)
     live = scale > 0
     B = -G / torch.where(live, scale, torch.ones_like(scale))  # unit rows: one relative tolerance for all
     inv_diag = 1.0 / (0.5 + active.mean(1, keepdim=True) * eig / (2 * lam))
     x = torch.zeros_like(B)
+    xU = torch.zeros_like(active)
     r = B.clone()
     z = r * inv_diag
     p = z.clone()
     rz = (r * z).sum(1, keepdim=True)
     products = 0
-    for _ in range(CG_MAX):
-        Hp = torch.mm(active * torch.mm(p, U.T), U).mul_(0.5 / lam).add_(p, alpha=0.5)
+    for _ in range(most):
+        pU = torch.mm(p, U.T)
+        Hp = torch.mm(pU * active, U).mul_(0.5 / lam).add_(p, alpha=0.5)
         products += 2
         pHp = (p * Hp).sum(1, keepdim=True)
         alpha = torch.where(pHp > 0, rz / pHp.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(pHp))
         x.addcmul_(alpha, p)
+        xU.addcmul_(alpha, pU)
+        del pU
         r.addcmul_(alpha, Hp, value=-1.0)
-        if bool((r.norm(dim=1) <= CG_RTOL).all()):
+        if bool((r.norm(dim=1) <= rtol).all()):
             break
         z = r * inv_diag
         rz_next = (r * z).sum(1, keepdim=True)
         beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(rz))
         p = z.addcmul_(beta, p)
         rz = rz_next
-    return x * scale, products
+    return x * scale, xU.mul_(scale * (0.5 / lam)), products
 
 
 def fista_l1(
@@ -292,7 +414,7 @@ def fista_l1(
     U = ops.U.to(dtype)
     sigma = lam + ops.eig.max().item() if len(ops.eig) else lam  # σ_max(M); L = 2σ
     step, tau = 1.0 / sigma, mu / (2.0 * sigma)  # ∇f/L = (Y M − B)/σ;  threshold μ/L
-    WoV = W_o.double() @ ops.V
+    WoV = mm64(W_o, ops.V)
     WoV_w = WoV.to(dtype)
     small = W_o.new_empty(W_o.shape[0], U.shape[1])
     W_prev, Y = start, start.clone()
@@ -308,7 +430,8 @@ def fista_l1(
         beta = (t - 1.0) / t_next
         check = k % CHECK_EVERY == 0 or k == iterations
         if check:
-            gap, distance = certificate(W, W_o, residual(W, ops, WoV), U, lam, mu)
+            R = residual(W, ops, WoV)
+            gap, distance = certificate(W, W_o, R, U, lam, mu)
             torch.sub(W, W_prev, out=Z)
             z = Z.reshape(-1)
             # Uphill momentum, ⟨Y_k − W_k, W_k − W_{k−1}⟩ > 0: drop it and restart t.
@@ -320,13 +443,20 @@ def fista_l1(
         if check and distance <= tol:
             converged = True
             break
-    return SolveResult(W_prev, k, 0, converged, gap, distance)
+    return SolveResult(W_prev, R, k, 0, converged, gap, distance)  # the last check was at iteration k
 
 
-def space_objective(W, W_o, U, V, lam: float, mu: float) -> float:
-    """F(W) = ‖W U − W_o V‖² + λ‖W − W_o‖² + μ‖W‖₁, in float64."""
-    W, W_o, U, V = (x.double() for x in (W, W_o, U, V))
-    return ((W @ U - W_o @ V).pow(2).sum() + lam * (W - W_o).pow(2).sum() + mu * W.abs().sum()).item()
+def objective_rows(X: torch.Tensor, W_o: torch.Tensor, R: torch.Tensor, ops: Operands, lam: float,
+                   mu: float) -> torch.Tensor:
+    """F(W) row by row, float64: ‖W Ũ − W_o Ṽ‖² (from the residual R) + ‖W_o lost‖² + λ‖W − W_o‖² + μ‖W‖₁ (Eq. 5;
+    `Operands`), a block of rows at a time."""
+    F = R.pow(2).sum(1)
+    if ops.lost.shape[1]:
+        F += mm64(W_o, ops.lost).pow(2).sum(1)
+    for b in row_blocks(*X.shape):
+        x = X[b].double()
+        F[b] += lam * (x - W_o[b].double()).pow(2).sum(1) + mu * x.abs().sum(1)
+    return F
 
 
 SPACE_PARAMS = (
@@ -363,23 +493,24 @@ SPACE_PARAMS = (
 )
 
 
-def auto_mu(weights: Iterable[torch.Tensor], ops: Operands, lam: float, uce, sparsity: float,
-            dtype: torch.dtype) -> tuple[float, float]:
-    """(μ, sparsity reached on the sample): the μ whose optimum has `sparsity` zeros on MU_SAMPLE_ROWS rows
-    evenly strided over all K/V matrices (bracketed from 2λ × that quantile of |W_o|, then bisected in log μ)."""
-    weights = list(weights)
-    total = sum(w.shape[0] for w in weights)
+def sample_rows(weights: Iterable[torch.Tensor], total: int, dtype: torch.dtype) -> torch.Tensor:
+    """MU_SAMPLE_ROWS rows evenly strided over the matrices (`total` rows in all), read one matrix at a time."""
     stride = max(1, total // MU_SAMPLE_ROWS)
     rows, offset = [], 0
     for w in weights:
         first = (-offset) % stride
         rows.append(w[first::stride].to(dtype))
         offset += w.shape[0]
-    W_s = torch.cat(rows)
+    return torch.cat(rows)
+
+
+def auto_mu(W_s: torch.Tensor, ops: Operands, lam: float, uce, sparsity: float) -> tuple[float, float]:
+    """(μ, sparsity reached on the sample): the μ whose optimum has `sparsity` zeros on the sample rows W_s
+    (bracketed from 2λ × that quantile of |W_o|, then bisected in log μ)."""
     Y = dual_start(W_s, ops, uce)
 
     def zeros(mu: float) -> float:
-        result = newton_l1(W_s, ops, lam, mu, Y, 200, 1e-3)
+        result = newton_l1(W_s, ops, lam, mu, Y, 200, 1e-3, None if uce is None else uce_start(W_s, uce))
         return (result.weights == 0).double().mean().item()
 
     mu = 2.0 * lam * torch.quantile(W_s.abs().float().reshape(-1), sparsity).item()
@@ -432,53 +563,72 @@ class SPACE(ErasureMethod):
         dtype = SOLVE_DTYPES[values.solve_dtype]
         progress(0, 1, "encoding prompts")
         columns = gather_columns(model, concepts, values)
-        U, V = space_operands(columns, s_e, s_p)
-        ops = reduce_operands(U, V)
+        ops = reduce_operands(*space_operands(columns, s_e, s_p))
         uce = None
         if values.start == "uce":
             uce = uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)  # float64
 
-        weights = {key: model.weight(key) for key in model.arch.map_keys()}
-        reached = None
+        # The weights are read one chunk at a time and each result is stored sparse in the model's dtype at
+        # once: memory is the result plus a few chunk-sized buffers, not a copy of every K/V.
+        keys = model.arch.map_keys()
+        layout = {}  # key → (shape, dtype)
+        for key in keys:
+            w = model.weight(key)
+            layout[key] = (tuple(w.shape), w.dtype)
+            del w
+        reached, search_seconds = None, 0.0
         if values.mu is None:
             progress(0, 1, f"choosing μ for {values.sparsity:.0%} zeros")
-            mu, reached = auto_mu(weights.values(), ops, lam, uce, values.sparsity, dtype)
+            started = time.perf_counter()
+            W_s = sample_rows((model.weight(key) for key in keys), sum(layout[k][0][0] for k in keys), dtype)
+            mu, reached = auto_mu(W_s, ops, lam, uce, values.sparsity)
+            search_seconds = time.perf_counter() - started
+            del W_s
         else:
             mu = values.mu
-        chunks = weight_chunks(weights, CHUNK_ENTRIES.get(model.device.type, CHUNK_ENTRIES["cpu"]))
+        total_entries = sum(math.prod(shape) for shape, _ in layout.values())
+        chunks = weight_chunks({k: shape for k, (shape, _) in layout.items()},
+                               min(CHUNK_ENTRIES.get(model.device.type, CHUNK_ENTRIES["cpu"]),
+                                   total_entries // CHUNK_SHARE))
 
         edits, matrices, groups = {}, {}, {}
         gap, norm2, steps, passes, converged = 0.0, 0.0, 0, 0, True
         for done, keys in enumerate(chunks):
-            progress(done, len(chunks), f"SPACE on the {weights[keys[0]].shape[0]}-wide matrices")
-            W_o = torch.cat([weights[key].to(dtype) for key in keys])
+            width = layout[keys[0]][0][0]
+            progress(done, len(chunks), f"SPACE on the {width}-wide matrices")
+            W_o = torch.cat([model.weight(key).to(dtype) for key in keys])
+            Y = dual_start(W_o, ops, uce)
+            start = W_o if uce is None else uce_start(W_o, uce)  # W_0: float64 for UCE, c(Y) exactly
+            objective_start = objective_rows(start, W_o, Y / 2, ops, lam, mu)  # R = Y/2 at the start point
             if values.solver == "newton":
-                result = newton_l1(W_o, ops, lam, mu, dual_start(W_o, ops, uce), iterations, tol)
+                result = newton_l1(W_o, ops, lam, mu, Y, iterations, tol, None if uce is None else start)
             else:
-                start = W_o.clone() if uce is None else torch.addmm(W_o, W_o @ uce[0].to(dtype), uce[1].T.to(dtype))
-                result = fista_l1(W_o, ops, lam, mu, start, iterations, tol, values.restart)
-            check_finite(f"the {weights[keys[0]].shape[0]}-wide matrices", result.weights)
+                result = fista_l1(W_o, ops, lam, mu, start.to(dtype, copy=True), iterations, tol, values.restart)
+            del start, Y
+            objective = objective_rows(result.weights, W_o, result.residual, ops, lam, mu)
             gap += result.gap
-            norm2 += result.weights.double().pow(2).sum().item()
             steps, passes = max(steps, result.newton_steps), max(passes, result.iterations)
             converged = converged and result.converged
             row = 0
             for key in keys:
-                w = weights[key]
-                rows = slice(row, row + w.shape[0])
-                row += w.shape[0]
-                edit = SparseEdit.from_dense(result.weights[rows].to(w.dtype))
+                shape, model_dtype = layout[key]
+                rows = slice(row, row + shape[0])
+                row += shape[0]
+                new = result.weights[rows].to(model_dtype)
+                check_finite(key, new)
+                norm2 += torch.linalg.vector_norm(new, dtype=torch.float64).item() ** 2
+                edit = SparseEdit.from_dense(new)
+                del new
                 edits[key] = edit
-                start_w = w if uce is None else torch.addmm(w.double(), w.double() @ uce[0], uce[1].T)
                 matrices[key] = {
-                    "sparsity": 1.0 - edit.nnz / w.numel(),
-                    "objective": space_objective(result.weights[rows], w, U, V, lam, mu),
-                    "objective_start": space_objective(start_w, w, U, V, lam, mu),
+                    "sparsity": 1.0 - edit.nnz / math.prod(shape),
+                    "objective": objective[rows].sum().item(),
+                    "objective_start": objective_start[rows].sum().item(),
                 }
-                group = groups.setdefault(w.shape[0], {"width": w.shape[0], "matrices": 0, "zeros": 0, "entries": 0})
+                group = groups.setdefault(width, {"width": width, "matrices": 0, "zeros": 0, "entries": 0})
                 group["matrices"] += 1
-                group["zeros"] += w.numel() - edit.nnz
-                group["entries"] += w.numel()
+                group["zeros"] += math.prod(shape) - edit.nnz
+                group["entries"] += math.prod(shape)
             del W_o, result
         progress(len(chunks), len(chunks), "SPACE done")
         distance = math.sqrt(gap / lam / norm2) if norm2 > 0 else 0.0
@@ -490,7 +640,7 @@ class SPACE(ErasureMethod):
 
         by_width = {str(g["width"]): round(g["zeros"] / g["entries"], 4) for g in groups.values()}
         entries = sum(math.prod(e.shape) for e in edits.values())
-        storage = storage_sizes(edits, next(iter(weights.values())).element_size())
+        storage = storage_sizes(edits, next(iter(layout.values()))[1].itemsize)
         totals = {
             "sparsity": 1.0 - sum(e.nnz for e in edits.values()) / entries,
             "sparsity_by_width": by_width,
@@ -504,7 +654,8 @@ class SPACE(ErasureMethod):
         }
         return MethodOutput(
             {key: (edit,) for key, edit in edits.items()},
-            {"space": {"mu": mu, "mu_sample_sparsity": reached, "solver": values.solver, "total": totals,
+            {"space": {"mu": mu, "mu_sample_sparsity": reached, "mu_search_seconds": round(search_seconds, 3),
+                       "solver": values.solver, "total": totals,
                        "matrices": matrices, "storage": storage, "condition": 1.0 + ops.eig.max().item() / lam,
                        "columns": {"erase": columns.erase.shape[1], "preserve": columns.preserve.shape[1],
                                    "rank": len(ops.eig)}}},
@@ -514,15 +665,15 @@ class SPACE(ErasureMethod):
         )
 
 
-def weight_chunks(weights: Mapping[str, torch.Tensor], entries: int) -> list[list[str]]:
+def weight_chunks(shapes: Mapping[str, tuple[int, int]], entries: int) -> list[list[str]]:
     """Consecutive matrices of one width, grouped up to `entries` entries (at least one matrix each)."""
     chunks: list[list[str]] = []
     size, width = 0, None
-    for key in sorted(weights, key=lambda k: weights[k].shape[0]):
-        w = weights[key]
-        if not chunks or w.shape[0] != width or size + w.numel() > entries:
+    for key in sorted(shapes, key=lambda k: shapes[k][0]):
+        numel = math.prod(shapes[key])
+        if not chunks or shapes[key][0] != width or size + numel > entries:
             chunks.append([])
-            size, width = 0, w.shape[0]
+            size, width = 0, shapes[key][0]
         chunks[-1].append(key)
-        size += w.numel()
+        size += numel
     return chunks
