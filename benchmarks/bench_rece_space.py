@@ -178,7 +178,8 @@ def bench_space(model, weights, concepts, args, device, sync, scale, label) -> d
                                        device, sync)
         ft = fista["total"]
         print(f"  SPACE fista  [{label}], {iterations} iterations: {fmt(t_f * scale)}, "
-              f"{'converged' if ft['converged'] else 'NOT converged'}, certified distance ≤ {ft['distance_bound']:.1e}, "
+              f"{'converged' if ft['converged'] else 'NOT converged'}, "
+              f"certified distance ≤ {ft['distance_bound']:.1e}, "
               f"sparsity {ft['sparsity']:.1%}, peak {peak_f / w_bytes:.2f}× the K/V weights; load avg "
               f"{os.getloadavg()[0]:.2f}", flush=True)
         out["fista"].append((iterations, t_f * scale, ft["converged"], ft["distance_bound"]))
@@ -205,7 +206,8 @@ def bench_arch(arch: str, args, device: torch.device, sync, folder: Path) -> lis
             model = CheckpointModel(path, device)
             weights = {k: model.weight(k) for k in model.arch.map_keys()}
             n_all, scale = len(weights), 1.0
-            print(f"[{arch}] real-size text encoders: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"[{arch}] real-size text encoders: checkpoint written in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
         note = f" (subset {len(weights)}/{n_all} matrices; times and memory scaled ×{scale:.1f})" if scale != 1 else ""
         print(f"[{arch}, {features} features] {n_all} K/V matrices, {args.concepts} targets + {args.concepts} "
               f"preserved{note}", flush=True)
@@ -247,7 +249,8 @@ def main(argv=None) -> int:
           f"{'peak/KV':>8s}  FISTA (iterations: time, distance)")
     for r in rows:
         rece = f"{fmt(r['rece_s'])} ({r['rece_epochs']} ep)" if "rece_s" in r else "-"
-        fista = "; ".join(f"{it}: {fmt(t)}, {dist:.1e}{'' if conv else ' (not conv.)'}" for it, t, conv, dist in r["fista"])
+        fista = "; ".join(f"{it}: {fmt(t)}, {dist:.1e}{'' if conv else ' (not conv.)'}"
+                          for it, t, conv, dist in r["fista"])
         conv = "" if r["new_conv"] else " (not conv.)"
         print(f"{r['label']:18s} {rece:>18s} {fmt(r['new_s']):>10s} {r['new_it']:7d} {r['new_dist']:9.1e}{conv} "
               f"{r['sparsity']:9.1%} {r['peak_ratio']:7.2f}×  {fista}")
