@@ -180,14 +180,18 @@ def test_deterministic_and_prompt_returned(toyworld):
 
 
 def test_a_short_toyworld_run_at_the_defaults_erases_and_keeps_the_others(toyworld):
-    """ToyWorld, judged, at KPOP's defaults (auto: ToyWorld's learning rates and sampler steps) cut to STEPS steps:
-    "circle" prompts stop showing circles and the other shapes stay. Bounds: see the docstring's figures below."""
+    """ToyWorld, judged, at KPOP's defaults (auto: ToyWorld's learning rates, sampler steps and wordings) cut from
+    200 to 40 steps: "circle" prompts stop showing circles and the other shapes stay. Measured (seed 0, one thread):
+    circles shown 100 % → 4 %, other shapes 100 % → 92 % (the full 200 steps: 100 % erased at 100 % preserved on the
+    benchmark). The bounds leave room for a few samples' change (one sample is 4 points): erased ≥ 75 %, at most
+    four more of the 25 other shapes lost. The former settings fail it: 200 steps at lr 3e-4 erased 25 %, on the bare
+    word "circle" 0 %."""
     from concept_eraser.toyworld import judge, world
     from concept_eraser.toyworld.benchmark import prompts_for
     from concept_eraser.toyworld.pipeline import ToyWorldPipeline
 
     the_judge = judge.load()
-    result = erase(toyworld, "kpop", Concepts.build(["circle"], ["square"]), {"steps": SHORT_RUN_STEPS})
+    result = erase(toyworld, "kpop", Concepts.build(["circle"], ["square"]), {"steps": 40})
 
     def shown(pipe, shapes, n):
         rows = [r for s in shapes for r in prompts_for("shape", s, n // len(shapes))]
@@ -198,8 +202,8 @@ def test_a_short_toyworld_run_at_the_defaults_erases_and_keeps_the_others(toywor
     before, after = ToyWorldPipeline(toyworld), ToyWorldPipeline(toyworld, result.patch)
     target_before, target_after = shown(before, ["circle"], 24), shown(after, ["circle"], 24)
     others_before, others_after = shown(before, others, 25), shown(after, others, 25)
-    assert target_before >= 0.9 and target_after <= ERASED_BOUND, (target_before, target_after)
-    assert others_after >= others_before - PRESERVED_MARGIN, (others_before, others_after)
+    assert target_before >= 0.9 and target_after <= 0.25, (target_before, target_after)
+    assert others_after >= others_before - 0.17, (others_before, others_after)
 
 
 def test_auto_settings_follow_the_model_family(toyworld):
