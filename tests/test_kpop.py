@@ -28,7 +28,7 @@ from concept_eraser.toyworld.pipeline import CHECKPOINT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUICK = {"steps": 3, "ddim_steps": 4, "prompt_size": 1, "lr": 1e-3, "prompt_lr": 1e-2}
+QUICK = {"steps": 3, "ddim_steps": 4, "prompt_size": 1, "lr": 1e-3, "prompt_lr": 1e-2, "wordings": "as_given"}
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ Choices where the paper is vague: the prompt has k × (text window) tokens (the 
 additive: one window), separate tensors for K and V (the authors' code), initialised as Gaussian noise
 with the standard deviation of the target's text features ("initially no alignment with any textual
 input", §5.5); trainable weights are kept in float32 whatever the model's dtype. `use_prompt=false` is
-the paper's ablation: the same training without the prompt (plain fine-tuning towards ε*). Steps, learning rates
-and sampler steps left on auto are the paper's SD1.4 values on Stable Diffusion and values measured on ToyWorld,
+the paper's ablation: the same training without the prompt (plain fine-tuning towards ε*). Steps, learning rates,
+sampler steps and wordings left on auto are the paper's SD1.4 values on Stable Diffusion and values measured on ToyWorld,
 whose 1 M-parameter U-Net the paper's settings barely move (`AUTO_SETTINGS`).
 """
 
@@ -57,8 +57,7 @@ AUTO_SETTINGS = {
 
 def _auto_help(name: str) -> str:
     sd, toy = (AUTO_SETTINGS[family][name] for family in ("stable diffusion", "toyworld"))
-    return f"{sd:g} on Stable Diffusion (the paper's), {toy:g} on ToyWorld (measured on its benchmark)" \
-        if not isinstance(sd, str) else f"{sd} on Stable Diffusion (the paper's), '{toy}' on ToyWorld (its own words)"
+    return f"; auto = {sd} on Stable Diffusion (the paper's), {toy} on ToyWorld (measured on its benchmark)"
 
 
 def resolve_auto(values: Mapping[str, Any], family: str) -> dict[str, Any]:
@@ -66,12 +65,13 @@ def resolve_auto(values: Mapping[str, Any], family: str) -> dict[str, Any]:
     auto = AUTO_SETTINGS["toyworld" if family == "toyworld" else "stable diffusion"]
     return {**values, **{k: v for k, v in auto.items() if values.get(k) is None}}
 
+
 KPOP_PARAMS = (
-    Param("steps", int, None, "training steps (each: one prompt step, one model step); auto = "
+    Param("steps", int, None, "training steps (each: one prompt step, one model step)"
           + _auto_help("steps"), min=1, max=100000, step=50, nullable=True),
-    Param("lr", float, None, "Adam learning rate of the fine-tuned weights; auto = " + _auto_help("lr"), min=0.0,
+    Param("lr", float, None, "Adam learning rate of the fine-tuned weights" + _auto_help("lr"), min=0.0,
           min_exclusive=True, max=1.0, step=1e-5, nullable=True),
-    Param("prompt_lr", float, None, "Adam learning rate of the learnable prompt; auto = " + _auto_help("prompt_lr"),
+    Param("prompt_lr", float, None, "Adam learning rate of the learnable prompt" + _auto_help("prompt_lr"),
           min=0.0, min_exclusive=True, max=10.0, step=1e-5, nullable=True),
     Param("lam", float, 0.1, "λ: weight of the with-prompt term in the removal step; larger keeps more of the "
           "other concepts and erases less", min=0.0, min_exclusive=True, max=1e4, step=0.05),
@@ -88,7 +88,7 @@ KPOP_PARAMS = (
           "paper's Eq. 7, 1 = the authors' runs", min=0.0, max=10.0, step=0.5),
     Param("start_guidance", float, 3.0, "guidance scale of the frozen model's partial sampling that makes z_t",
           min=0.0, max=30.0, step=0.5),
-    Param("ddim_steps", int, None, "DDIM steps of that sampling (z_t stops after a random number of them); auto = "
+    Param("ddim_steps", int, None, "DDIM steps of that sampling (z_t stops after a random number of them)"
           + _auto_help("ddim_steps"), min=2, max=1000, nullable=True),
     Param("latents_per_trajectory", int, 1, "training steps served by one sampling run (z_t taken after as many "
           "random numbers of steps): fewer sampling passes per step; 1 = the paper (a new run every step)",
@@ -97,7 +97,7 @@ KPOP_PARAMS = (
           "typed, the paper), object / art (UCE's prompt expansion: the words plus 'image of {}', 'photo of {}', "
           "'portrait of {}', 'picture of {}', 'painting of {}' / 'painting by {}', 'art by {}', 'artwork by {}', "
           "'picture by {}', 'style of {}'), or your own templates separated by ';', each with {} for the words; "
-          "an empty guide stays empty; auto = " + _auto_help("wordings"), nullable=True),
+          "an empty guide stays empty" + _auto_help("wordings"), nullable=True),
     Param("preserve_weight", float, 0.0, "weight of ESD's preservation term ‖ε'(z_t, c_p) − ε(z_t, c_p)‖² on the "
           "preserved concepts (a random one per step); 0 = the paper's KPOP, which uses no preserve list",
           min=0.0, max=1e4, step=0.1),
