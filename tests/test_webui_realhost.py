@@ -350,9 +350,9 @@ try:
     result["method_help"] = wait(lambda: "prompt" in el("#concept_eraser_method_help").text and
                                  el("#concept_eraser_method_help").text)
     toggle("#concept_eraser_parameters")
-    wait(lambda: el("#concept_eraser_kpop_steps input").is_displayed())
+    wait(lambda: el("#concept_eraser_kpop_steps textarea, #concept_eraser_kpop_steps input").is_displayed())
     for name, value in (("steps", "3"), ("ddim_steps", "4"), ("lr", "0.001"), ("resolution", "64")):
-        set_value("#concept_eraser_kpop_%s input" % name, value)
+        set_value("#concept_eraser_kpop_{0} textarea, #concept_eraser_kpop_{0} input".format(name), value)
     el("#concept_eraser_erase_button").click()
     result["kpop_message"] = wait(lambda: ("erased" in message() or "⚠" in message()) and message(), 900)
     el("#concept_eraser_restore_button").click()
