@@ -42,11 +42,10 @@ from concept_eraser import CheckpointModel, Concepts, erase  # noqa: E402
 from concept_eraser.denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod  # noqa: E402
 from concept_eraser.encoding import EncodedPrompts  # noqa: E402
 from concept_eraser.methods import get_method  # noqa: E402
-from concept_eraser.methods.kpop import Trainer, trainable_keys  # noqa: E402
+from concept_eraser.methods.kpop import Trainer, resolve_auto, trainable_keys  # noqa: E402
 from concept_eraser.models.arch import CLIP_WINDOW, UNET_PREFIX, ArchSpec, cross_attention_maps  # noqa: E402
 from concept_eraser.models.unet import LDMConfig, LDMUNet  # noqa: E402
 from concept_eraser.params import resolve  # noqa: E402
-from concept_eraser.toyworld.benchmark import KPOP_SETTINGS  # noqa: E402
 from concept_eraser.toyworld.pipeline import CHECKPOINT  # noqa: E402
 
 SD15 = LDMConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
@@ -85,7 +84,7 @@ def sd15_denoiser(device: torch.device, resolution: int) -> ModuleDenoiser:
 
 def bench_toyworld(steps: int) -> dict:
     model = CheckpointModel(CHECKPOINT)
-    settings = {**KPOP_SETTINGS, "steps": steps}
+    settings = {"steps": steps}  # the rest at KPOP's defaults (auto: ToyWorld's settings)
     peak, _, seconds, result = measure_peak(
         lambda: erase(model, "kpop", Concepts.build(["circle"], ["square"]), settings), torch.device("cpu"))
     summary = result.patch.steps[0]["results"]
@@ -101,8 +100,9 @@ def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str
     counted. Returns mean seconds per step for making z_t (sampling + the frozen targets) and for the update."""
     model = ShapedModel(denoiser)
     device = denoiser.device
-    values = resolve(get_method("kpop").params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
-                                                  "latents_per_trajectory": per_trajectory}, "kpop")
+    values = resolve_auto(resolve(get_method("kpop").params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
+                                                               "latents_per_trajectory": per_trajectory}, "kpop"),
+                          "sd1")
     keys = trainable_keys(list(denoiser.parameters()), train)
     sync = make_sync(device)
     times = {"sampling": [], "update": []}

@@ -15,8 +15,9 @@ from .methods import METHODS, get_method
 from .patch import DenseEdit, ErasurePatch, LowRankEdit, SparseEdit
 
 __all__ = [
-    "CheckpointModel", "Cancelled", "Concepts", "ConvergenceWarning", "DenseEdit", "EraserError", "ErasurePatch", "ErasureResult",
-    "InvalidParameterError", "LowRankEdit", "METHODS", "NonFiniteResultError", "SparseEdit", "TOKEN_POLICIES", "UnsafeFileError",
+    "CheckpointModel", "Cancelled", "Concepts", "ConvergenceWarning", "DenseEdit", "EraserError", "ErasurePatch",
+    "ErasureResult", "InvalidParameterError", "LowRankEdit", "METHODS", "NonFiniteResultError", "SparseEdit",
+    "TOKEN_POLICIES", "UnsafeFileError",
     "UnsupportedModelError", "erase", "get_method", "load_patch", "save_artifacts", "save_checkpoint", "save_lora",
     "save_patch",
 ]

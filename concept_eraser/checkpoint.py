@@ -337,7 +337,8 @@ def save_lora(patch: ErasurePatch, out, overwrite: bool = False, arch: ArchSpec 
     return write_safetensors(out, tensors, meta, overwrite, field)
 
 
-def save_erasure(fmt: str, out, patch: ErasurePatch, arch: ArchSpec, *, checkpoint: Callable[[Path], Path] | None = None,
+def save_erasure(fmt: str, out, patch: ErasurePatch, arch: ArchSpec, *,
+                 checkpoint: Callable[[Path], Path] | None = None,
                  solved_on: Callable[[str], torch.Tensor] | None = None, artifacts: Mapping | None = None,
                  report: Mapping | None = None, overwrite: bool = False, field: str = "out") -> Path:
     """Write an erasure to `out` in one of FORMATS, the same way for every host (command line, ComfyUI, WebUI):

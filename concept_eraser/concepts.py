@@ -74,7 +74,8 @@ class Concepts:
             raise InvalidParameterError("erase", "a concept is listed twice (case and spacing do not count)")
         if len(guides) > len(targets):
             raise InvalidParameterError(
-                "guide", f"{len(guides)} guides for {len(targets)} concepts to erase: give one guide, or one per concept"
+                "guide",
+                f"{len(guides)} guides for {len(targets)} concepts to erase: give one guide, or one per concept"
             )
         if 1 < len(guides) < len(targets):
             raise InvalidParameterError(

@@ -74,7 +74,8 @@ def _open_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int) -> d
     }
     for i in range(layers):
         p = f"{prefix}transformer.resblocks.{i}."
-        sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = init.normal(3 * width, width), init.normal(3 * width)
+        sd[p + "attn.in_proj_weight"] = init.normal(3 * width, width)
+        sd[p + "attn.in_proj_bias"] = init.normal(3 * width)
         sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = init.normal(width, width), init.normal(width)
         for norm in ("ln_1", "ln_2"):
             sd[p + f"{norm}.weight"], sd[p + f"{norm}.bias"] = init.ones(width), init.zeros(width)
@@ -85,7 +86,8 @@ def _open_clip(init: _Init, prefix: str, width: int, layers: int, mlp: int) -> d
 
 def _unet(init: _Init, blocks, widths, context: int, linear_proj: bool, adm: int | None) -> dict:
     u = "model.diffusion_model."
-    sd = {u + "input_blocks.0.0.weight": init.normal(widths[0], 4, 3, 3), u + "input_blocks.0.0.bias": init.zeros(widths[0])}
+    sd = {u + "input_blocks.0.0.weight": init.normal(widths[0], 4, 3, 3),
+          u + "input_blocks.0.0.bias": init.zeros(widths[0])}
     if adm:
         sd[u + "label_emb.0.0.weight"] = init.normal(4 * widths[0], adm)
         sd[u + "label_emb.0.0.bias"] = init.zeros(4 * widths[0])

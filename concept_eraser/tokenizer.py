@@ -40,7 +40,7 @@ def _bpe_merges_path() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte → printable character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes = printable[:]
     extra = 0
     for b in range(256):

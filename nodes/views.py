@@ -37,7 +37,8 @@ def labelled_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]]) -> torch.T
         draw.text((PAD + c * (w + PAD) + 2, PAD), fit_text(draw, title, font, w - 4), fill=(230, 230, 230), font=font)
     y = band
     for prompt, original, erased in rows:
-        draw.text((PAD + 2, y + PAD), fit_text(draw, prompt, font, width - 2 * PAD - 4), fill=(250, 210, 120), font=font)
+        label = fit_text(draw, prompt, font, width - 2 * PAD - 4)
+        draw.text((PAD + 2, y + PAD), label, fill=(250, 210, 120), font=font)
         y += band
         for c, image in enumerate((original, erased)):
             pixels = (image.detach().clamp(0, 1).cpu().float().numpy() * 255.0).round().astype(np.uint8)

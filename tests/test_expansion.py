@@ -83,7 +83,9 @@ def test_deterministic_and_vetoes_are_honoured(toy_model):
     first = expand(toy_model, concepts, 5)
     expansion_module._CACHE.clear()
     again = expand(toy_model, concepts, 5)
-    assert [(w.text, w.distance, w.margin) for w in first.added] == [(w.text, w.distance, w.margin) for w in again.added]
+    def listed(result):
+        return [(w.text, w.distance, w.margin) for w in result.added]
+    assert listed(first) == listed(again)
     assert first.concepts.targets == ("circle", *[w.text for w in first.added])
     assert set(first.concepts.guides) == {"square"}
     vetoed = first.added[0].text

@@ -28,7 +28,7 @@ from concept_eraser.toyworld.pipeline import CHECKPOINT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUICK = {"steps": 3, "ddim_steps": 4, "prompt_size": 1, "lr": 1e-3, "prompt_lr": 1e-2}
+QUICK = {"steps": 3, "ddim_steps": 4, "prompt_size": 1, "lr": 1e-3, "prompt_lr": 1e-2, "wordings": "as_given"}
 
 
 @pytest.fixture(scope="module")
@@ -179,18 +179,19 @@ def test_deterministic_and_prompt_returned(toyworld):
     assert first.patch.steps[0]["results"]["steps"] == QUICK["steps"]
 
 
-def test_a_short_toyworld_run_lowers_the_target_and_keeps_the_others(toyworld):
-    """ToyWorld, judged, at the benchmark's KPOP settings (200 steps, a ToyWorld-sized learning rate — the paper's
-    1e-5 is for SD — five wordings of the concept): "circle" prompts show circles clearly less often (the
-    benchmark measured 23 % erased), the other shapes stay (measured 98 % preserved, 48 samples; here 25 samples, where
-    one wrong shape is 4 points and the benchmark's 47/48 still allows a true rate near 0.9, so the bound is before −
-    0.15: three misses pass, a KPOP that harms the others shows four or more)."""
+def test_a_short_toyworld_run_at_the_defaults_erases_and_keeps_the_others(toyworld):
+    """ToyWorld, judged, at KPOP's defaults (auto: ToyWorld's learning rates, sampler steps and wordings) cut from
+    200 to 40 steps: "circle" prompts stop showing circles and the other shapes stay. Measured (seed 0, one thread):
+    circles shown 100 % → 4 %, other shapes 100 % → 92 % (the full 200 steps: 100 % erased at 100 % preserved on the
+    benchmark). The bounds leave room for a few samples' change (one sample is 4 points): erased ≥ 75 %, at most
+    four more of the 25 other shapes lost. The former settings fail it: 200 steps at lr 3e-4 erased 25 %, on the bare
+    word "circle" 0 %."""
     from concept_eraser.toyworld import judge, world
-    from concept_eraser.toyworld.benchmark import KPOP_SETTINGS, prompts_for
+    from concept_eraser.toyworld.benchmark import prompts_for
     from concept_eraser.toyworld.pipeline import ToyWorldPipeline
 
     the_judge = judge.load()
-    result = erase(toyworld, "kpop", Concepts.build(["circle"], ["square"]), KPOP_SETTINGS)
+    result = erase(toyworld, "kpop", Concepts.build(["circle"], ["square"]), {"steps": 40})
 
     def shown(pipe, shapes, n):
         rows = [r for s in shapes for r in prompts_for("shape", s, n // len(shapes))]
@@ -201,8 +202,32 @@ def test_a_short_toyworld_run_lowers_the_target_and_keeps_the_others(toyworld):
     before, after = ToyWorldPipeline(toyworld), ToyWorldPipeline(toyworld, result.patch)
     target_before, target_after = shown(before, ["circle"], 24), shown(after, ["circle"], 24)
     others_before, others_after = shown(before, others, 25), shown(after, others, 25)
-    assert target_before >= 0.9 and target_after <= target_before - 0.15, (target_before, target_after)
-    assert others_after >= others_before - 0.15, (others_before, others_after)
+    assert target_before >= 0.9 and target_after <= 0.25, (target_before, target_after)
+    assert others_after >= others_before - 0.17, (others_before, others_after)
+
+
+def test_auto_settings_follow_the_model_family(toyworld):
+    """Left on auto, the learning rates and step counts are the paper's SD1.4 values on every Stable Diffusion
+    family and the measured ones on ToyWorld; a value given is kept; a bad one is refused by name."""
+    from concept_eraser.methods import get_method
+    from concept_eraser.methods.kpop import resolve_auto
+    from concept_eraser.params import resolve
+
+    values = resolve(get_method("kpop").params, {}, "kpop")
+    paper = {"steps": 1000, "lr": 1e-5, "prompt_lr": 1e-5, "ddim_steps": 50}
+    for family in ("sd1", "sd2", "sdxl"):
+        assert {k: resolve_auto(values, family)[k] for k in paper} == paper
+    toy = resolve_auto(values, "toyworld")
+    assert (toy["steps"], toy["lr"], toy["prompt_lr"], toy["ddim_steps"]) == (200, 1e-3, 1e-2, 20)
+    given = resolve(get_method("kpop").params, {"lr": "1e-5", "steps": "auto"}, "kpop")
+    assert resolve_auto(given, "toyworld")["lr"] == 1e-5 and resolve_auto(given, "toyworld")["steps"] == 200
+    result = erase(toyworld, "kpop", Concepts.build(["circle"]), {"steps": 1, "prompt_size": 1})
+    summary = result.patch.steps[0]["results"]
+    assert (summary["steps"], summary["lr"], summary["prompt_lr"], summary["ddim_steps"]) == (1, 1e-3, 1e-2, 20)
+    for name in ("lr", "steps"):
+        with pytest.raises(InvalidParameterError) as err:
+            erase(toyworld, "kpop", Concepts.build(["circle"]), {name: "fast"})
+        assert err.value.field == name
 
 
 @pytest.mark.parametrize("name, value", [

@@ -2,8 +2,8 @@
 
 What is checked: the config derived from a ComfyUI U-Net's state-dict shapes is the one it was built with; that
 state dict loads strictly and the noise prediction matches ComfyUI's (float32, relative error ≤ 1e-5, odd latent
-sizes included), while halving the heads visibly does not; `sdxl_vector` equals ComfyUI's SDXL.encode_adm; the shipped ToyWorld
-weights are an LDMUNet configuration read from their shapes.
+sizes included), while halving the heads visibly does not; `sdxl_vector` equals ComfyUI's SDXL.encode_adm; the
+shipped ToyWorld weights are an LDMUNet configuration read from their shapes.
 """
 
 from __future__ import annotations

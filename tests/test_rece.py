@@ -81,7 +81,8 @@ def test_the_derivation_is_float64_where_a_float32_gram_is_not(sd1_float32):
     single = RecoveryProbe(features.float())
     for w in weights:
         single.add(w @ transform, w)
-    error = lambda c: ((c - reference).norm() / reference.norm()).item()
+    def error(c):
+        return ((c - reference).norm() / reference.norm()).item()
     assert error(ours) < 1e-8 and error(single.derive(lam_r)) > 1e-5, (error(ours), error(single.derive(lam_r)))
 
 

@@ -47,9 +47,11 @@ merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1
 vocab = list(bytes_to_unicode().values()); vocab += [v + "</w>" for v in vocab]
 vocab += ["".join(m.split(" ")) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
 clip = os.path.join(out, "tiny-clip-text"); os.makedirs(clip, exist_ok=True)
-json.dump({t: i for i, t in enumerate(vocab)}, open(os.path.join(clip, "vocab.json"), "w", encoding="utf-8"), ensure_ascii=False)
+with open(os.path.join(clip, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
 open(os.path.join(clip, "merges.txt"), "w", encoding="utf-8").write("#version: 0.2\n" + "\n".join(merges) + "\n")
-special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+           "pad_token": "<|endoftext|>"}
 json.dump(special, open(os.path.join(clip, "special_tokens_map.json"), "w"))
 json.dump(dict(special, model_max_length=77, do_lower_case=True, errors="replace", add_prefix_space=False,
                tokenizer_class="CLIPTokenizer"), open(os.path.join(clip, "tokenizer_config.json"), "w"))
@@ -123,7 +125,8 @@ from ldm.util import instantiate_from_config
 from safetensors.torch import save_file
 import ldm.modules.encoders.modules as enc
 from transformers import CLIPTextConfig, CLIPTextModel
-enc.CLIPTextModel.from_pretrained = classmethod(lambda cls, path, *a, **k: CLIPTextModel(CLIPTextConfig.from_pretrained(path)))
+enc.CLIPTextModel.from_pretrained = classmethod(
+    lambda cls, path, *a, **k: CLIPTextModel(CLIPTextConfig.from_pretrained(path)))
 torch.manual_seed(1234)
 model = instantiate_from_config(OmegaConf.load(os.path.join(out, name + ".yaml")).model)
 # ldm zero-initialises every SpatialTransformer's proj_out and the U-Net's last conv: then nothing the text
@@ -138,7 +141,8 @@ with torch.no_grad():
             p.normal_(0, 0.05)
         elif param_name.startswith("cond_stage_model.") and "layer_norm" in param_name:
             p.normal_(1.0 if param_name.endswith(".weight") else 0.0, 0.1)
-sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()}
+sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+      for k, v in model.state_dict().items()}
 save_file(sd, os.path.join(out, name + ".safetensors"))
 print("ok", len(sd))
 '''
@@ -300,10 +304,12 @@ def wait(cond, timeout=240):
     raise TimeoutError(d.page_source[-2000:])
 def message(): return el("#concept_eraser_message").text
 def toggle(css):
-    d.execute_script("var e = document.querySelector(arguments[0]); (e.querySelector('.label-wrap') || e.firstElementChild).click();", css)
+    d.execute_script("var e = document.querySelector(arguments[0]);"
+                     " (e.querySelector('.label-wrap') || e.firstElementChild).click();", css)
 def set_value(css, value):
     box = el(css)
-    d.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, value)
+    d.execute_script("arguments[0].value = arguments[1];"
+                     " arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, value)
 try:
     d.get(url)
     wait(lambda: d.find_elements(By.CSS_SELECTOR, "#tabs button"))
@@ -312,7 +318,8 @@ try:
     set_value("#txt2img_width input[type=number]", "64")
     set_value("#txt2img_height input[type=number]", "64")
     set_value("#txt2img_seed input", "777")
-    tab = wait(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#tabs button") if b.text.strip() == "Concept Eraser"])
+    tab = wait(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#tabs button")
+                        if b.text.strip() == "Concept Eraser"])
     tab[0].click()
     wait(lambda: el("#concept_eraser_erase textarea").is_displayed())
     result["status_initial"] = el("#concept_eraser_status textarea").get_attribute("value")
@@ -332,7 +339,8 @@ try:
     el("#concept_eraser_preview_button").click()
     wait(lambda: len(d.find_elements(By.CSS_SELECTOR, "#concept_eraser_gallery img")) >= 4)
     result["preview_message"] = wait(lambda: "seed" in message() and message())
-    result["captions"] = [c.text for c in d.find_elements(By.CSS_SELECTOR, "#concept_eraser_gallery .caption-label, #concept_eraser_gallery figcaption")]
+    captions = "#concept_eraser_gallery .caption-label, #concept_eraser_gallery figcaption"
+    result["captions"] = [c.text for c in d.find_elements(By.CSS_SELECTOR, captions)]
     toggle("#concept_eraser_parameters")  # fold the parameters away for the screenshot
     d.execute_script("window.scrollTo(0, 0)")
     time.sleep(1)
@@ -350,9 +358,9 @@ try:
     result["method_help"] = wait(lambda: "prompt" in el("#concept_eraser_method_help").text and
                                  el("#concept_eraser_method_help").text)
     toggle("#concept_eraser_parameters")
-    wait(lambda: el("#concept_eraser_kpop_steps input").is_displayed())
+    wait(lambda: el("#concept_eraser_kpop_steps textarea, #concept_eraser_kpop_steps input").is_displayed())
     for name, value in (("steps", "3"), ("ddim_steps", "4"), ("lr", "0.001"), ("resolution", "64")):
-        set_value("#concept_eraser_kpop_%s input" % name, value)
+        set_value("#concept_eraser_kpop_{0} textarea, #concept_eraser_kpop_{0} input".format(name), value)
     el("#concept_eraser_erase_button").click()
     result["kpop_message"] = wait(lambda: ("erased" in message() or "⚠" in message()) and message(), 900)
     el("#concept_eraser_restore_button").click()

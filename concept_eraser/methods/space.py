@@ -364,8 +364,8 @@ def newton_direction(G: torch.Tensor, active: torch.Tensor, U: torch.Tensor, eig
     """Solve H Δ = −G row by row, H = I/2 + Ũᵀ diag(active) Ũ/(2λ), to relative residual `rtol`, by
     preconditioned conjugate gradients on all rows at once (one n × d × k product pair per iteration).
     Preconditioner: H with diag(active) replaced by the row's active share times I, diagonal since Ũ's columns
-    are orthogonal (it leaves a condition number of ~3 on SDXL's features). At most `most` iterations. Returns (Δ, Δ Ũᵀ/(2λ), products
-    made): Δ Ũᵀ is summed from the iterations' own p Ũᵀ, so it costs no product."""
+    are orthogonal (it leaves a condition number of ~3 on SDXL's features). At most `most` iterations. Returns
+    (Δ, Δ Ũᵀ/(2λ), products made): Δ Ũᵀ is summed from the iterations' own p Ũᵀ, so it costs no product."""
     scale = G.norm(dim=1, keepdim=True)
     live = scale > 0
     B = -G / torch.where(live, scale, torch.ones_like(scale))  # unit rows: one relative tolerance for all

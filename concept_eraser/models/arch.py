@@ -220,7 +220,8 @@ class SDXL(Family):
             raise UnsupportedModelError("SDXL layout without the OpenCLIP bigG text encoder (conditioner.embedders.1)")
         return (
             _hf_encoder(keys, shapes, "conditioner.embedders.0.transformer.", "clip_l", -2, False, "eos", "lora_te1_"),
-            replace(_open_clip_encoder(keys, shapes, "conditioner.embedders.1.model.", "clip_g", -2, False, "lora_te2_"),
+            replace(_open_clip_encoder(keys, shapes, "conditioner.embedders.1.model.", "clip_g", -2, False,
+                                       "lora_te2_"),
                     pooled=True),
         )
 

@@ -92,8 +92,8 @@ def target_unsaid(task: Task, rows: list[tuple[str, dict]]) -> list[tuple[str, d
 
 
 def _concepts(task: Task) -> Concepts:
-    return Concepts.build([concept_word(task.attribute, v) for v in task.targets], [task.guide],
-                          [concept_word(task.attribute, v) for v in ATTRIBUTES[task.attribute] if v not in task.targets])
+    preserved = [concept_word(task.attribute, v) for v in ATTRIBUTES[task.attribute] if v not in task.targets]
+    return Concepts.build([concept_word(task.attribute, v) for v in task.targets], [task.guide], preserved)
 
 
 def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: dict) -> list[dict]:
