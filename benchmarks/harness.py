@@ -194,7 +194,10 @@ def write_json(path: Path | None, benchmark: str, device: torch.device, hardware
     text = json.dumps(document, indent=1, default=str, ensure_ascii=False)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets: a result file gets the usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         os.replace(tmp, path)
