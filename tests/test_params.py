@@ -44,7 +44,7 @@ def test_numbers_still_come_as_numbers_or_text():
 
 def test_resolved_values_are_read_as_attributes_and_recorded_as_a_dict():
     values = resolve(METHODS["rece"].params, {"epochs": "3"}, "rece")
-    assert values.epochs == 3 and values.lam == 0.1 and values.epoch is None
+    assert values.epochs == 3 and values.lam == 2.0 and values.epoch is None
     assert dict(values) == {p.name: values[p.name] for p in METHODS["rece"].params}  # reports and provenance
     with pytest.raises(AttributeError, match="no parameter 'epoch_count'.*epochs"):
         values.epoch_count  # noqa: B018 - a misspelt parameter is an error, not None

@@ -99,7 +99,7 @@ from ..editable import EditableModel, Progress
 from ..errors import ConvergenceWarning
 from ..linalg import uce_factors
 from ..params import Param, Values
-from ..patch import SparseEdit, check_finite
+from ..patch import SparseEdit, check_written_finite
 from ..safetensors_io import tensor_bytes
 from .base import ErasureMethod, MethodOutput
 from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns
@@ -615,8 +615,8 @@ class SPACE(ErasureMethod):
                 rows = slice(row, row + shape[0])
                 row += shape[0]
                 new = result.weights[rows].to(model_dtype)
-                check_finite(key, new)
-                norm2 += torch.linalg.vector_norm(new, dtype=torch.float64).item() ** 2
+                check_written_finite(key, new)
+                norm2 += torch.linalg.vector_norm(new.float(), dtype=torch.float64).item() ** 2  # fp8 has no norm
                 edit = SparseEdit.from_dense(new)
                 del new
                 edits[key] = edit
