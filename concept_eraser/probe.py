@@ -155,7 +155,8 @@ def recoverability(
     features, groups = probe_columns(model.text_encoder, targets)
     probe = RecoveryProbe(features.to(model.device))
     maps = model.arch.map_keys()
-    keys = [*maps, *(key for key in patch.edits if key not in set(maps))] if each_edit else list(maps)
+    mapped = set(maps)
+    keys = [*maps, *(key for key in patch.edits if key not in mapped)] if each_edit else list(maps)
     for i, key in enumerate(keys):
         original = model.weight(key)
         new = patch.apply_to(key, original) if key in patch.edits else original

@@ -265,8 +265,12 @@ class Bench:
         return results
 
 
+def pct(share: float | None, digits: int = 0) -> str:
+    """A share as a percentage for the tables; "—" where the figure does not apply."""
+    return "—" if share is None else f"{100 * share:.{digits}f}"
+
+
 def table(results: list[dict]) -> str:
-    pct = lambda x: "—" if x is None else f"{100 * x:.0f}"  # noqa: E731
     lines = ["| task | method | erased ↑ | transfer ↑ | preserved ↑ | paraphrase attack ↓ "
              "| white-box attack ↓ | drift ↓ | solve (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -277,7 +281,7 @@ def table(results: list[dict]) -> str:
         else:
             lines.append(f"| {r['task']} | {r['method']} | {pct(r['erased'])} | {pct(r['transfer'])} "
                          f"| {pct(r['preserved'])} | {pct(r['paraphrase'])} | {pct(r['white-box'])} "
-                         f"| {100 * r['drift']:.1f} | {r['seconds']:.1f} |")
+                         f"| {pct(r['drift'], 1)} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 

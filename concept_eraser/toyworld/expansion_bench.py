@@ -27,7 +27,7 @@ from ..concepts import Concepts
 from ..params import parse_assignments
 from . import judge as judge_module
 from . import world
-from .benchmark import ATTRIBUTES, TASKS, Bench, Task, concept_word
+from .benchmark import ATTRIBUTES, TASKS, Bench, Task, concept_word, pct
 from .pipeline import CHECKPOINT, ToyWorldPipeline
 
 METHODS = ("uce", "rece", "space", "erasepro")
@@ -132,12 +132,11 @@ def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: di
 def table(results: list[dict]) -> str:
     lines = [("| task | method | expand | erased ↑ | preserved ↑ | paraphrase attack ↓ | unseen attack ↓ | drift ↓ "
               "| solve (s) |"), "|---|---|---|---|---|---|---|---|---|"]
-    def figure(value: float | None, digits: int = 0, scale: float = 100) -> str:
-        return "—" if value is None else f"{scale * value:.{digits}f}"
     for r in results:
-        lines.append(f"| {r['task']} | {r['method']} | {r['expand'] or 'off'} | {figure(r['erased'])} "
-                     f"| {figure(r['preserved'])} | {figure(r['paraphrase'])} | {figure(r['unseen'])} "
-                     f"| {figure(r['drift'], 1)} | {figure(r['seconds'], 1, 1)} |")
+        seconds = "—" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['task']} | {r['method']} | {r['expand'] or 'off'} | {pct(r['erased'])} "
+                     f"| {pct(r['preserved'])} | {pct(r['paraphrase'])} | {pct(r['unseen'])} "
+                     f"| {pct(r['drift'], 1)} | {seconds} |")
     return "\n".join(lines)
 
 
