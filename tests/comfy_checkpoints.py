@@ -115,3 +115,119 @@ def make_flux_like_file(path: str | Path) -> Path:
              "model.diffusion_model.single_blocks.0.linear1.weight", "model.diffusion_model.img_in.weight"]
     save_file({n: torch.randn(8, 8, generator=gen).half() for n in names}, str(path))
     return Path(path)
+
+
+# ---- Flux.1 and SD3.5 (MMDiT) ----------------------------------------------------------------------------
+# ComfyUI fixes part of these models' configurations: Flux's transformer is 3072 wide with 24 heads of 128
+# (comfy/model_detection.py), so the tiny Flux keeps that width with one double-stream block and no single-stream
+# one (ComfyUI counts them from the keys); SD3's
+# width is 64 × depth, so depth 2 gives a 128-wide MMDiT with two joint blocks. Every text encoder keeps its real
+# width (CLIP-L 768, CLIP-G 1280, T5-XXL 4096: what the transformers read) and the layer count the host's
+# loaders recognise a file by (CLIP-G: a layer 30; CLIP-L: a layer 1), with the rest shrunk through ComfyUI's own
+# `<encoder>_model_config` model option (comfy/sd1_clip.py `SDClipModel`): the host's classes and loaders
+# build them from their fixed JSON configurations with these fields overridden.
+TINY_TEXT_ENCODERS = {
+    "clip_l_model_config": {"num_hidden_layers": 2, "intermediate_size": 64},
+    "clip_g_model_config": {"intermediate_size": 64},
+    "t5xxl_model_config": {"num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 32},
+}
+FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=768,
+                   context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0,
+                   axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
+SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048,
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": 4096, "out_features": 128}},
+                  pos_embed_max_size=32, num_patches=1024, qk_norm="rms", pos_embed_scaling_factor=None,
+                  x_block_self_attn_layers=[])
+MMDIT_FILES = {
+    "flux": ("flux1_dev.safetensors", "clip_l.safetensors", "t5xxl.safetensors", "ae.safetensors"),
+    "sd3": ("sd3.5_large.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl.safetensors"),
+}
+
+
+def tiny_text_encoder_options(target_class) -> dict:
+    """The model options that shrink a Flux or SD3 text encoder (TINY_TEXT_ENCODERS); none for other families,
+    whose encoders are written full size."""
+    from comfy.text_encoders.flux import FluxClipModel
+    from comfy.text_encoders.sd3_clip import SD3ClipModel
+
+    return dict(TINY_TEXT_ENCODERS) if issubclass(target_class, (FluxClipModel, SD3ClipModel)) else {}
+
+
+def _text_encoder_layout(name: str) -> dict[str, torch.Tensor]:
+    """One text encoder file ("clip_l", "clip_g", "t5xxl") as ComfyUI's CLIPSave writes it: the host's class,
+    shrunk as above, on the meta device, its own state-dict names (transformers' names)."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd3_clip
+
+    options = dict(TINY_TEXT_ENCODERS)
+    build = {"clip_l": lambda: comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16, model_options=options),
+             "clip_g": lambda: comfy.sdxl_clip.SDXLClipG(device="meta", dtype=torch.float16, model_options=options),
+             "t5xxl": lambda: comfy.text_encoders.sd3_clip.T5XXLModel(device="meta", dtype=torch.float16,
+                                                                     model_options=options)}[name]
+    state = build().transformer.state_dict()
+    return {k: v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def _mmdit_layout(family: str) -> dict[str, torch.Tensor]:
+    """The transformer of `family` ("flux", "sd3") by the names ComfyUI loads, bare (diffusion-model files), and
+    for Flux its VAE: TAESD's layout with Flux's 16 latent channels (the host loads it as a VAE)."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    from comfy.taesd.taesd import TAESD
+
+    ops = comfy.ops.disable_weight_init
+    with torch.device("meta"):
+        if family == "flux":
+            return {"model": Flux(operations=ops, **FLUX_CONFIG).state_dict(),
+                    "vae": TAESD(latent_channels=16).state_dict()}
+        return {"model": MMDiT(operations=ops, **SD3_CONFIG).state_dict()}
+
+
+def _values(layout: dict[str, torch.Tensor], dtype, gen: torch.Generator, pool: torch.Tensor) -> dict:
+    """As `_value`, in `dtype` (the pool cast once: these files are large), with RMSNorm scales at one."""
+    cast = pool.to(dtype)
+    out = {}
+    for name, like in layout.items():
+        shape = like.shape
+        if len(shape) <= 1 or like.device.type != "meta":
+            out[name] = (torch.ones(shape) if name.endswith(".scale") else _value(name, like, pool, gen)).to(dtype)
+            continue
+        start, left, parts = int(torch.randint(0, POOL, (1,), generator=gen)), shape.numel(), []
+        while left:
+            parts.append(cast[start:start + left])
+            left, start = left - len(parts[-1]), 0
+        values = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[name] = values.view(shape).mul(shape[1:].numel() ** -0.5)
+    return out
+
+
+def make_mmdit_files(folder: str | Path, family: str, seed: int = 0) -> dict[str, Path]:
+    """The files a user of `family` has, in `folder`: the diffusion model alone (bare BFL / SAI names, as ComfyUI's
+    UNETLoader reads them from models/diffusion_models) and its text encoders as separate files (DualCLIPLoader /
+    TripleCLIPLoader, models/text_encoders); for Flux also its VAE. Returns {role: path}."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(POOL, generator=gen)
+    layouts = _mmdit_layout(family)
+    dtype = torch.bfloat16 if family == "flux" else torch.float16  # as the releases are
+    files = {"model": (MMDIT_FILES[family][0], _values(layouts["model"], dtype, gen, pool))}
+    for name in ("clip_l", "clip_g", "t5xxl"):
+        if name + ".safetensors" in MMDIT_FILES[family]:
+            files[name] = (name + ".safetensors", _values(_text_encoder_layout(name), torch.float16, gen, pool))
+    if "vae" in layouts:
+        files["vae"] = ("ae.safetensors", _values(layouts["vae"], torch.float32, gen, pool))
+    out = {}
+    for role, (name, tensors) in files.items():
+        path = folder / name
+        partial = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
+                  metadata={"modelspec.title": f"tiny {family} {role}"})
+        partial.rename(path)
+        out[role] = path
+    return out
