@@ -120,15 +120,15 @@ def make_flux_like_file(path: str | Path) -> Path:
 # ---- Flux.1 and SD3.5 (MMDiT) ----------------------------------------------------------------------------
 # ComfyUI fixes part of these models' configurations: Flux's transformer is 3072 wide with 24 heads of 128
 # (comfy/model_detection.py), so the tiny Flux keeps that width with one double-stream block and no single-stream
-# one (ComfyUI counts them from the keys); SD3's
-# width is 64 × depth, so depth 2 gives a 128-wide MMDiT with two joint blocks. Every text encoder keeps its real
-# width (CLIP-L 768, CLIP-G 1280, T5-XXL 4096: what the transformers read) and the layer count the host's
-# loaders recognise a file by (CLIP-G: a layer 30; CLIP-L: a layer 1), with the rest shrunk through ComfyUI's own
-# `<encoder>_model_config` model option (comfy/sd1_clip.py `SDClipModel`): the host's classes and loaders
-# build them from their fixed JSON configurations with these fields overridden.
+# one (ComfyUI counts them from the keys); SD3's width is 64 × depth, so depth 2 gives a 128-wide MMDiT with two
+# joint blocks. The text encoders keep their real widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096: what the
+# transformers read) and depths (the host's loaders tell CLIP-G from CLIP-L by a layer 30), with narrow MLPs and
+# T5 shrunk to two blocks of two heads, through ComfyUI's own model options (comfy/sd1_clip.py `SDClipModel`
+# overrides its fixed JSON configuration with `<encoder>_model_config`; for separate files `load_clip` rebuilds
+# the CLIP ones from `model_config`, comfy/text_encoders/long_clipl.py).
+NARROW_CLIP = {"intermediate_size": 64}
 TINY_TEXT_ENCODERS = {
-    "clip_l_model_config": {"num_hidden_layers": 2, "intermediate_size": 64},
-    "clip_g_model_config": {"intermediate_size": 64},
+    "model_config": NARROW_CLIP, "clip_l_model_config": NARROW_CLIP, "clip_g_model_config": NARROW_CLIP,
     "t5xxl_model_config": {"num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 32},
 }
 FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=768,
@@ -151,7 +151,9 @@ def tiny_text_encoder_options(target_class) -> dict:
     from comfy.text_encoders.flux import FluxClipModel
     from comfy.text_encoders.sd3_clip import SD3ClipModel
 
-    return dict(TINY_TEXT_ENCODERS) if issubclass(target_class, (FluxClipModel, SD3ClipModel)) else {}
+    if not issubclass(target_class, (FluxClipModel, SD3ClipModel)):
+        return {}
+    return {k: dict(v) for k, v in TINY_TEXT_ENCODERS.items()}  # copies: the host's loader writes into them
 
 
 def _text_encoder_layout(name: str) -> dict[str, torch.Tensor]:
@@ -161,7 +163,7 @@ def _text_encoder_layout(name: str) -> dict[str, torch.Tensor]:
     import comfy.sdxl_clip
     import comfy.text_encoders.sd3_clip
 
-    options = dict(TINY_TEXT_ENCODERS)
+    options = {k: dict(v) for k, v in TINY_TEXT_ENCODERS.items()}
     build = {"clip_l": lambda: comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16, model_options=options),
              "clip_g": lambda: comfy.sdxl_clip.SDXLClipG(device="meta", dtype=torch.float16, model_options=options),
              "t5xxl": lambda: comfy.text_encoders.sd3_clip.T5XXLModel(device="meta", dtype=torch.float16,

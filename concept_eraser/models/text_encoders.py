@@ -187,7 +187,7 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], depth: i
     depth = spec.layers if depth is None else depth
     try:
         model = ClipTextTransformer({k: v.to(device, dtype) for k, v in state.items() if _block(k) < depth}, depth,
-                                    quick_gelu=spec.layout == "hf")
+                                    quick_gelu=spec.layout == "hf" and spec.name != "clip_g")  # bigG: exact GELU
     except KeyError as exc:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing {exc.args[0]}") from None
     return model.eval()
