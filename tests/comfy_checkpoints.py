@@ -118,74 +118,61 @@ def make_flux_like_file(path: str | Path) -> Path:
 
 
 # ---- Flux.1 and SD3.5 (MMDiT) ----------------------------------------------------------------------------
-# ComfyUI fixes part of these models' configurations: Flux's transformer is 3072 wide with 24 heads of 128
-# (comfy/model_detection.py), so the tiny Flux keeps that width with one double-stream block and no single-stream
-# one (ComfyUI counts them from the keys); SD3's width is 64 × depth, so depth 2 gives a 128-wide MMDiT with two
-# joint blocks. The text encoders keep their real widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096: what the
-# transformers read) and depths (the host's loaders tell CLIP-G from CLIP-L by a layer 30), with narrow MLPs and
-# T5 shrunk to two blocks of two heads, through ComfyUI's own model options (comfy/sd1_clip.py `SDClipModel`
-# overrides its fixed JSON configuration with `<encoder>_model_config`; for separate files `load_clip` rebuilds
-# the CLIP ones from `model_config`, comfy/text_encoders/long_clipl.py).
-NARROW_CLIP = {"intermediate_size": 64}
+# ComfyUI fixes part of these models' configurations: Flux's transformer is 3072 wide with 24 heads of 128 and reads
+# 4096-wide T5 features (comfy/model_detection.py), so the tiny Flux keeps those widths with one double-stream block
+# and no single-stream one (ComfyUI counts them from the keys); SD3's width is 64 × depth, so depth 2 gives a
+# 128-wide MMDiT with two joint blocks. The text encoders are ComfyUI's own classes shrunk through its own model
+# options (comfy/sd1_clip.py `SDClipModel` overrides its fixed JSON configuration with `<encoder>_model_config`;
+# for separate files `load_clip` rebuilds the CLIP ones from `model_config`, comfy/text_encoders/long_clipl.py):
+# T5-XXL keeps its 4096 width (what both transformers read) with two blocks of two heads; CLIP-L and CLIP-G keep
+# their depths (the host's loaders tell CLIP-G from CLIP-L by its layer 30) at width 64, one head of 64 as theirs,
+# so Flux's vector_in reads 64 values and SD3's y_embedder 128 (read from the files' shapes, as ComfyUI does).
+NARROW_CLIP = {"hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 64, "projection_dim": 64}
 TINY_TEXT_ENCODERS = {
     "model_config": NARROW_CLIP, "clip_l_model_config": NARROW_CLIP, "clip_g_model_config": NARROW_CLIP,
     "t5xxl_model_config": {"num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 32},
 }
-FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=768,
+FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=64,
                    context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0,
                    axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
-SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048,
+SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=128,
                   context_embedder_config={"target": "torch.nn.Linear",
                                            "params": {"in_features": 4096, "out_features": 128}},
                   pos_embed_max_size=32, num_patches=1024, qk_norm="rms", pos_embed_scaling_factor=None,
                   x_block_self_attn_layers=[])
-MMDIT_FILES = {
-    "flux": ("flux1_dev.safetensors", "clip_l.safetensors", "t5xxl.safetensors", "ae.safetensors"),
-    "sd3": ("sd3.5_large.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl.safetensors"),
-}
+# file name → what it holds; the text encoders serve both transformers, as users share them
+MMDIT_FILES = {"flux1_dev.safetensors": "flux", "sd3.5_large.safetensors": "sd3", "clip_l.safetensors": "clip_l",
+               "clip_g.safetensors": "clip_g", "t5xxl.safetensors": "t5xxl", "ae.safetensors": "flux_vae"}
 
 
-def tiny_text_encoder_options(target_class) -> dict:
-    """The model options that shrink a Flux or SD3 text encoder (TINY_TEXT_ENCODERS); none for other families,
-    whose encoders are written full size."""
-    from comfy.text_encoders.flux import FluxClipModel
-    from comfy.text_encoders.sd3_clip import SD3ClipModel
-
-    if not issubclass(target_class, (FluxClipModel, SD3ClipModel)):
-        return {}
-    return {k: dict(v) for k, v in TINY_TEXT_ENCODERS.items()}  # copies: the host's loader writes into them
+def tiny_text_encoder_options() -> dict:
+    """The model options that shrink Flux's and SD3's text encoders (copies: the host's loader writes into them)."""
+    return {k: dict(v) for k, v in TINY_TEXT_ENCODERS.items()}
 
 
-def _text_encoder_layout(name: str) -> dict[str, torch.Tensor]:
-    """One text encoder file ("clip_l", "clip_g", "t5xxl") as ComfyUI's CLIPSave writes it: the host's class,
-    shrunk as above, on the meta device, its own state-dict names (transformers' names)."""
+def _layout(what: str) -> dict[str, torch.Tensor]:
+    """The tensors of one file, as meta tensors by the names ComfyUI loads: a transformer bare (diffusion-model
+    files), a text encoder as ComfyUI's CLIPSave writes one (transformers' names), Flux's VAE in TAESD's layout
+    with 16 latent channels (the host loads it as a VAE)."""
+    import comfy.ops
     import comfy.sd1_clip
     import comfy.sdxl_clip
     import comfy.text_encoders.sd3_clip
-
-    options = {k: dict(v) for k, v in TINY_TEXT_ENCODERS.items()}
-    build = {"clip_l": lambda: comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16, model_options=options),
-             "clip_g": lambda: comfy.sdxl_clip.SDXLClipG(device="meta", dtype=torch.float16, model_options=options),
-             "t5xxl": lambda: comfy.text_encoders.sd3_clip.T5XXLModel(device="meta", dtype=torch.float16,
-                                                                     model_options=options)}[name]
-    state = build().transformer.state_dict()
-    return {k: v for k, v in state.items() if not k.endswith("position_ids")}
-
-
-def _mmdit_layout(family: str) -> dict[str, torch.Tensor]:
-    """The transformer of `family` ("flux", "sd3") by the names ComfyUI loads, bare (diffusion-model files), and
-    for Flux its VAE: TAESD's layout with Flux's 16 latent channels (the host loads it as a VAE)."""
-    import comfy.ops
     from comfy.ldm.flux.model import Flux
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy.taesd.taesd import TAESD
 
-    ops = comfy.ops.disable_weight_init
+    ops, options = comfy.ops.disable_weight_init, tiny_text_encoder_options()
+    encoders = {"clip_l": comfy.sd1_clip.SDClipModel, "clip_g": comfy.sdxl_clip.SDXLClipG,
+                "t5xxl": comfy.text_encoders.sd3_clip.T5XXLModel}
+    if what in encoders:
+        state = encoders[what](device="meta", dtype=torch.float16, model_options=options).transformer.state_dict()
+        return {k: v for k, v in state.items() if not k.endswith("position_ids")}
     with torch.device("meta"):
-        if family == "flux":
-            return {"model": Flux(operations=ops, **FLUX_CONFIG).state_dict(),
-                    "vae": TAESD(latent_channels=16).state_dict()}
-        return {"model": MMDiT(operations=ops, **SD3_CONFIG).state_dict()}
+        module = {"flux": lambda: Flux(operations=ops, **FLUX_CONFIG),
+                  "sd3": lambda: MMDiT(operations=ops, **SD3_CONFIG),
+                  "flux_vae": lambda: TAESD(latent_channels=16)}[what]()
+    return module.state_dict()
 
 
 def _values(layout: dict[str, torch.Tensor], dtype, gen: torch.Generator, pool: torch.Tensor) -> dict:
@@ -206,30 +193,25 @@ def _values(layout: dict[str, torch.Tensor], dtype, gen: torch.Generator, pool: 
     return out
 
 
-def make_mmdit_files(folder: str | Path, family: str, seed: int = 0) -> dict[str, Path]:
-    """The files a user of `family` has, in `folder`: the diffusion model alone (bare BFL / SAI names, as ComfyUI's
-    UNETLoader reads them from models/diffusion_models) and its text encoders as separate files (DualCLIPLoader /
-    TripleCLIPLoader, models/text_encoders); for Flux also its VAE. Returns {role: path}."""
+def make_mmdit_files(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The files a Flux or SD3 user has, in `folder` (MMDIT_FILES): the diffusion models alone, with bare BFL / SAI
+    names (ComfyUI's UNETLoader, models/diffusion_models), the text encoders as files of their own (DualCLIPLoader,
+    TripleCLIPLoader, models/text_encoders) and Flux's VAE (VAELoader). Returns {name: path}."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(POOL, generator=gen)
-    layouts = _mmdit_layout(family)
-    dtype = torch.bfloat16 if family == "flux" else torch.float16  # as the releases are
-    files = {"model": (MMDIT_FILES[family][0], _values(layouts["model"], dtype, gen, pool))}
-    for name in ("clip_l", "clip_g", "t5xxl"):
-        if name + ".safetensors" in MMDIT_FILES[family]:
-            files[name] = (name + ".safetensors", _values(_text_encoder_layout(name), torch.float16, gen, pool))
-    if "vae" in layouts:
-        files["vae"] = ("ae.safetensors", _values(layouts["vae"], torch.float32, gen, pool))
+    # as the releases are: Flux in bf16, SD3.5 and the text encoders in fp16
+    dtypes = {"flux": torch.bfloat16, "flux_vae": torch.float32}
     out = {}
-    for role, (name, tensors) in files.items():
+    for name, what in MMDIT_FILES.items():
+        tensors = _values(_layout(what), dtypes.get(what, torch.float16), gen, pool)
         path = folder / name
         partial = path.with_suffix(".partial")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
-                  metadata={"modelspec.title": f"tiny {family} {role}"})
+                  metadata={"modelspec.title": f"tiny {what}"})
         partial.rename(path)
-        out[role] = path
+        out[name] = path
     return out
