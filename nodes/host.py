@@ -201,7 +201,8 @@ def check_transformer_clip(model, clip) -> None:
     held = f"holding {', '.join(found)}" if found else "holding no text encoder Concept Eraser knows"
     lacking = f", without {' and '.join(missing)}" if missing else ""
     raise InvalidParameterError(
-        "clip", f"this CLIP is ComfyUI's {type(encoder).__name__} ({held}{lacking}), but this "
+        # (the loaders make subclasses named <class>_ of the host's text-encoder classes)
+        "clip", f"this CLIP is ComfyUI's {type(encoder).__name__.rstrip('_')} ({held}{lacking}), but this "
         f"{type(model.model).__name__} model reads {reads} through ComfyUI's {class_name}: {loader}, or connect its "
         "checkpoint's own CLIP")
 
