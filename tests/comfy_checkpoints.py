@@ -140,9 +140,9 @@ SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in
                                            "params": {"in_features": 4096, "out_features": 128}},
                   pos_embed_max_size=32, num_patches=1024, qk_norm="rms", pos_embed_scaling_factor=None,
                   x_block_self_attn_layers=[])
-# file name → what it holds; the text encoders serve both transformers, as users share them
-MMDIT_FILES = {"flux1_dev.safetensors": "flux", "sd3.5_large.safetensors": "sd3", "clip_l.safetensors": "clip_l",
-               "clip_g.safetensors": "clip_g", "t5xxl.safetensors": "t5xxl", "ae.safetensors": "flux_vae"}
+# file name (the releases') → what it holds; the text encoders serve both transformers, as users share them
+MMDIT_FILES = {"flux1-dev.safetensors": "flux", "sd3.5_large.safetensors": "sd3", "clip_l.safetensors": "clip_l",
+               "clip_g.safetensors": "clip_g", "t5xxl_fp16.safetensors": "t5xxl", "ae.safetensors": "flux_vae"}
 
 
 def tiny_text_encoder_options() -> dict:

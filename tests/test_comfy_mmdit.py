@@ -20,18 +20,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_host import baked, host_session, mmdit_files, node, pack_module, snapshot
+from comfy_host import REPO, baked, host_session, mmdit_files, node, pack_module, snapshot
+from comfy_workflows import examples, to_api
 
 pytestmark = pytest.mark.host
 
 UNET = "model.diffusion_model."
 PROMPTS = ("Van Gogh", "a painting of a starry night by Vincent van Gogh", "Claude Monet", "")
 # model folders the tests fill: ComfyUI's loaders pick the files from there
-FOLDERS = {"diffusion_models": ("flux1_dev.safetensors", "sd3.5_large.safetensors"),
-           "text_encoders": ("clip_l.safetensors", "clip_g.safetensors", "t5xxl.safetensors"),
+FOLDERS = {"diffusion_models": ("flux1-dev.safetensors", "sd3.5_large.safetensors"),
+           "text_encoders": ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"),
            "vae": ("ae.safetensors",), "checkpoints": (), "erasures": (), "loras": ()}
 ENCODERS = {"flux": ("clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl")}
-MODEL_FILES = {"flux": "flux1_dev.safetensors", "sd3": "sd3.5_large.safetensors"}
+MODEL_FILES = {"flux": "flux1-dev.safetensors", "sd3": "sd3.5_large.safetensors"}
+ENCODER_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def load_clip(family: str, encoders=None):
     import folder_paths
 
     kind = comfy.sd.CLIPType.FLUX if family == "flux" else comfy.sd.CLIPType.STABLE_DIFFUSION
-    paths = [folder_paths.get_full_path_or_raise("text_encoders", f"{e}.safetensors")
+    paths = [folder_paths.get_full_path_or_raise("text_encoders", ENCODER_FILES[e])
              for e in encoders or ENCODERS[family]]
     with torch.inference_mode():
         return comfy.sd.load_clip(paths, clip_type=kind, model_options=tiny_text_encoder_options())
@@ -124,7 +126,7 @@ def test_features_are_the_hosts_encoding_and_match_an_independent_encoder(host, 
     if family == "flux":
         return
     files = host["files"]
-    ours = CheckpointModel(files[MODEL_FILES[family]], text_encoders={e: files[f"{e}.safetensors"]
+    ours = CheckpointModel(files[MODEL_FILES[family]], text_encoders={e: files[ENCODER_FILES[e]]
                                                                       for e in ENCODERS[family]})
     assert ours.arch.family == adapter.arch.family == family
     # the same maps, under the file's own names (bare) and ComfyUI's (model.diffusion_model.)
@@ -231,6 +233,28 @@ def test_sd3_erase_saves_a_checkpoint_the_host_loader_reads(host, sd3):
     expected = baked(erased, ["diffusion_model." + k[len(UNET):] for k in keys])
     for key in keys:
         assert torch.equal(adapter.weight(key).cpu(), expected["diffusion_model." + key[len(UNET):]].cpu()), key
+
+
+# ---- the example workflow ---------------------------------------------------------------------------------------
+
+def test_flux_example_passes_the_hosts_prompt_validation(host):
+    """The shipped Flux example (UNETLoader, DualCLIPLoader type flux, VAELoader → Erase → Preview, Save as LoRA,
+    Report), in API format, is accepted by ComfyUI's own prompt validation with the release-named files in its
+    model folders: node types, links between their sockets, widget values (file names and every combo)."""
+    import asyncio
+
+    import execution
+
+    assert asyncio.run(host["nodes"].load_custom_node(str(REPO))) is True
+    prompt = to_api(examples()["concept_eraser_flux_erase_preview_save.json"])
+    valid, error, outputs, errors = asyncio.run(execution.validate_prompt("flux-example", prompt, None))
+    assert valid and not errors, (error, errors)
+    assert {prompt[o]["class_type"] for o in outputs} == {"ConceptEraserPreview", "ConceptEraserSave",
+                                                         "ConceptEraserReport"}
+    broken = dict(prompt)
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "DualCLIPLoader")
+    broken[loader] = {**prompt[loader], "inputs": {**prompt[loader]["inputs"], "clip_name2": "missing.safetensors"}}
+    assert not asyncio.run(execution.validate_prompt("broken", broken, None))[0]  # the validation can fail
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
