@@ -59,8 +59,9 @@ def _shape_of(adapter):
 
 class LoadCheckpoint:
     DESCRIPTION = ("Loads a checkpoint like Load Checkpoint, after checking from the file's header that it is a "
-                   "Stable Diffusion 1.x / 2.x / XL model Concept Eraser can edit (others are refused before "
-                   "loading). Also reports the architecture and the cross-attention layout.")
+                   "Stable Diffusion 1.x / 2.x / XL model or an all-in-one Flux.1 / SD3 one Concept Eraser can edit "
+                   "(others are refused before loading). Also reports the architecture and the maps that read the "
+                   "text (cross-attention K/V, or the transformer's entry projections).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
