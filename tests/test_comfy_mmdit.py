@@ -163,6 +163,8 @@ def test_flux_erase_patches_clones_of_the_entry_projections(host, flux_erased):
         assert torch.equal(after.weight(key).cpu(), got.cpu()), key  # what the adapter reads is what the host bakes
         expected = erasure.patch.apply_to(key, before.effective_float(key)).cpu()
         torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    text, plot = node(host, "ConceptEraserReport").report(erasure)["result"]
+    assert "architecture: flux" in text and "edited tensors: 2 " in text and plot.shape[0] == 1
     # the erased maps send the target's last word (T5) and pooled vector (CLIP-L) where the guide's ("") go
     enc = before.text_encoder.encode(["Van Gogh", ""])
     t5 = enc.segments[0]
