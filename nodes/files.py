@@ -9,7 +9,7 @@ import os
 
 from ..concept_eraser.checkpoint import FORMATS, META_PREFIX, load_patch, provenance_metadata, read_steps, save_erasure
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
-from ..concept_eraser.models.arch import detect
+from ..concept_eraser.models.arch import FAMILIES, TransformerFamily, detect
 from ..concept_eraser.patch import ErasurePatch, check_fits
 from ..concept_eraser.safetensors_io import SafetensorsReader, atomic_output
 from .common import CATEGORY, ERASURE, node_error
@@ -57,6 +57,13 @@ def _shape_of(adapter):
     return shape
 
 
+def _transformer_alone(shapes) -> bool:
+    """A diffusion-model-only Flux / SD3 file (no text encoders): ComfyUI loads those with its own loaders."""
+    keys = list(shapes)
+    return (any(f.claims(keys, {}) for f in FAMILIES if issubclass(f, TransformerFamily))
+            and not any(k.startswith("text_encoders.") for k in keys))
+
+
 class LoadCheckpoint:
     DESCRIPTION = ("Loads a checkpoint like Load Checkpoint, after checking from the file's header that it is a "
                    "Stable Diffusion 1.x / 2.x / XL model or an all-in-one Flux.1 / SD3 one Concept Eraser can edit "
@@ -93,7 +100,13 @@ class LoadCheckpoint:
         if path.lower().endswith(".safetensors"):
             try:  # the header alone: refuse what cannot be edited before reading gigabytes
                 reader = SafetensorsReader(path)
-                detect({k: i.shape for k, i in reader.infos.items()}, reader.metadata)
+                shapes = {k: i.shape for k, i in reader.infos.items()}
+                if _transformer_alone(shapes):
+                    raise UnsupportedModelError(
+                        f"{os.path.basename(path)} holds a Flux / SD3 transformer without its text encoders: load it "
+                        "with Load Diffusion Model (models/diffusion_models) and its text encoders with "
+                        "DualCLIPLoader (flux) or TripleCLIPLoader (SD3)")
+                detect(shapes, reader.metadata)
                 steps = list(read_steps(reader.metadata, "ckpt_name"))
             except EraserError as exc:
                 raise node_error(exc, model_field="ckpt_name") from None

@@ -8,9 +8,11 @@ shrink its text encoders, Flux's VAE read by VAELoader. Checked: the features th
 host's own encoding, cut into the family's segments, and equal an independent encoder (the command line's
 transformers-built T5 and CLIP towers on the same files); the Erase node patches clones of the entry projections
 (txt_in, vector_in / context_embedder, y_embedder) and the erased projections send the target where the guide
-goes; the erasure saved as a LoRA is applied by the host's own LoraLoader node to exactly the erased weights, as a
-patch by Apply Erasure Patch, as a checkpoint that ComfyUI's checkpoint loader reads back with the erased weights;
-a CLIP of the wrong kind and a transformer we do not know are refused with a message naming what was found.
+goes; Preview Erasure renders with the host's sampler and Erasure Report reports; the erasure saved as a LoRA is
+applied by the host's own LoraLoader node to exactly the erased weights, as a patch by Apply Erasure Patch, as a
+checkpoint that ComfyUI's checkpoint loader reads back with the erased weights; the Flux example workflow passes
+ComfyUI's own prompt validation; a CLIP of the wrong kind, a transformer we do not know and a lone transformer
+given to Load Checkpoint are refused with a message naming what was found and what to do.
 """
 
 from __future__ import annotations
@@ -203,8 +205,9 @@ def test_flux_erasure_as_lora_for_the_host_loader_and_as_patch(host, flux_erased
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
-def test_sd3_erase_saves_a_checkpoint_the_host_loader_reads(host, sd3):
-    """SD3 through the Erase node (the context and pooled projections), saved by Save Erasure as a ComfyUI
+def test_sd3_erase_previews_and_saves_a_checkpoint_the_host_loader_reads(host, sd3):
+    """SD3 through the Erase node (the context and pooled projections), previewed with the host's sampler (the
+    original and the erased model side by side), saved by Save Erasure as a ComfyUI
     all-in-one checkpoint (model.diffusion_model.*, text_encoders.*, vae.*) that ComfyUI's checkpoint loader
     (what CheckpointLoaderSimple runs) reads back as SD3 with the erased weights; the pack accepts it as it is."""
     import comfy.sd
@@ -219,6 +222,10 @@ def test_sd3_erase_saves_a_checkpoint_the_host_loader_reads(host, sd3):
     assert set(erasure.patch.edits) == keys and erasure.arch.family == "sd3"
     with torch.inference_mode():
         vae = host["nodes"].VAELoader().load_vae("ae.safetensors")[0]
+    grid = node(host, "ConceptEraserPreview").preview(
+        sd3["model"], sd3["clip"], erased, clip, vae, "a painting by Van Gogh", "", seed=1, steps=1, cfg=1.0,
+        sampler_name="euler", scheduler="simple", width=64, height=64)["result"][0]
+    assert grid.shape[0] == 1 and grid.shape[2] == 2 * 64 + 3 * 6 and torch.isfinite(grid).all()
     path = node(host, "ConceptEraserSave").save(erasure, "checkpoint", "models", "sd3_erased", model=erased,
                                                 clip=clip, vae=vae)["result"][0]
     with safe_open(path, "pt") as f:
@@ -235,6 +242,13 @@ def test_sd3_erase_saves_a_checkpoint_the_host_loader_reads(host, sd3):
     expected = baked(erased, ["diffusion_model." + k[len(UNET):] for k in keys])
     for key in keys:
         assert torch.equal(adapter.weight(key).cpu(), expected["diffusion_model." + key[len(UNET):]].cpu()), key
+
+
+def test_load_checkpoint_sends_a_lone_transformer_to_the_diffusion_model_loader(host):
+    (host["folders"]["checkpoints"] / "flux1-dev.safetensors").symlink_to(host["files"]["flux1-dev.safetensors"])
+    with pytest.raises(ValueError, match="^ckpt_name: flux1-dev.safetensors holds a Flux / SD3 transformer without "
+                                         "its text encoders: load it with Load Diffusion Model"):
+        node(host, "ConceptEraserLoadCheckpoint").load("flux1-dev.safetensors")
 
 
 # ---- the example workflow ---------------------------------------------------------------------------------------
