@@ -90,6 +90,7 @@ class EncoderSpec:
     # how the pooled output is projected: "open_clip" (x @ text_projection), "hf" (x @ text_projection.weightᵀ)
     # or "none" (the final-normed EOS state itself, as Flux and SD3 read CLIP-L's)
     projection: str = "open_clip"
+    quick_gelu: bool = True  # OpenAI's CLIP-L uses quick_gelu; OpenCLIP's ViT-H and bigG exact GELU
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _open_clip_encoder(keys, shapes, prefix, name, hidden_layer, final_norm, lor
         raise UnsupportedModelError(f"the {name} text encoder is incomplete: {token} is missing")
     return EncoderSpec(
         name, prefix, "open_clip", hidden_layer, final_norm, "zero", shapes[token][1],
-        _count_layers(keys, prefix, "transformer.resblocks."), lora_prefix,
+        _count_layers(keys, prefix, "transformer.resblocks."), lora_prefix, quick_gelu=False,
     )
 
 
@@ -467,7 +468,8 @@ class SD3(TransformerFamily):
         if projection not in shapes:
             raise UnsupportedModelError(f"{cls.title}: the clip_g text encoder has no {projection}, which its pooled "
                                         "output needs")
-        return (replace(clip_l, pooled=True, projection="none"), replace(clip_g, pooled=True, projection="hf"),
+        return (replace(clip_l, pooled=True, projection="none"),
+                replace(clip_g, pooled=True, projection="hf", quick_gelu=False),
                 _t5_encoder(keys, shapes, ENCODER_PREFIXES["t5xxl"], cls.T5_WINDOW, 1, "lora_te3_"))
 
     @classmethod

@@ -3,7 +3,8 @@
 OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) are converted to the transformers layout: the fused
 `attn.in_proj_weight` is split into q/k/v, `resblocks` become `encoder.layers`. Every real CLIP
 text tower uses 64-wide attention heads, so the head count is width / 64; OpenAI's CLIP-L uses
-quick_gelu, OpenCLIP exact GELU; all layer norms have eps 1e-5.
+quick_gelu, OpenCLIP's towers exact GELU (SD3's CLIP-G too, stored under transformers' names); all layer norms
+have eps 1e-5. T5 (Flux, SD3) is transformers' own `T5EncoderModel` (`build_t5`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], depth: i
     depth = spec.layers if depth is None else depth
     try:
         model = ClipTextTransformer({k: v.to(device, dtype) for k, v in state.items() if _block(k) < depth}, depth,
-                                    quick_gelu=spec.layout == "hf")
+                                    quick_gelu=spec.quick_gelu)
     except KeyError as exc:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing {exc.args[0]}") from None
     return model.eval()
