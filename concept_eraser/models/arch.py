@@ -53,8 +53,14 @@ UNET_PREFIX = "model.diffusion_model."
 # Where text encoders given in files of their own are mounted: the names ComfyUI's all-in-one checkpoints use.
 ENCODER_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                     "t5xxl": "text_encoders.t5xxl.transformer."}
-# Tensors beside a denoiser stored without a prefix: text encoders, VAEs, markers.
-NOT_DENOISER_PREFIXES = ("text_encoders.", "vae.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")  # SD1/2, SDXL, Flux/SD3
+# Tensors beside a denoiser stored without a prefix: text encoders, VAEs.
+NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """A checkpoint key of a text encoder, in any family's layout."""
+    return key.startswith(TEXT_ENCODER_PREFIXES)
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 CLIP_WINDOW = 77  # CLIP's token window: BOS, 75 tokens, EOS
@@ -410,7 +416,7 @@ class Flux(TransformerFamily):
     vector_in.in_layer (ComfyUI comfy/text_encoders/flux.py: T5 padded to at least 256 tokens, no attention
     mask; CLIP-L's final-normed EOS state, not projected)."""
 
-    name, title, modelspec_architecture = "flux", "Flux.1", "flux-1"
+    name, title = "flux", "Flux.1"  # no modelspec.architecture: its dev and schnell ids differ
     MARKER = "double_blocks.0.img_attn.qkv.weight"
     CONTEXT_KEY, POOLED_KEY = "txt_in.weight", "vector_in.in_layer.weight"
     SLOTS = {"t5xxl": ("t5", "txt_in"), "clip_l": ("clip", "vector_in")}
@@ -446,7 +452,7 @@ class SD3(TransformerFamily):
     CLIP-L ⊕ CLIP-G penultimate (not normed), zero-padded to 4096, followed along the tokens by T5's 77;
     CLIP-L pooled (unprojected) ⊕ CLIP-G pooled (projected) → y_embedder.mlp.0."""
 
-    name, title, modelspec_architecture = "sd3", "Stable Diffusion 3", "stable-diffusion-v3-medium"
+    name, title = "sd3", "Stable Diffusion 3"  # no modelspec.architecture: medium and large ids differ
     MARKER = "joint_blocks.0.context_block.attn.qkv.weight"
     CONTEXT_KEY, POOLED_KEY = "context_embedder.weight", "y_embedder.mlp.0.weight"
     SLOTS = {"clip_l": ("clip", "context_embedder and y_embedder"), "clip_g": ("clip", "context_embedder and "
