@@ -110,6 +110,8 @@ def test_other_transformer_layouts_are_refused_by_name():
         detect({"single_transformer_blocks.0.attn.to_q.weight": (3, 3), "x_embedder.weight": (3, 3)})
     with pytest.raises(UnsupportedModelError, match="MMDiT model in diffusers layout"):
         detect({"transformer_blocks.0.attn.add_k_proj.weight": (3, 3)})
+    with pytest.raises(UnsupportedModelError, match="Flux.1: a scaled-fp8 file .txt_in.scale_weight"):
+        detect(flux | {"txt_in.scale_weight": (), "scaled_fp8": (0,)})
     with pytest.raises(UnsupportedModelError, match="a T5 text encoder only"):
         detect({k: tuple(v.shape) for k, v in tiny_mmdit_parts("flux_dev")["t5xxl"].items()})
 

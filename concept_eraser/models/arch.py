@@ -400,6 +400,10 @@ class TransformerFamily(Family):
         keys = list(shapes)
         prefix = cls.prefix(keys)
         cls.check_layout(shapes, prefix)
+        scaled = prefix + cls.CONTEXT_KEY.removesuffix("weight") + "scale_weight"
+        if scaled in shapes:
+            raise UnsupportedModelError(f"{cls.title}: a scaled-fp8 file ({scaled}: its weights are stored divided by "
+                                        "per-tensor scales); use an fp16, bf16 or plain fp8 file of this model")
         encoders = cls.text_encoders(keys, shapes, metadata)
         context, pooled = prefix + cls.CONTEXT_KEY, prefix + cls.POOLED_KEY
         maps = (TextMap(context, CONTEXT, tuple(shapes[context])), TextMap(pooled, POOLED, tuple(shapes[pooled])))
