@@ -57,10 +57,6 @@ TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.") 
 # Tensors beside a denoiser stored without a prefix: text encoders, VAEs.
 NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
 
-
-def is_text_encoder_key(key: str) -> bool:
-    """A checkpoint key of a text encoder, in any family's layout."""
-    return key.startswith(TEXT_ENCODER_PREFIXES)
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 CLIP_WINDOW = 77  # CLIP's token window: BOS, 75 tokens, EOS
@@ -83,7 +79,8 @@ class EncoderSpec:
     width: int
     layers: int
     lora_prefix: str  # kohya prefix for this encoder's modules
-    # its projected EOS state (final norm, text_projection) reaches the U-Net: SDXL's bigG, through label_emb
+    # its pooled output (final-normed EOS state, projected as `projection` says) reaches the denoiser: SDXL's bigG
+    # through label_emb, Flux's CLIP-L through vector_in, SD3's CLIP-L and CLIP-G through y_embedder
     pooled: bool = False
     tokenizer: str = "clip"  # "clip" (byte-level BPE), "word" (ToyWorld: vocabulary in the checkpoint's
     # metadata) or "t5" (SentencePiece: words, EOS, zero padding; no BOS)
@@ -148,6 +145,11 @@ class ArchSpec:
         )
 
 
+def is_text_encoder_key(key: str) -> bool:
+    """A checkpoint key of a text encoder, in any family's layout."""
+    return key.startswith(TEXT_ENCODER_PREFIXES)
+
+
 def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -195,7 +197,8 @@ class Family:
 
     @classmethod
     def claims(cls, keys: Sequence[str], metadata: Mapping[str, str]) -> bool:
-        """Whether a checkpoint with these keys (one that has a U-Net with cross-attention) is of this family."""
+        """Whether a checkpoint with these keys is of this family (U-Net families: asked only of checkpoints with
+        a U-Net)."""
         raise NotImplementedError
 
     @classmethod
@@ -497,26 +500,28 @@ class SD3(TransformerFamily):
 FAMILIES: tuple[type[Family], ...] = (Flux, SD3, SDXL, SD2, ToyWorld, SD1)
 
 
-def _unsupported_family(keys: Sequence[str]) -> str | None:
-    """Name families we recognise but do not edit, for a clear refusal."""
+# Layouts recognised but not edited, named in refusals: transformers (refused even beside a U-Net), then others.
+TRANSFORMER_MARKERS = [
+    ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with BFL "
+                                   "names, as ComfyUI's models/diffusion_models holds)"),
+    ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
+    ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
+    ("double_blocks.", "a Flux transformer of an unknown layout"),
+]
+OTHER_MARKERS = [
+    ("lora_unet_", "a LoRA file"),
+    ("lora_up.weight", "a LoRA file"),
+    ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
+    ("first_stage_model.encoder", "a VAE only"),
+    ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
+    ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
+]
+
+
+def _found(keys: Sequence[str], markers: Sequence[tuple[str, str]]) -> str | None:
+    """The description of the first marker some key contains."""
     joined = "\n".join(keys[:5000])
-    probes = [
-        ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with "
-                                       "BFL names, as ComfyUI's models/diffusion_models holds)"),
-        ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
-        ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
-        ("double_blocks.", "a Flux transformer of an unknown layout"),
-        ("lora_unet_", "a LoRA file"),
-        ("lora_up.weight", "a LoRA file"),
-        ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
-        ("first_stage_model.encoder", "a VAE only"),
-        ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
-        ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
-    ]
-    for marker, family in probes:
-        if marker in joined:
-            return family
-    return None
+    return next((what for marker, what in markers if marker in joined), None)
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> ArchSpec:
@@ -530,10 +535,10 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     family = next((f for f in FAMILIES if issubclass(f, TransformerFamily) and f.claims(keys, metadata)), None)
     if family is not None:
         return family.build(shapes, metadata)
-    other = _unsupported_family(keys)
-    transformer = other is not None and ("transformer" in other or "MMDiT" in other)
-    if not any(k.startswith(UNET_PREFIX) for k in keys) or transformer:
-        found = other or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})"
+    transformer = _found(keys, TRANSFORMER_MARKERS)
+    if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
+        found = (transformer or _found(keys, OTHER_MARKERS)
+                 or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})")
         raise UnsupportedModelError(f"not a checkpoint of a supported model (SD1.x, SD2.x, SDXL, Flux.1, SD3): "
                                     f"found {found}")
     family = next((f for f in FAMILIES if f.claims(keys, metadata)), None)
