@@ -67,6 +67,10 @@ class CheckpointModel:
         for prefix, reader in self.mounted.items():
             shapes |= {prefix + k: i.shape for k, i in reader.infos.items()}
         self.arch: ArchSpec = detect(shapes, self.reader.metadata)
+        for slot in text_encoders or {}:
+            if not any(e.prefix.startswith(ENCODER_PREFIXES[slot]) for e in self.arch.encoders):
+                raise InvalidParameterError((encoder_fields or {}).get(slot, slot),
+                                            f"{self.arch.title} reads no {slot} text encoder; leave it out")
         self._text_encoder: CheckpointTextEncoder | None = None
         # The provenance digest reads the whole file (SDXL: 2-7 s): a background thread reads it while the
         # method works, instead of on its path. Daemon: a process that never asks for it need not wait.

@@ -202,6 +202,7 @@ def tiny_mmdit_parts(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
     init = _Init(seed, dtype)
     parts = {"t5xxl": _t5(init, "", **TINY_T5)}
     wl, ll, ml = TINY_TEXT["clip_l"]
+    ll += 1  # SD3 reads the penultimate layer, which ComfyUI takes only from encoders of three or more layers
     parts["clip_l"] = _hf_clip(init, "text_model.", wl, ll, ml, position_ids=False)
     if family == "sd3":
         wg, lg, mg = TINY_TEXT["clip_g"]

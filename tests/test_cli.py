@@ -101,7 +101,8 @@ def damaged_patches(folder, tensors, meta):
 BAD_INPUTS = {
     "missing file": (["erase", "{dir}/nope.safetensors", "--erase", "x"], "model", "does not exist"),
     "pickle": (["erase", "{dir}/model.ckpt", "--erase", "x"], "model", "pickle checkpoint"),
-    "unknown architecture": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "model", "Flux is not supported"),
+    "unknown transformer layout": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "model",
+                                   "Flux.1: unknown transformer layout: model.diffusion_model.txt_in.weight"),
     "no --erase": (["erase", "{sd1}"], "erase", "at least one concept"),
     "more guides than targets": (["erase", "{sd1}", "--erase", "x", "--guide", "a", "--guide", "b"], "guide",
                                  "2 guides for 1 concepts"),

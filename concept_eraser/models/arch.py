@@ -53,8 +53,10 @@ UNET_PREFIX = "model.diffusion_model."
 # Where text encoders given in files of their own are mounted: the names ComfyUI's all-in-one checkpoints use.
 ENCODER_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                     "t5xxl": "text_encoders.t5xxl.transformer."}
-# Tensors beside a denoiser stored without a prefix: text encoders, VAEs, markers.
-NOT_DENOISER_PREFIXES = ("text_encoders.", "vae.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")  # SD1/2, SDXL, Flux/SD3
+# Tensors beside a denoiser stored without a prefix: text encoders, VAEs.
+NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
+
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 CLIP_WINDOW = 77  # CLIP's token window: BOS, 75 tokens, EOS
@@ -77,7 +79,8 @@ class EncoderSpec:
     width: int
     layers: int
     lora_prefix: str  # kohya prefix for this encoder's modules
-    # its projected EOS state (final norm, text_projection) reaches the U-Net: SDXL's bigG, through label_emb
+    # its pooled output (final-normed EOS state, projected as `projection` says) reaches the denoiser: SDXL's bigG
+    # through label_emb, Flux's CLIP-L through vector_in, SD3's CLIP-L and CLIP-G through y_embedder
     pooled: bool = False
     tokenizer: str = "clip"  # "clip" (byte-level BPE), "word" (ToyWorld: vocabulary in the checkpoint's
     # metadata) or "t5" (SentencePiece: words, EOS, zero padding; no BOS)
@@ -90,6 +93,7 @@ class EncoderSpec:
     # how the pooled output is projected: "open_clip" (x @ text_projection), "hf" (x @ text_projection.weightᵀ)
     # or "none" (the final-normed EOS state itself, as Flux and SD3 read CLIP-L's)
     projection: str = "open_clip"
+    quick_gelu: bool = True  # OpenAI's CLIP-L uses quick_gelu; OpenCLIP's ViT-H and bigG exact GELU
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,11 @@ class ArchSpec:
         )
 
 
+def is_text_encoder_key(key: str) -> bool:
+    """A checkpoint key of a text encoder, in any family's layout."""
+    return key.startswith(TEXT_ENCODER_PREFIXES)
+
+
 def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -169,7 +178,7 @@ def _open_clip_encoder(keys, shapes, prefix, name, hidden_layer, final_norm, lor
         raise UnsupportedModelError(f"the {name} text encoder is incomplete: {token} is missing")
     return EncoderSpec(
         name, prefix, "open_clip", hidden_layer, final_norm, "zero", shapes[token][1],
-        _count_layers(keys, prefix, "transformer.resblocks."), lora_prefix,
+        _count_layers(keys, prefix, "transformer.resblocks."), lora_prefix, quick_gelu=False,
     )
 
 
@@ -188,7 +197,8 @@ class Family:
 
     @classmethod
     def claims(cls, keys: Sequence[str], metadata: Mapping[str, str]) -> bool:
-        """Whether a checkpoint with these keys (one that has a U-Net with cross-attention) is of this family."""
+        """Whether a checkpoint with these keys is of this family (U-Net families: asked only of checkpoints with
+        a U-Net)."""
         raise NotImplementedError
 
     @classmethod
@@ -393,6 +403,10 @@ class TransformerFamily(Family):
         keys = list(shapes)
         prefix = cls.prefix(keys)
         cls.check_layout(shapes, prefix)
+        scaled = prefix + cls.CONTEXT_KEY.removesuffix("weight") + "scale_weight"
+        if scaled in shapes:
+            raise UnsupportedModelError(f"{cls.title}: a scaled-fp8 file ({scaled}: its weights are stored divided by "
+                                        "per-tensor scales); use an fp16, bf16 or plain fp8 file of this model")
         encoders = cls.text_encoders(keys, shapes, metadata)
         context, pooled = prefix + cls.CONTEXT_KEY, prefix + cls.POOLED_KEY
         maps = (TextMap(context, CONTEXT, tuple(shapes[context])), TextMap(pooled, POOLED, tuple(shapes[pooled])))
@@ -409,7 +423,7 @@ class Flux(TransformerFamily):
     vector_in.in_layer (ComfyUI comfy/text_encoders/flux.py: T5 padded to at least 256 tokens, no attention
     mask; CLIP-L's final-normed EOS state, not projected)."""
 
-    name, title, modelspec_architecture = "flux", "Flux.1", "flux-1"
+    name, title = "flux", "Flux.1"  # no modelspec.architecture: its dev and schnell ids differ
     MARKER = "double_blocks.0.img_attn.qkv.weight"
     CONTEXT_KEY, POOLED_KEY = "txt_in.weight", "vector_in.in_layer.weight"
     SLOTS = {"t5xxl": ("t5", "txt_in"), "clip_l": ("clip", "vector_in")}
@@ -445,7 +459,7 @@ class SD3(TransformerFamily):
     CLIP-L ⊕ CLIP-G penultimate (not normed), zero-padded to 4096, followed along the tokens by T5's 77;
     CLIP-L pooled (unprojected) ⊕ CLIP-G pooled (projected) → y_embedder.mlp.0."""
 
-    name, title, modelspec_architecture = "sd3", "Stable Diffusion 3", "stable-diffusion-v3-medium"
+    name, title = "sd3", "Stable Diffusion 3"  # no modelspec.architecture: medium and large ids differ
     MARKER = "joint_blocks.0.context_block.attn.qkv.weight"
     CONTEXT_KEY, POOLED_KEY = "context_embedder.weight", "y_embedder.mlp.0.weight"
     SLOTS = {"clip_l": ("clip", "context_embedder and y_embedder"), "clip_g": ("clip", "context_embedder and "
@@ -467,7 +481,8 @@ class SD3(TransformerFamily):
         if projection not in shapes:
             raise UnsupportedModelError(f"{cls.title}: the clip_g text encoder has no {projection}, which its pooled "
                                         "output needs")
-        return (replace(clip_l, pooled=True, projection="none"), replace(clip_g, pooled=True, projection="hf"),
+        return (replace(clip_l, pooled=True, projection="none"),
+                replace(clip_g, pooled=True, projection="hf", quick_gelu=False),
                 _t5_encoder(keys, shapes, ENCODER_PREFIXES["t5xxl"], cls.T5_WINDOW, 1, "lora_te3_"))
 
     @classmethod
@@ -485,26 +500,28 @@ class SD3(TransformerFamily):
 FAMILIES: tuple[type[Family], ...] = (Flux, SD3, SDXL, SD2, ToyWorld, SD1)
 
 
-def _unsupported_family(keys: Sequence[str]) -> str | None:
-    """Name families we recognise but do not edit, for a clear refusal."""
+# Layouts recognised but not edited, named in refusals: transformers (refused even beside a U-Net), then others.
+TRANSFORMER_MARKERS = [
+    ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with BFL "
+                                   "names, as ComfyUI's models/diffusion_models holds)"),
+    ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
+    ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
+    ("double_blocks.", "a Flux transformer of an unknown layout"),
+]
+OTHER_MARKERS = [
+    ("lora_unet_", "a LoRA file"),
+    ("lora_up.weight", "a LoRA file"),
+    ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
+    ("first_stage_model.encoder", "a VAE only"),
+    ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
+    ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
+]
+
+
+def _found(keys: Sequence[str], markers: Sequence[tuple[str, str]]) -> str | None:
+    """The description of the first marker some key contains."""
     joined = "\n".join(keys[:5000])
-    probes = [
-        ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with "
-                                       "BFL names, as ComfyUI's models/diffusion_models holds)"),
-        ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
-        ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
-        ("double_blocks.", "a Flux transformer of an unknown layout"),
-        ("lora_unet_", "a LoRA file"),
-        ("lora_up.weight", "a LoRA file"),
-        ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
-        ("first_stage_model.encoder", "a VAE only"),
-        ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
-        ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
-    ]
-    for marker, family in probes:
-        if marker in joined:
-            return family
-    return None
+    return next((what for marker, what in markers if marker in joined), None)
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> ArchSpec:
@@ -518,10 +535,10 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     family = next((f for f in FAMILIES if issubclass(f, TransformerFamily) and f.claims(keys, metadata)), None)
     if family is not None:
         return family.build(shapes, metadata)
-    other = _unsupported_family(keys)
-    transformer = other is not None and ("transformer" in other or "MMDiT" in other)
-    if not any(k.startswith(UNET_PREFIX) for k in keys) or transformer:
-        found = other or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})"
+    transformer = _found(keys, TRANSFORMER_MARKERS)
+    if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
+        found = (transformer or _found(keys, OTHER_MARKERS)
+                 or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})")
         raise UnsupportedModelError(f"not a checkpoint of a supported model (SD1.x, SD2.x, SDXL, Flux.1, SD3): "
                                     f"found {found}")
     family = next((f for f in FAMILIES if f.claims(keys, metadata)), None)

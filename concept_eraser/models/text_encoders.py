@@ -3,7 +3,8 @@
 OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) are converted to the transformers layout: the fused
 `attn.in_proj_weight` is split into q/k/v, `resblocks` become `encoder.layers`. Every real CLIP
 text tower uses 64-wide attention heads, so the head count is width / 64; OpenAI's CLIP-L uses
-quick_gelu, OpenCLIP exact GELU; all layer norms have eps 1e-5.
+quick_gelu, OpenCLIP's towers exact GELU (SD3's CLIP-G too, stored under transformers' names); all layer norms
+have eps 1e-5. T5 (Flux, SD3) is transformers' own `T5EncoderModel` (`build_t5`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], depth: i
     depth = spec.layers if depth is None else depth
     try:
         model = ClipTextTransformer({k: v.to(device, dtype) for k, v in state.items() if _block(k) < depth}, depth,
-                                    quick_gelu=spec.layout == "hf" and spec.name != "clip_g")  # bigG: exact GELU
+                                    quick_gelu=spec.quick_gelu)
     except KeyError as exc:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing {exc.args[0]}") from None
     return model.eval()
@@ -251,10 +252,17 @@ def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.de
     return model.eval().requires_grad_(False)
 
 
+def _t5_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A T5 weight in `dtype`; fp8 files' NaNs become zeros, as ComfyUI's T5 cleans fp8 embeddings (t5.py)."""
+    fp8 = tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    return torch.nan_to_num(tensor.to(dtype)) if fp8 else tensor.to(dtype)
+
+
 class T5TextEncoder:
     """T5's encoder rebuilt from a checkpoint's weights (`build_t5`), in `dtype` on `device`: per-token features
     are its last layer after the final RMSNorm (what ComfyUI's T5XXLModel returns: layer "last", no attention mask
-    over the padding). It has no pooled output."""
+    over the padding). It has no pooled output. T5-XXL in float32 takes 19 GB (4.76 billion parameters) of the
+    device's memory; the denoiser is never loaded, only its two text maps."""
 
     def __init__(self, spec: EncoderSpec, keys, load: Callable[[str], torch.Tensor],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -263,7 +271,10 @@ class T5TextEncoder:
         self.spec = spec
         self.device = torch.device(device)
         vocab = t5_tokenizer().get_vocab_size()  # fail on a missing tokenizer before reading gigabytes
-        self.model = build_t5(spec, t5_state_dict(spec, list(keys), load), self.device, dtype)
+        # cast tensor by tensor: the file's fp16 T5-XXL (9.5 GB) and its float32 copy never coexist whole
+        state = t5_state_dict(spec, list(keys), lambda key: _t5_tensor(load(key).to(self.device), dtype))
+        self.model = build_t5(spec, state, self.device, dtype)
+        del state
         if vocab > self.model.config.vocab_size:
             raise UnsupportedModelError(f"the T5 tokenizer has {vocab} tokens, the {spec.name} encoder's embedding "
                                         f"only {self.model.config.vocab_size}: another tokenizer")
