@@ -104,8 +104,8 @@ class LoadCheckpoint:
                 if _transformer_alone(shapes):
                     raise UnsupportedModelError(
                         f"{os.path.basename(path)} holds a Flux / SD3 transformer without its text encoders: load it "
-                        "with Load Diffusion Model (models/diffusion_models) and its text encoders with "
-                        "DualCLIPLoader (flux) or TripleCLIPLoader (SD3)")
+                        "with Load Diffusion Model (models/diffusion_models) or the core Load Checkpoint, and its text "
+                        "encoders with DualCLIPLoader (flux) or TripleCLIPLoader (SD3)")
                 detect(shapes, reader.metadata)
                 steps = list(read_steps(reader.metadata, "ckpt_name"))
             except EraserError as exc:

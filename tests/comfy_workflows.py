@@ -18,7 +18,7 @@ EXAMPLES = REPO / "example_workflows"
 # The socket inputs of each node (inputs that take a link, not widgets), in declared order. The frontend lists
 # them first in a node's `inputs` and a link's target_slot indexes them (widget inputs come after them).
 SOCKETS = {
-    "UNETLoader": [], "DualCLIPLoader": [], "VAELoader": [],
+    "UNETLoader": [], "DualCLIPLoader": [], "VAELoader": [], "CheckpointLoaderSimple": [], "TripleCLIPLoader": [],
     "ConceptEraserLoadCheckpoint": [],
     "ConceptEraserErase": [("model", "MODEL"), ("clip", "CLIP")],
     "ConceptEraserPreview": [("model", "MODEL"), ("clip", "CLIP"), ("erased_model", "MODEL"),
@@ -28,6 +28,8 @@ SOCKETS = {
 }
 OUTPUTS = {
     "UNETLoader": [("MODEL", "MODEL")], "DualCLIPLoader": [("CLIP", "CLIP")], "VAELoader": [("VAE", "VAE")],
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "TripleCLIPLoader": [("CLIP", "CLIP")],
     "ConceptEraserLoadCheckpoint": [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("layout", "STRING")],
     "ConceptEraserErase": [("model", "MODEL"), ("clip", "CLIP"), ("erasure", "ERASURE")],
     "ConceptEraserPreview": [("grid", "IMAGE")],
@@ -36,6 +38,7 @@ OUTPUTS = {
 }
 SIZES = {
     "UNETLoader": [320, 90], "DualCLIPLoader": [320, 130], "VAELoader": [320, 60],
+    "CheckpointLoaderSimple": [320, 100], "TripleCLIPLoader": [320, 110],
     "ConceptEraserLoadCheckpoint": [340, 170],
     "ConceptEraserErase": [360, 520],
     "ConceptEraserPreview": [420, 560],
@@ -48,6 +51,8 @@ WIDGETS = {
     "UNETLoader": ["unet_name", "weight_dtype"],
     "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
     "VAELoader": ["vae_name"],
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
 }
 
 
@@ -205,6 +210,34 @@ def flux_erase_preview_save() -> dict:
     return g.workflow()
 
 
+def sd3_erase_preview_save() -> dict:
+    """SD3.5 as its users load it: the release file (transformer and VAE) with Load Checkpoint, CLIP-L, CLIP-G and
+    T5-XXL with TripleCLIPLoader; UCE on context_embedder and, with pooled_edit, y_embedder; saved as a patch."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "sd3.5_large.safetensors"})
+    clip = g.add("TripleCLIPLoader", (40, 220), {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                                 "clip_name3": "t5xxl_fp16.safetensors"})
+    erase = g.add("ConceptEraserErase", (420, 160), {
+        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
+        "strength": 1.0, "pooled_edit": True})
+    preview = g.add("ConceptEraserPreview", (820, 60), {
+        "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
+                   "a painting in the style of Claude Monet, water lilies",
+        "negative": "blurry, low quality", "seed": 42, "steps": 28, "cfg": 4.5, "sampler_name": "euler",
+        "scheduler": "sgm_uniform", "width": 1024, "height": 1024})
+    save = g.add("ConceptEraserSave", (420, 860), {"format": "patch", "folder": "models",
+                                                   "filename_prefix": "concept_eraser/sd35_no_van_gogh"})
+    report = g.add("ConceptEraserReport", (1280, 60), {})
+    for name, source in (("model", ckpt), ("clip", clip)):
+        g.link(source, name.upper(), erase, name)
+        g.link(source, name.upper(), preview, name)
+        g.link(erase, name, preview, f"erased_{name}")
+    g.link(ckpt, "VAE", preview, "vae")
+    for target in (preview, save, report):
+        g.link(erase, "erasure", target, "erasure")
+    return g.workflow()
+
+
 def examples() -> dict[str, dict]:
     return {
         "concept_eraser_sd15_erase_preview_save.json": erase_preview_save(
@@ -214,6 +247,7 @@ def examples() -> dict[str, dict]:
         "concept_eraser_chain_uce_then_rece.json": chain_two_methods(),
         "concept_eraser_sd15_kpop.json": kpop_erase(),
         "concept_eraser_flux_erase_preview_save.json": flux_erase_preview_save(),
+        "concept_eraser_sd35_erase_preview_save.json": sd3_erase_preview_save(),
     }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_host import REPO, baked, host_session, mmdit_files, node, pack_module, snapshot
+from comfy_host import REPO, baked, comfy_root, host_session, mmdit_files, node, pack_module, snapshot
 from comfy_workflows import examples, to_api
 
 pytestmark = pytest.mark.host
@@ -91,8 +91,6 @@ def sd3(host):
 @pytest.fixture
 def t5_tokenizer(monkeypatch):
     """The command line's T5 tokenizer pointed at the tokenizer.json ComfyUI ships (the user's choice there)."""
-    from comfy_host import comfy_root
-
     from concept_eraser import tokenizer
 
     monkeypatch.setattr(tokenizer, "_T5_TOKENIZER_FILE", None)
@@ -253,23 +251,34 @@ def test_load_checkpoint_sends_a_lone_transformer_to_the_diffusion_model_loader(
 
 # ---- the example workflow ---------------------------------------------------------------------------------------
 
-def test_flux_example_passes_the_hosts_prompt_validation(host):
-    """The shipped Flux example (UNETLoader, DualCLIPLoader type flux, VAELoader → Erase → Preview, Save as LoRA,
-    Report), in API format, is accepted by ComfyUI's own prompt validation with the release-named files in its
-    model folders: node types, links between their sockets, widget values (file names and every combo)."""
+@pytest.mark.parametrize("name, loader_type, file_input", [
+    ("concept_eraser_flux_erase_preview_save.json", "DualCLIPLoader", "clip_name1"),
+    # (ComfyUI 0.3.64 checks the file names of its V1 loaders only, not TripleCLIPLoader's)
+    ("concept_eraser_sd35_erase_preview_save.json", "CheckpointLoaderSimple", "ckpt_name"),
+])
+def test_examples_pass_the_hosts_prompt_validation(host, name, loader_type, file_input):
+    """The shipped Flux and SD3.5 examples (the host's loaders → Erase → Preview, Save, Report), in API format, are
+    accepted by ComfyUI's own prompt validation with the release-named files in its model folders: node types,
+    links between their sockets, widget values (file names and every combo)."""
     import asyncio
 
     import execution
 
     assert asyncio.run(host["nodes"].load_custom_node(str(REPO))) is True
-    prompt = to_api(examples()["concept_eraser_flux_erase_preview_save.json"])
-    valid, error, outputs, errors = asyncio.run(execution.validate_prompt("flux-example", prompt, None))
+    # TripleCLIPLoader is one of ComfyUI's built-in extra nodes, which its start-up registers
+    extra = comfy_root() / "comfy_extras" / "nodes_sd3.py"
+    assert asyncio.run(host["nodes"].load_custom_node(str(extra), module_parent="comfy_extras")) is True
+    ckpts = host["folders"]["checkpoints"] / "sd3.5_large.safetensors"
+    if not ckpts.exists():  # the SD3.5 release file (transformer and VAE) is loaded by Load Checkpoint
+        ckpts.symlink_to(host["files"]["sd3.5_large.safetensors"])
+    prompt = to_api(examples()[name])
+    valid, error, good, errors = asyncio.run(execution.validate_prompt(name, prompt, None))
     assert valid and not errors, (error, errors)
-    assert {prompt[o]["class_type"] for o in outputs} == {"ConceptEraserPreview", "ConceptEraserSave",
-                                                         "ConceptEraserReport"}
-    broken = dict(prompt)
-    loader = next(k for k, v in prompt.items() if v["class_type"] == "DualCLIPLoader")
-    broken[loader] = {**prompt[loader], "inputs": {**prompt[loader]["inputs"], "clip_name2": "missing.safetensors"}}
+    assert {prompt[o]["class_type"] for o in good} == {"ConceptEraserPreview", "ConceptEraserSave",
+                                                      "ConceptEraserReport"}
+    loader = next(k for k, v in prompt.items() if v["class_type"] == loader_type)
+    broken = {**prompt, loader: {**prompt[loader], "inputs": {**prompt[loader]["inputs"],
+                                                             file_input: "missing.safetensors"}}}
     assert not asyncio.run(execution.validate_prompt("broken", broken, None))[0]  # the validation can fail
 
 
