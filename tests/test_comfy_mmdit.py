@@ -134,7 +134,8 @@ def test_features_are_the_hosts_encoding_and_match_an_independent_encoder(host, 
         [(m.key[len(UNET):], m.reads, m.shape) for m in adapter.arch.maps]
     mine = ours.text_encoder.encode(PROMPTS)
     assert [s.lengths for s in theirs.segments] == [s.lengths for s in mine.segments]
-    # measured: 1.4e-5 of the scale (both float32 on a CPU, fp16 weights); a wrong activation in one encoder: 1e-2
+    # measured: 1.4e-5 on features up to 18 (both float32 on a CPU, fp16 weights); CLIP-G with CLIP-L's activation
+    # (quick GELU): 0.31
     assert (mine.features - theirs.features.cpu()).abs().max().item() <= 1e-4 * scale
     assert (mine.pooled - theirs.pooled.cpu()).abs().max().item() <= 1e-4 * theirs.pooled.abs().max().item()
 
