@@ -250,12 +250,11 @@ def describe_file(path: str, field: str = "file", args=None) -> dict:
             arch = model.arch
             info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
                         context_dim=arch.context_dim, summary=arch.describe(),
-                        cross_attention={k: list(reader.infos[k].shape) for k in arch.map_keys()},
                         maps={m.key: {"shape": list(m.shape), "reads": m.reads} for m in arch.maps},
                         text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
                                         "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
                                         (", final norm" if e.final_norm else "")} for e in arch.encoders],
-                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.map_keys()}))
+                        dtypes=sorted({str(reader.infos[m.key].dtype).replace("torch.", "") for m in arch.maps}))
         info["erasures"] = list(read_steps(meta, field))
     return info
 
