@@ -297,3 +297,14 @@ def test_the_lora_is_applied_by_comfyuis_own_lora_key_mapping(files, t5_tokenize
                                                                         lambda w: w)
             torch.testing.assert_close(applied, result.patch.apply_to(key, original), rtol=1e-4, atol=1e-5)
             assert not torch.equal(applied, original)
+
+
+def test_a_t5_file_with_only_the_tied_embed_tokens_gives_the_same_features(files, t5_tokenizer, tmp_path):
+    paths = dict(files[("flux_schnell", "separate")])
+    with safe_open(str(paths["t5xxl"]), "pt") as f:
+        tensors = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "t5_embed_tokens.safetensors"))
+    model = paths.pop("model")
+    features = [CheckpointModel(model, text_encoders=dict(paths, t5xxl=t5)).text_encoder.encode(["a cat"]).features
+                for t5 in (paths["t5xxl"], tmp_path / "t5_embed_tokens.safetensors")]
+    assert torch.equal(*features)

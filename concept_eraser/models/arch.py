@@ -332,8 +332,13 @@ class ToyWorld(Family):
         return {"toyworld": json.loads(metadata[TOYWORLD_META])}
 
 
+def _t5_embedding(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> str | None:
+    """The key of T5's token embedding: `shared.weight`, or its tied copy `encoder.embed_tokens.weight` alone."""
+    return next((prefix + k for k in ("shared.weight", "encoder.embed_tokens.weight") if prefix + k in shapes), None)
+
+
 def _t5_encoder(keys, shapes, prefix: str, window: int, segment: int, lora_prefix: str) -> EncoderSpec:
-    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[prefix + "shared.weight"][1],
+    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[_t5_embedding(shapes, prefix)][1],
                        _count_layers(keys, prefix, "encoder.block."), lora_prefix, tokenizer="t5", window=window,
                        segment=segment)
 
@@ -343,8 +348,9 @@ def _slot_content(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> tuple[s
     under = [k for k in shapes if k.startswith(prefix)]
     if not under:
         return None
-    if prefix + "shared.weight" in shapes and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
-        return "t5", shapes[prefix + "shared.weight"][1]
+    embedding = _t5_embedding(shapes, prefix)
+    if embedding and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
+        return "t5", shapes[embedding][1]
     for inner in ("text_model.", ""):
         token = f"{prefix}{inner}embeddings.token_embedding.weight"
         if token in shapes:
