@@ -210,10 +210,12 @@ def test_cli_erases_a_flux_file_with_encoders_beside_as_lora_checkpoint_and_patc
         names = sorted({k.split(".")[0] for k in lora.keys()})
         assert json.loads(lora.metadata()["concept_eraser.steps"])[0]["architecture"] == "flux"
     assert names == ["lora_unet_txt_in", "lora_unet_vector_in_in_layer"]
-    # apply the patch to the same file, with the same encoder options
-    assert run_cli("apply", paths["model"], tmp_path / "patch.safetensors", "--t5", paths["t5xxl"], "--clip-l",
-                   paths["clip_l"], "--out", tmp_path / "applied.safetensors") == 0
-    with safe_open(str(tmp_path / "applied.safetensors"), "pt") as a, \
+    # apply the patch to the same file: the diffusion model alone, no text encoder needed
+    applied = tmp_path / "applied.safetensors"
+    assert run_cli("apply", paths["model"], tmp_path / "patch.safetensors", "--out", applied) == 0
+    assert run_cli("inspect", paths["model"]) == 0
+    assert "Flux.1 (dev): text-conditioning maps txt_in.weight" in capsys.readouterr().out
+    with safe_open(str(applied), "pt") as a, \
             safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as c:
         assert all(torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in c.keys())
 
