@@ -40,11 +40,12 @@ class CheckpointModel:
     """A single-file checkpoint read lazily through safetensors: SD1.x / SD2.x / SDXL, or Flux.1 / SD3 whose text
     encoders are in the file or in `text_encoders`, files of their own by slot ("clip_l", "clip_g", "t5xxl").
     Those are mounted under the names an all-in-one file gives them (`ENCODER_PREFIXES`); only the model file's
-    own tensors are ever written (`save_checkpoint`). `encoder_fields` names each slot in error messages."""
+    own tensors are ever written (`save_checkpoint`). `encoder_fields` names each slot in error messages. `text`
+    False: a Flux / SD3 file may come without its text encoders (to apply or inspect an edit of its maps)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
                  text_encoders: Mapping[str, str | os.PathLike] | None = None,
-                 encoder_fields: Mapping[str, str] | None = None):
+                 encoder_fields: Mapping[str, str] | None = None, text: bool = True):
         self.reader = SafetensorsReader(path)
         self.path = self.reader.path
         self.device = torch.device(device)
@@ -66,7 +67,7 @@ class CheckpointModel:
         shapes = {k: i.shape for k, i in self.reader.infos.items()}
         for prefix, reader in self.mounted.items():
             shapes |= {prefix + k: i.shape for k, i in reader.infos.items()}
-        self.arch: ArchSpec = detect(shapes, self.reader.metadata)
+        self.arch: ArchSpec = detect(shapes, self.reader.metadata, text=text or bool(text_encoders))
         for slot in text_encoders or {}:
             if not any(e.prefix.startswith(ENCODER_PREFIXES[slot]) for e in self.arch.encoders):
                 raise InvalidParameterError((encoder_fields or {}).get(slot, slot),

@@ -50,7 +50,8 @@ def test_erase_inspect_apply_end_to_end(tiny_checkpoints, tmp_path, capsys):
     assert code == 0 and "Stable Diffusion XL" in stdout and "erasure 1: uce of Van Gogh" in stdout
     code, stdout, _ = run(["inspect", model, "--json"], capsys)
     info = json.loads(stdout)
-    assert info["architecture"] == "sdxl" and len(info["cross_attention"]) == 140 and info["erasures"] == []
+    context_maps = [k for k, m in info["maps"].items() if m["reads"] == "context"]
+    assert info["architecture"] == "sdxl" and len(context_maps) == 140 and info["erasures"] == []
 
     lora = tmp_path / "lora.safetensors"
     assert run(["erase", model, "--erase", "Van Gogh", "--set", "token_policy=last_word", "--out", lora,

@@ -133,7 +133,7 @@ class ArchSpec:
     def describe(self) -> str:
         context = [m for m in self.maps if m.reads == CONTEXT]
         if self.denoiser == "mmdit":
-            text = ", ".join(f"{e.name} ({e.layers}×{e.width})" for e in self.encoders)
+            text = ", ".join(f"{e.name} ({e.layers}×{e.width})" for e in self.encoders) or "none given"
             maps = ", ".join(f"{m.key} {m.shape[0]}×{m.shape[1]} ({m.reads})" for m in self.maps)
             return f"{self.title} ({self.variant}): text-conditioning maps {maps}; text encoders: {text}"
         widths = sorted({m.shape[0] for m in context})
@@ -332,8 +332,13 @@ class ToyWorld(Family):
         return {"toyworld": json.loads(metadata[TOYWORLD_META])}
 
 
+def _t5_embedding(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> str | None:
+    """The key of T5's token embedding: `shared.weight`, or its tied copy `encoder.embed_tokens.weight` alone."""
+    return next((prefix + k for k in ("shared.weight", "encoder.embed_tokens.weight") if prefix + k in shapes), None)
+
+
 def _t5_encoder(keys, shapes, prefix: str, window: int, segment: int, lora_prefix: str) -> EncoderSpec:
-    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[prefix + "shared.weight"][1],
+    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[_t5_embedding(shapes, prefix)][1],
                        _count_layers(keys, prefix, "encoder.block."), lora_prefix, tokenizer="t5", window=window,
                        segment=segment)
 
@@ -343,8 +348,9 @@ def _slot_content(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> tuple[s
     under = [k for k in shapes if k.startswith(prefix)]
     if not under:
         return None
-    if prefix + "shared.weight" in shapes and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
-        return "t5", shapes[prefix + "shared.weight"][1]
+    embedding = _t5_embedding(shapes, prefix)
+    if embedding and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
+        return "t5", shapes[embedding][1]
     for inner in ("text_model.", ""):
         token = f"{prefix}{inner}embeddings.token_embedding.weight"
         if token in shapes:
@@ -399,7 +405,9 @@ class TransformerFamily(Family):
                                             f"{widths[slot]} values: wrong text encoder")
 
     @classmethod
-    def build(cls, shapes, metadata):
+    def build(cls, shapes, metadata, text: bool = True):
+        """`text` False: the transformer alone (no text encoders described or required), enough to apply or
+        inspect an edit of its maps."""
         keys = list(shapes)
         prefix = cls.prefix(keys)
         cls.check_layout(shapes, prefix)
@@ -407,7 +415,7 @@ class TransformerFamily(Family):
         if scaled in shapes:
             raise UnsupportedModelError(f"{cls.title}: a scaled-fp8 file ({scaled}: its weights are stored divided by "
                                         "per-tensor scales); use an fp16, bf16 or plain fp8 file of this model")
-        encoders = cls.text_encoders(keys, shapes, metadata)
+        encoders = cls.text_encoders(keys, shapes, metadata) if text else ()
         context, pooled = prefix + cls.CONTEXT_KEY, prefix + cls.POOLED_KEY
         maps = (TextMap(context, CONTEXT, tuple(shapes[context])), TextMap(pooled, POOLED, tuple(shapes[pooled])))
         return ArchSpec(cls.name, cls.title, shapes[context][1], maps, encoders, cls.variant_of(shapes, prefix),
@@ -524,8 +532,10 @@ def _found(keys: Sequence[str], markers: Sequence[tuple[str, str]]) -> str | Non
     return next((what for marker, what in markers if marker in joined), None)
 
 
-def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> ArchSpec:
-    """Classify a checkpoint from its tensor names and shapes; raise UnsupportedModelError otherwise."""
+def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
+           text: bool = True) -> ArchSpec:
+    """Classify a checkpoint from its tensor names and shapes; raise UnsupportedModelError otherwise. `text` False:
+    a transformer file (Flux, SD3) may come without its text encoders (they are then not described)."""
     keys = list(shapes)
     metadata = metadata or {}
     if metadata.get("concept_eraser.format") in ("patch", "lora"):
@@ -534,7 +544,7 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
         )
     family = next((f for f in FAMILIES if issubclass(f, TransformerFamily) and f.claims(keys, metadata)), None)
     if family is not None:
-        return family.build(shapes, metadata)
+        return family.build(shapes, metadata, text)
     transformer = _found(keys, TRANSFORMER_MARKERS)
     if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
         found = (transformer or _found(keys, OTHER_MARKERS)

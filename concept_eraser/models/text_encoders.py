@@ -228,6 +228,8 @@ def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.de
     tensors as they are, so no random initialisation of 4.7 billion parameters runs first."""
     from transformers import T5Config, T5EncoderModel
 
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
     try:
         bias = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
         vocab, width = state["shared.weight"].shape
@@ -244,7 +246,7 @@ def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.de
     with torch.device("meta"):
         model = T5EncoderModel(config)
     state = {k: v.to(device, dtype) for k, v in state.items()}
-    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
+    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])  # tied in T5: a file may hold either
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         what = f"is missing {missing[0]}" if missing else f"has an unknown tensor {unexpected[0]}"
