@@ -9,7 +9,7 @@ import os
 
 from ..concept_eraser.checkpoint import FORMATS, META_PREFIX, load_patch, provenance_metadata, read_steps, save_erasure
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
-from ..concept_eraser.models.arch import FAMILIES, TransformerFamily, detect
+from ..concept_eraser.models.arch import detect
 from ..concept_eraser.patch import ErasurePatch, check_fits
 from ..concept_eraser.safetensors_io import SafetensorsReader, atomic_output
 from .common import CATEGORY, ERASURE, node_error
@@ -57,13 +57,6 @@ def _shape_of(adapter):
     return shape
 
 
-def _transformer_alone(shapes) -> bool:
-    """A diffusion-model-only Flux / SD3 file (no text encoders): ComfyUI loads those with its own loaders."""
-    keys = list(shapes)
-    return (any(f.claims(keys, {}) for f in FAMILIES if issubclass(f, TransformerFamily))
-            and not any(k.startswith("text_encoders.") for k in keys))
-
-
 class LoadCheckpoint:
     DESCRIPTION = ("Loads a checkpoint like Load Checkpoint, after checking from the file's header that it is a "
                    "Stable Diffusion 1.x / 2.x / XL model or an all-in-one Flux.1 / SD3 one Concept Eraser can edit "
@@ -101,7 +94,8 @@ class LoadCheckpoint:
             try:  # the header alone: refuse what cannot be edited before reading gigabytes
                 reader = SafetensorsReader(path)
                 shapes = {k: i.shape for k, i in reader.infos.items()}
-                if _transformer_alone(shapes):
+                lone = not any(k.startswith("text_encoders.") for k in shapes)
+                if lone and detect(shapes, reader.metadata, text=False).denoiser != "unet":
                     raise UnsupportedModelError(
                         f"{os.path.basename(path)} holds a Flux / SD3 transformer without its text encoders: load it "
                         "with Load Diffusion Model (models/diffusion_models) or the core Load Checkpoint, and its text "

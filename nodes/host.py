@@ -476,8 +476,9 @@ def describe_layout(arch: ArchSpec, unet_shapes: dict[str, Any]) -> str:
              " reads):"]
     for e in arch.encoders:
         where = "last layer" if e.hidden_layer == -1 else f"hidden layer {e.hidden_layer}"
-        read = f"{where}{', final norm' if e.final_norm else ''}" if e.context else "only"
-        lines.append(f"  {e.name}: {e.layers} blocks × {e.width}, {read}{', pooled output' if e.pooled else ''}")
+        read = [f"{where}{', final norm' if e.final_norm else ''}"] if e.context else []
+        read += ["pooled output" if e.context else "pooled output only"] if e.pooled else []
+        lines.append(f"  {e.name}: {e.layers} blocks × {e.width}, {', '.join(read)}")
     if arch.denoiser != "unet":
         lines += ["", f"text-conditioning maps ({len(arch.maps)}, out × in):"]
         lines += [f"  {m.key[len(arch.denoiser_prefix):]}: {m.shape[0]}×{m.shape[1]}, reads the "
