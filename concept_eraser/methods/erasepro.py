@@ -22,6 +22,25 @@ the same X, so they share one SVD; OpenCLIP (SD2's ViT-H, SDXL's bigG) stores th
 fused `attn.in_proj_weight`, and one edit of the fused matrix is exactly the three edits, kept
 under the checkpoint's own key. All K/V of the U-Net read the same context, so they share one too.
 
+Flux.1 and SD3 (MMDiT): the same walk over the encoders the architecture lists, by their layout. T5 (T5-XXL:
+24 blocks, 4096 wide) is stepped through with transformers' own `T5Block`s (`models.layerwise`): X at block i
+is its first RMSNorm's output (no biases), with block 0's relative position bias added in every block and no
+attention mask over the padding, as ComfyUI's T5 features for Flux and SD3 are computed. The last stage, the
+denoiser's CONTEXT map (`txt_in`, `context_embedder`), reads the context assembled as the hosts assemble it:
+SD3's [CLIP-L ⊕ CLIP-G | T5] along the tokens, each segment's columns at its own tokenizer's positions. The
+CLIP encoders are edited as for SD wherever their output is read: Flux's CLIP-L only through its pooled output
+(all its blocks), SD3's CLIP-L and CLIP-G through both. POOLED maps (`vector_in`, `y_embedder`, SDXL's
+`label_emb`) are not edited: their input follows the edited encoders (exactly where the pooled EOS position
+pairs target with guide: prompts of one length). T5 has no absolute position embedding, so at its first block a
+token's feature is the same wherever it stands: pairs that send one token (EOS) to different anchors — a guide
+shorter or longer than its target beside a preserved prompt — cannot all be met there (a residual warning);
+from block 2 on attention mixes in the context. Memory on the device for T5-XXL (computed for Flux dev, 512
+tokens, one target and the empty prompt, all_tokens: 1024 columns): the embedding as stored (0.26 GB in fp16),
+one block in float32 (0.77 GB), the anchors' q/k/v inputs of all 24 blocks (0.4 GB), the low-rank edits (3 ups
+and 1 shared down of 4096 × rank per block, ≤ 1.6 GB), activations and position bias (~0.4 GB): about 3.5 GB;
+the edited q/k/v themselves wait in main memory (2.4 GB in fp16). The probe that follows every method builds
+the float32 T5 of the feature path (`T5TextEncoder`, 19 GB) while those edits are held: ~21 GB at the peak.
+
 Choices the paper leaves open, as implemented:
 - Biases (q/k/v have them) are kept: the constraint is on the whole map, W x_i + b = W_o y_i + b,
   which is W x_i = W_o y_i. X, Y are the layer-norm outputs (its affine part included).
@@ -87,7 +106,8 @@ ERASEPRO_PARAMS = (
           min=1, max=CLIP_WINDOW, step=1),
     Param("progressive", bool, True, "target features of each block computed through the blocks already edited "
           "(the paper's Algorithm 1); false: from the original model (its Algorithm 2, used for implicit nudity)"),
-    Param("edit_unet", bool, True, "also edit the U-Net cross-attention K/V, the last stage of the progression"),
+    Param("edit_unet", bool, True, "also edit the denoiser's text maps, the last stage of the progression: the "
+          "U-Net cross-attention K/V, Flux's txt_in, SD3's context_embedder"),
     Param("preserve_empty", bool, True,
           "also hold the empty prompt (the negative of classifier-free guidance) to its original features; off (the "
           "paper), guidance adds back what the edit pushed out of it (ToyWorld: red erased 29 % off, 62 % on)"),
@@ -140,8 +160,8 @@ def _context_columns(arch: ArchSpec, features: dict[EncoderSpec, torch.Tensor], 
 class ErasePro(ErasureMethod):
     name = "erasepro"
     title = "ErasePro"
-    summary = ("Zero-residual, progressive: exact target→guide mapping at every text-encoder q/k/v and "
-               "cross-attention K/V, shallow to deep; edits the text encoder too")
+    summary = ("Zero-residual, progressive: exact target→guide mapping at every text-encoder q/k/v (CLIP, T5) and "
+               "cross-attention K/V (MMDiT: the context map), shallow to deep; edits the text encoder too")
     params = ERASEPRO_PARAMS
 
     def run(self, model: EditableModel, concepts: Concepts, values: Values,

@@ -124,8 +124,8 @@ class LayerwiseEncoder:
 class T5LayerwiseEncoder:
     """T5's encoder run block by block with the interface of `LayerwiseEncoder`, holding on `device` only the
     embedding as stored, the final norm and the block being run (built in `dtype` when first asked for, then kept
-    until another block is) — never the whole encoder in `dtype`. Edited weights (`set_weight`) are kept as given
-    and used whenever their block is built."""
+    until another block is) — never the whole encoder in `dtype`. Edited weights (`set_weight`) are kept in main
+    memory as given and used whenever their block is built again."""
 
     def __init__(self, spec: EncoderSpec, keys: Sequence[str], load: Callable[[str], torch.Tensor],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -144,7 +144,7 @@ class T5LayerwiseEncoder:
             self.config = T5EncoderModel(config).config
             self.final_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.final_norm.weight = torch.nn.Parameter(self._load("encoder.final_layer_norm.weight"), requires_grad=False)
-        self.edited: dict[str, torch.Tensor] = {}  # transformers name → weight as it will be stored
+        self.edited: dict[str, torch.Tensor] = {}  # transformers name → weight as it will be stored, on the CPU
         self._block: tuple[int, torch.nn.Module] | None = None
         self._bias: dict[int, torch.Tensor] = {}  # sequence length → block 0's relative position bias
         self.context_depth = spec.layers + 1 + spec.hidden_layer
@@ -165,7 +165,7 @@ class T5LayerwiseEncoder:
     def set_weight(self, key: str, value: torch.Tensor) -> None:
         """Replace a block's tensor given under its checkpoint key (in the block built now and whenever it is)."""
         name = key[len(self.spec.prefix):]
-        self.edited[name] = value
+        self.edited[name] = value.to("cpu")  # T5-XXL's 72 q/k/v: 2.4 GB in fp16, kept off the device
         if self._block is not None and name.startswith(prefix := T5_BLOCK.format(self._block[0])):
             with torch.no_grad():
                 self._block[1].get_parameter(name[len(prefix):]).copy_(t5_tensor(value.to(self.device), self.dtype))
