@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from concept_eraser.api import erase
@@ -133,8 +132,35 @@ def test_cli_erases_a_flux_file_with_erasepro(t5_tokenizer, tmp_path, capsys):  
     encoders = ["--t5", separate["t5xxl"], "--clip-l", separate["clip_l"]]
     args[1] = separate["model"]
     assert main([str(a) for a in args + encoders + ["--format", "lora", "--out", tmp_path / "lora.safetensors"]]) == 0
-    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as lora:
-        assert "lora_te2_encoder_block_1_layer_0_SelfAttention_v.lora_up.weight" in lora.keys()
+    assert_comfyui_maps_the_text_encoder_modules(tmp_path / "lora.safetensors", separate)
     assert main([str(a) for a in args + encoders + ["--out", tmp_path / "whole.safetensors"]]) == 2
     assert "a text encoder given in a file of its own" in capsys.readouterr().err
     assert not (tmp_path / "whole.safetensors").exists()
+
+
+def assert_comfyui_maps_the_text_encoder_modules(lora_path, paths):
+    """comfy/lora.py (model_lora_keys_clip, load_lora) finds a weight of Flux's CLIP-L and T5 for every text-encoder
+    module of the LoRA, and applies the erasure's change to it (the model file holds only txt_in's)."""
+    from tests.comfy_host import import_comfy, release_comfy_path
+
+    import_comfy()
+    try:
+        import comfy.lora
+    finally:
+        release_comfy_path()
+    weights = {f"{slot}.transformer.{k}": v.float() for slot in ("clip_l", "t5xxl")
+               for k, v in load_file(str(paths[slot])).items()}
+
+    class HostClip(torch.nn.Module):  # what model_lora_keys_clip reads: the CLIP's state dict names
+        def state_dict(self):
+            return weights
+
+    lora = load_file(str(lora_path))
+    modules = {k.split(".")[0] for k in lora if not k.startswith("lora_unet_")}
+    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_clip(HostClip(), {}), log_missing=False)
+    assert len(patches) == len(modules) == 2 * 3 + 3 * 3  # T5's 2 blocks and CLIP-L's 3, q/k/v each
+    key = "t5xxl.transformer.encoder.block.1.layer.0.SelfAttention.v.weight"
+    applied = patches[key].calculate_weight(weights[key].clone(), key, 1.0, 1.0, None, lambda w: w)
+    name = "lora_te2_encoder_block_1_layer_0_SelfAttention_v"
+    up, down = lora[name + ".lora_up.weight"].float(), lora[name + ".lora_down.weight"].float()
+    torch.testing.assert_close(applied, weights[key] + up @ down, rtol=1e-4, atol=1e-5)
