@@ -15,7 +15,7 @@ import torch
 from .denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod, training_size
 from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
-from .models.arch import ENCODER_PREFIXES, FAMILIES, UNET_PREFIX, ArchSpec, detect
+from .models.arch import ENCODER_PREFIXES, FAMILIES, UNET_PREFIX, ArchSpec, detect, is_text_encoder_key
 from .models.text_encoders import hf_state_dict
 from .patch import ErasurePatch, check_written_finite, edit_from_parts
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
@@ -227,6 +227,9 @@ def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite:
     reader = model.reader
     missing = [k for k in patch.edits if k not in reader]
     if missing:
+        if is_text_encoder_key(missing[0]):
+            raise EraserError(f"the patch edits {missing[0]}, a text encoder given in a file of its own, not in this "
+                              "checkpoint: save the erasure as a LoRA or a patch")
         raise EraserError(f"the patch edits {missing[0]}, which this checkpoint does not have")
 
     def source(key):
@@ -341,6 +344,8 @@ def lora_modules(key: str, up: torch.Tensor, down: torch.Tensor, arch: ArchSpec 
         why = ("it is neither a denoiser nor a text-encoder weight" if arch else
                "text-encoder weights are named only when the model's architecture is given (save_lora(..., arch=))")
         raise InvalidParameterError("format", f"{key} has no LoRA name: {why}")
+    if spec.layout == "t5":  # ComfyUI's name for T5 (comfy/lora.py): slot prefix + transformers' name, no text_model_
+        return [(spec.lora_prefix + key[len(spec.prefix):-len(".weight")].replace(".", "_"), up, down)]
     parts = hf_state_dict(spec, [key], lambda _: up)
     if not parts or not all(name.endswith(".weight") for name in parts):
         raise InvalidParameterError("format", f"{key} has no LoRA name (only projection weights do)")
