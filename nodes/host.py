@@ -39,6 +39,7 @@ SOURCE_ATTACHMENT = "concept_eraser.source"
 STEPS_ATTACHMENT = "concept_eraser.steps"
 # the folder ComfyUI ships CLIP's vocabulary in (beside comfy/sd1_clip.py)
 HOST_VOCABULARY = "sd1_tokenizer"
+HOST_T5_TOKENIZER = ("text_encoders", "t5_tokenizer", "tokenizer.json")  # T5's, beside it
 # each text encoder's key in the token dict ComfyUI's tokenizers return (`clip.tokenize`)
 TOKEN_SLOTS = {"clip_l": "l", "clip_g": "g", "clip_h": "h", "t5xxl": "t5xxl"}
 # The text encoders ComfyUI's transformer models read, by the host's model class: its text-encoder class, the
@@ -55,16 +56,20 @@ ENCODER_SLOTS = ("clip_l", "clip_h", "clip_g", "t5xxl")
 
 
 def use_host_vocabulary() -> None:
-    """Tokenize with ComfyUI's own copy of CLIP's vocabulary (the solver needs it for token counts)."""
+    """Tokenize with ComfyUI's own copies of CLIP's vocabulary and T5's tokenizer.json (the solver needs them for
+    token counts, and to rebuild the encoders it edits: ErasePro)."""
     import os
 
     import comfy.sd1_clip
 
     from ..concept_eraser import tokenizer
 
-    folder = os.path.join(os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__)), HOST_VOCABULARY)
+    root = os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__))
     if tokenizer._VOCABULARY_FILES is None:
+        folder = os.path.join(root, HOST_VOCABULARY)
         tokenizer.use_vocabulary_files(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    if tokenizer._T5_TOKENIZER_FILE is None:
+        tokenizer.use_t5_tokenizer(os.path.join(root, *HOST_T5_TOKENIZER))
 
 
 def literal(text: str) -> str:

@@ -1,5 +1,5 @@
-"""Flux.1 and SD3.5 in ComfyUI: the pack's nodes on a MODEL and CLIP made by the host's own loaders, called as
-its executor calls them (under torch.inference_mode()).
+"""Flux.1 and SD3.5 in ComfyUI: the pack's nodes on a MODEL and CLIP made by the host's own loaders, called as its
+executor calls them (under torch.inference_mode()).
 
 The files are the ones users have, tiny (`comfy_checkpoints.make_mmdit_files`): diffusion models with bare BFL /
 SAI names read by ComfyUI's UNETLoader node, CLIP-L, CLIP-G and T5-XXL as files of their own read by
@@ -7,12 +7,13 @@ SAI names read by ComfyUI's UNETLoader node, CLIP-L, CLIP-G and T5-XXL as files 
 shrink its text encoders, Flux's VAE read by VAELoader. Checked: the features the erasure is solved with are the
 host's own encoding, cut into the family's segments, and equal an independent encoder (the command line's
 transformers-built T5 and CLIP towers on the same files); the Erase node patches clones of the entry projections
-(txt_in, vector_in / context_embedder, y_embedder) and the erased projections send the target where the guide
-goes; Preview Erasure renders with the host's sampler and Erasure Report reports; the erasure saved as a LoRA is
-applied by the host's own LoraLoader node to exactly the erased weights, as a patch by Apply Erasure Patch, as a
-checkpoint that ComfyUI's checkpoint loader reads back with the erased weights; the Flux example workflow passes
-ComfyUI's own prompt validation; a CLIP of the wrong kind, a transformer we do not know and a lone transformer
-given to Load Checkpoint are refused with a message naming what was found and what to do.
+(Flux UCE: txt_in, vector_in) and the erased projections send the target where the guide goes; ErasePro (SD3) edits
+the host's CLIP-L, CLIP-G and T5 on a clone, after which the host's own encoding of the target is sent where the
+guide's was; Preview Erasure renders with the host's sampler and Erasure Report reports; the erasure saved as a
+LoRA is applied by the host's own LoraLoader node to exactly the erased weights, as a patch by Apply Erasure Patch,
+as a checkpoint that ComfyUI's checkpoint loader reads back with the erased weights; the Flux example workflow
+passes ComfyUI's own prompt validation; a CLIP of the wrong kind, a transformer we do not know and a lone
+transformer given to Load Checkpoint are refused with a message naming what was found and what to do.
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def flux_erased(host, flux):
 @pytest.fixture(scope="module")
 def sd3(host):
     return {"model": load_model(host, "sd3"), "clip": load_clip("sd3")}
+
+
+@pytest.fixture(scope="module")
+def sd3_erased(host, sd3):
+    """One ErasePro erase of SD3 through the node (text encoders and context_embedder), shared by the SD3 tests."""
+    before = snapshot(sd3["model"]), snapshot(sd3["clip"].patcher)
+    erased, clip, erasure = node(host, "ConceptEraserErase").erase(
+        sd3["model"], sd3["clip"], "erasepro", "Van Gogh", "a painter", "", 1.0,
+        erasepro_token_policy="prompt_tokens")["result"]
+    return dict(sd3, before=before, erased=erased, erased_clip=clip, erasure=erasure)
 
 
 @pytest.fixture
@@ -204,21 +215,19 @@ def test_flux_erasure_as_lora_for_the_host_loader_and_as_patch(host, flux_erased
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
-def test_sd3_erase_previews_and_saves_a_checkpoint_the_host_loader_reads(host, sd3):
-    """SD3 through the Erase node (the context and pooled projections), previewed with the host's sampler (the
-    original and the erased model side by side), saved by Save Erasure as a ComfyUI
-    all-in-one checkpoint (model.diffusion_model.*, text_encoders.*, vae.*) that ComfyUI's checkpoint loader
-    (what CheckpointLoaderSimple runs) reads back as SD3 with the erased weights; the pack accepts it as it is."""
+def test_sd3_erasure_previews_and_saves_a_checkpoint_the_host_loader_reads(host, sd3_erased):
+    """The SD3 erasure (ErasePro: text encoders and context_embedder) previewed with the host's sampler (the
+    original and the erased model side by side), saved by Save Erasure as a ComfyUI all-in-one checkpoint
+    (model.diffusion_model.*, text_encoders.*, the VAE) that ComfyUI's checkpoint loader (what CheckpointLoaderSimple
+    runs) reads back as SD3 with the erased weights, text encoders included; the pack accepts it as it is."""
     import comfy.sd
     from comfy_checkpoints import tiny_text_encoder_options
     from safetensors import safe_open
 
-    before = snapshot(sd3["model"]), snapshot(sd3["clip"].patcher)
-    erased, clip, erasure = node(host, "ConceptEraserErase").erase(
-        sd3["model"], sd3["clip"], "uce", "Van Gogh", "", "Claude Monet", 1.0, pooled_edit=True)["result"]
-    assert (snapshot(sd3["model"]), snapshot(sd3["clip"].patcher)) == before
-    keys = {UNET + "context_embedder.weight", UNET + "y_embedder.mlp.0.weight"}
-    assert set(erasure.patch.edits) == keys and erasure.arch.family == "sd3"
+    sd3, erased, clip, erasure = sd3_erased, sd3_erased["erased"], sd3_erased["erased_clip"], sd3_erased["erasure"]
+    keys = {UNET + "context_embedder.weight"}
+    t5 = "t5xxl.transformer.encoder.block.1.layer.0.SelfAttention.v.weight"
+    assert keys <= set(erasure.patch.edits) and erasure.arch.family == "sd3"
     with torch.inference_mode():
         vae = host["nodes"].VAELoader().load_vae("ae.safetensors")[0]
     grid = node(host, "ConceptEraserPreview").preview(
@@ -241,6 +250,9 @@ def test_sd3_erase_previews_and_saves_a_checkpoint_the_host_loader_reads(host, s
     expected = baked(erased, ["diffusion_model." + k[len(UNET):] for k in keys])
     for key in keys:
         assert torch.equal(adapter.weight(key).cpu(), expected["diffusion_model." + key[len(UNET):]].cpu()), key
+    expected = baked(clip.patcher, [t5])[t5].cpu()
+    assert torch.equal(adapter.weight("text_encoders." + t5).cpu(), expected)
+    assert not torch.equal(expected, sd3["clip"].patcher.model_state_dict()[t5].cpu())  # T5 was edited
 
 
 def test_load_checkpoint_sends_a_lone_transformer_to_the_diffusion_model_loader(host):
@@ -248,6 +260,26 @@ def test_load_checkpoint_sends_a_lone_transformer_to_the_diffusion_model_loader(
     with pytest.raises(ValueError, match="^ckpt_name: flux1-dev.safetensors holds a Flux / SD3 transformer without "
                                          "its text encoders: load it with Load Diffusion Model"):
         node(host, "ConceptEraserLoadCheckpoint").load("flux1-dev.safetensors")
+
+
+def test_sd3_erasepro_edits_the_hosts_text_encoders(host, sd3_erased):
+    """ErasePro on SD3 through the node (ComfyUI's own tokenizers, T5's tokenizer.json included): its q/k/v edits of
+    CLIP-L, CLIP-G and T5 land on a clone of the host's CLIP, after which the host's own encoding of the target,
+    through the patched CLIP, is sent by the edited context_embedder where the original sends the guide's."""
+    host_mod = pack_module("nodes.host")
+    sd3, model, clip = sd3_erased, sd3_erased["erased"], sd3_erased["erased_clip"]
+    assert (snapshot(sd3["model"]), snapshot(sd3["clip"].patcher)) == sd3["before"] and clip is not sd3["clip"]
+    assert {k.split(".")[0] for k in clip.patcher.patches} == {"clip_l", "clip_g", "t5xxl"}
+    assert "t5xxl.transformer.encoder.block.1.layer.0.SelfAttention.v.weight" in clip.patcher.patches
+    with torch.inference_mode():
+        original, erased = host_mod.ComfyModel(sd3["model"], sd3["clip"]), host_mod.ComfyModel(model, clip)
+        target, guide = erased.text_encoder.encode(["Van Gogh"]), original.text_encoder.encode(["a painter"])
+    columns = [p for t, g in zip(target.segments, guide.segments)
+               for p in range(t.start, t.start + max(t.lengths[0], g.lengths[0]))]
+    key = UNET + "context_embedder.weight"
+    wanted = original.effective_float(key) @ guide.features[0, columns].T
+    residual = (erased.effective_float(key) @ target.features[0, columns].T - wanted).norm() / wanted.norm()
+    assert residual < 1e-2, residual.item()
 
 
 # ---- the example workflow ---------------------------------------------------------------------------------------
