@@ -11,8 +11,8 @@ transformers-built T5 and CLIP towers on the same files); the Erase node patches
 the host's CLIP-L, CLIP-G and T5 on a clone, after which the host's own encoding of the target is sent where the
 guide's was; Preview Erasure renders with the host's sampler and Erasure Report reports; the erasure saved as a
 LoRA is applied by the host's own LoraLoader node to exactly the erased weights, as a patch by Apply Erasure Patch,
-as a checkpoint that ComfyUI's checkpoint loader reads back with the erased weights; the Flux example workflow
-passes ComfyUI's own prompt validation; a CLIP of the wrong kind, a transformer we do not know and a lone
+as a checkpoint that ComfyUI's checkpoint loader reads back with the erased weights; the Flux and SD3.5 example
+workflows pass ComfyUI's own prompt validation; a CLIP of the wrong kind, a transformer we do not know and a lone
 transformer given to Load Checkpoint are refused with a message naming what was found and what to do.
 """
 
