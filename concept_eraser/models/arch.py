@@ -37,6 +37,7 @@ from ..errors import UnsupportedModelError
 
 UNET_PREFIX = "model.diffusion_model."
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
+TOYWORLD_FLUX_META = "toyworld_flux.config"  # JSON: MMDiT config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 CLIP_WINDOW = 77  # CLIP's token window: BOS, 75 tokens, EOS
 

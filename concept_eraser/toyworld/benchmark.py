@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +37,7 @@ import torch
 from .. import METHODS, erase
 from ..checkpoint import CheckpointModel
 from ..concepts import Concepts
+from ..encoding import EncodedPrompts
 from ..probe import DEFAULT_LAM_R, RecoveryProbe
 from . import judge as judge_module
 from . import world
@@ -170,9 +171,10 @@ class Bench:
         self.steps = steps
         self.base = ToyWorldPipeline(self.model)
 
-    def run(self, pipe: ToyWorldPipeline, rows: list[tuple[str, dict]], seed: int, features=None) -> Samples:
+    def run(self, pipe: ToyWorldPipeline, rows: list[tuple[str, dict]], seed: int,
+            encoded: EncodedPrompts | None = None) -> Samples:
         prompts = [p for p, _ in rows]
-        images = pipe.sample_features(pipe.encode(prompts) if features is None else features, seed, steps=self.steps)
+        images = pipe.sample_features(pipe.encode(prompts) if encoded is None else encoded, seed, steps=self.steps)
         return Samples(prompts, [e for _, e in rows], images, self.judge.verdicts(images))
 
     def unerased(self, n: int) -> dict[str, dict[str, float]]:
@@ -212,16 +214,18 @@ class Bench:
             "other": [r for v in others for r in prompts_for(task.attribute, v, per_other)],
         }
 
-    def derived_features(self, patch, prompts: list[str]) -> torch.Tensor:
-        """The white-box attack's inputs: every token after BOS replaced by its derived feature."""
-        features = self.base.encode(prompts)  # [n, window, d]
+    def derived_features(self, patch, prompts: list[str]) -> EncodedPrompts:
+        """The white-box attack's inputs: every token after BOS replaced by its derived feature (a pooled
+        embedding, where the model reads one, stays the prompt's)."""
+        encoded = self.base.encode(prompts)
+        features = encoded.features  # [n, window, d]
         n, window, d = features.shape
         probe = RecoveryProbe(features[:, 1:].reshape(-1, d).T)
         for key in self.model.arch.map_keys():
             original = self.model.weight(key)
             probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
         derived = probe.derive(DEFAULT_LAM_R).T.reshape(n, window - 1, d).float()
-        return torch.cat([features[:, :1], derived], dim=1)
+        return replace(encoded, features=torch.cat([features[:, :1], derived], dim=1))
 
     def evaluate(self, task: Task, runs: Sequence[tuple[str, str, dict]], grid_dir: Path | None) -> list[dict]:
         sets = self.task_sets(task)
