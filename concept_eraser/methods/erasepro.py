@@ -111,6 +111,13 @@ class ErasePro(ErasureMethod):
                "cross-attention K/V, shallow to deep; edits the text encoder too")
     params = ERASEPRO_PARAMS
 
+    def unsupported(self, arch):
+        t5 = [e.name for e in arch.encoders if e.layout == "t5"]
+        if t5:
+            return (f"ErasePro edits CLIP text encoders block by block; editing {t5[0]} (T5-XXL: 24 blocks of "
+                    "4096-wide gated MLPs and relative attention) is not implemented; use uce, rece or space")
+        return None
+
     def run(self, model: EditableModel, concepts: Concepts, values: Values,
             progress: Progress) -> MethodOutput:
         start = values.start_layer - 1

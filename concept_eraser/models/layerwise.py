@@ -21,7 +21,7 @@ import torch
 
 from ..tokenizer import tokenizer_for
 from .arch import EncoderSpec
-from .text_encoders import block_index, build_text_model, hf_state_dict, pooled_embedding
+from .text_encoders import block_index, build_text_model, hf_state_dict, pooled_embedding, pooled_projection
 
 
 def blocks_reaching_unet(spec: EncoderSpec) -> int:
@@ -50,7 +50,7 @@ class LayerwiseEncoder:
         # hidden_states[hidden_layer] is the output of this many blocks
         self.context_depth = spec.layers + 1 + spec.hidden_layer
         self.tokenize = tokenizer_for(spec)
-        self.projection = load(spec.prefix + "text_projection").to(self.device).to(dtype) if spec.pooled else None
+        self.projection = pooled_projection(spec, load, self.device, dtype) if spec.pooled else None
 
     @property
     def depth(self) -> int:
@@ -93,7 +93,7 @@ class LayerwiseEncoder:
 
     @torch.no_grad()
     def pooled(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        """SDXL's pooled embedding from the output of all blocks."""
+        """The pooled embedding (SDXL's bigG, Flux's CLIP-L, SD3's both) from the output of all blocks."""
         return pooled_embedding(self.transformer.final_layer_norm(hidden), lengths, self.projection)
 
     @torch.no_grad()
