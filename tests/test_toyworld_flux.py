@@ -42,7 +42,8 @@ def test_mmdit_is_comfyui_flux_with_black_forest_labs_names():
         theirs.load_state_dict(ours.state_dict(), strict=True)
         gen = torch.Generator().manual_seed(1)
         x, t = torch.randn(3, 3, 8, 12, generator=gen), torch.rand(3, generator=gen)
-        context, pooled = torch.randn(3, 3, TINY.context_dim, generator=gen), torch.randn(3, TINY.vec_dim, generator=gen)
+        context = torch.randn(3, 3, TINY.context_dim, generator=gen)
+        pooled = torch.randn(3, TINY.vec_dim, generator=gen)
         with torch.no_grad():
             expected = theirs(x, t, context, y=pooled)
             got = ours(x, t, context, pooled)
