@@ -3,7 +3,9 @@
 `python -m concept_eraser.toyworld.benchmark [--quick] [--out DIR]` prints a markdown table and
 writes a before/after preview grid per task. Each method erases the task's canonical words
 (e.g. "circle" → "square") through `concept_eraser.erase(CheckpointModel(path), method, ...)`;
-the patched checkpoint is then sampled (DDIM, fixed seeds) and judged. Columns, per task and method:
+the patched checkpoint is then sampled (its denoiser's own sampler, fixed seeds) and judged. `--checkpoint`
+picks the model: ToyWorld's U-Net (default) or ToyWorld-Flux (`weights/toyworld_flux.safetensors`, an MMDiT).
+Columns, per task and method:
 
 - erased: target prompts ("a red circle on a dotted background") whose samples no longer show the target;
 - transfer: target prompts whose samples show the anchor instead (tasks with a concrete anchor);
@@ -12,7 +14,7 @@ the patched checkpoint is then sampled (DDIM, fixed seeds) and judged. Columns, 
 - paraphrase: attack success of wordings the eraser never saw (synonyms, compositions, implicit concepts such
   as "a sun" for a yellow circle): samples showing the target;
 - white-box: attack success of RECE's derived embedding c' = (λ_r I + Σ WᵢᵀWᵢ)⁻¹ Σ WᵢᵀW_{o,i} c
-  (`concept_eraser.probe`), fed to the edited U-Net in place of the prompt's features;
+  (`concept_eraser.probe`), fed to the edited denoiser in place of the prompt's features;
 - drift: mean absolute pixel change (% of range) on the preservation prompts, same noise;
 - solve: seconds the method took (CPU).
 
@@ -42,7 +44,7 @@ from ..probe import DEFAULT_LAM_R, RecoveryProbe
 from . import judge as judge_module
 from . import world
 from .grid import save_grid
-from .pipeline import CHECKPOINT, ToyWorldPipeline
+from .pipeline import CHECKPOINT, FLUX_CHECKPOINT, ToyWorldPipeline
 
 ATTRIBUTES = {"shape": world.SHAPES, "colour": world.COLOURS, "background": world.BACKGROUNDS}
 
@@ -295,14 +297,17 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="the first task only, 16 samples per prompt set")
     parser.add_argument("--tasks", nargs="*", type=int, default=None, help="task numbers (1-4; default: all)")
     parser.add_argument("--samples", type=int, default=48, help="samples per prompt set")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="sampler steps (DDIM for the U-Net, Euler for ToyWorld-Flux)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=None,
                         help=f"default: every registered method and {', '.join(repr(v) for v in VARIANTS)}")
     parser.add_argument("--kpop-sweep", metavar="NAME=V1,V2,...", default=None,
                         help="run every KPOP row once per value of one of its parameters, e.g. lr=3e-4,1e-3 "
                              "(erasure against preservation) or seed=0,1,2 (training seeds)")
-    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT),
+                        help=f"a ToyWorld or ToyWorld-Flux file (shipped: {CHECKPOINT.name}, "
+                             f"{FLUX_CHECKPOINT.name})")
     parser.add_argument("--out", default="toyworld_benchmark", help="folder for the preview grids")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
