@@ -326,6 +326,10 @@ def main(argv=None) -> None:
         sweep = listed.split(",")
         runs = [(f"{label}, {name} {v}", method, {**params, name: v}) if method == "kpop" else (label, method, params)
                 for label, method, params in runs for v in (sweep if method == "kpop" else [None])]
+    refused = {label: why for label, method, _ in runs if (why := METHODS[method].unsupported(bench.model.arch))}
+    for label, why in refused.items():
+        print(f"{label}: not run on {bench.model.arch.title}: {why}")
+    runs = [run for run in runs if run[0] not in refused]
     results = []
     for task in tasks:
         results += bench.evaluate(task, runs, Path(args.out))
