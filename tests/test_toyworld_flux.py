@@ -122,3 +122,35 @@ def test_build_resumes_identically(tmp_path, monkeypatch):
     assert fresh["opt"]["state"][0]["exp_avg"].equal(again["opt"]["state"][0]["exp_avg"])
     torch.manual_seed(3)
     assert not torch.equal(fresh["model"]["txt_in.weight"], ToyFlux(tiny).state_dict()["txt_in.weight"])  # it trained
+
+
+def test_the_shipped_model_is_toyworld_flux_with_one_word_level_encoder():
+    from concept_eraser.checkpoint import CheckpointModel
+    from concept_eraser.models.arch import CONTEXT, POOLED
+    from concept_eraser.toyworld.pipeline import FLUX_CHECKPOINT, ToyWorldPipeline
+
+    assert FLUX_CHECKPOINT.stat().st_size < 10e6
+    model = CheckpointModel(FLUX_CHECKPOINT)
+    assert (model.arch.family, model.arch.denoiser) == ("toyworld_flux", "mmdit")
+    assert model.arch.map_keys(CONTEXT) == ("model.diffusion_model.txt_in.weight",)
+    assert model.arch.map_keys(POOLED) == ("model.diffusion_model.vector_in.in_layer.weight",)
+    assert [(e.name, e.tokenizer, e.pooled, e.projection) for e in model.arch.encoders] == \
+        [("toy_clip", "word", True, "none")]
+    pipe = ToyWorldPipeline(model)
+    assert isinstance(pipe.denoiser, ToyFlux) and pipe.denoiser.cfg == build_flux.FLUX
+    # The solver's features are the ones the model was trained on (build_flux.encode, transformers' CLIP).
+    prompts = ["a red circle on a striped background", "", "a sun"]
+    encoded = pipe.encode(prompts)
+    context, pooled = build_flux.encode(build_flux.frozen_text_encoder(), prompts)
+    assert torch.allclose(encoded.features, context, atol=1e-5) and torch.allclose(encoded.pooled, pooled, atol=1e-5)
+
+
+def test_uce_on_toyworld_flux_erases_circles_and_keeps_the_other_shapes():
+    """circle → square with UCE at its defaults (it edits txt_in), judged: 8 samples per set, 10 Euler steps."""
+    from concept_eraser.toyworld import benchmark, judge
+    from concept_eraser.toyworld.pipeline import FLUX_CHECKPOINT
+
+    bench = benchmark.Bench(FLUX_CHECKPOINT, judge.load(), samples=8, seed=0, steps=10)
+    before, after = bench.evaluate(benchmark.TASKS[0], benchmark.runs_for(["uce"]), grid_dir=None)
+    assert before["target"] >= 0.75 and before["accuracy"] >= 0.75, before
+    assert after["erased"] >= 0.75 and after["preserved"] >= 0.75, after

@@ -40,6 +40,7 @@ from .. import METHODS, erase
 from ..checkpoint import CheckpointModel
 from ..concepts import Concepts
 from ..encoding import EncodedPrompts
+from ..models.arch import POOLED, ArchSpec
 from ..probe import DEFAULT_LAM_R, RecoveryProbe
 from . import judge as judge_module
 from . import world
@@ -66,7 +67,9 @@ VARIANTS = {"kpop (no prompt)": ("kpop", {"use_prompt": False}),
             "rece (paper)": ("rece", {"epochs": 5, "epoch": 5, "lam": 0.1}),
             "space (sparsity 0.8)": ("space", {"sparsity": 0.8}),
             "space (paper)": ("space", {"sparsity": 0.8, "token_policy": "last_word", "preserve_empty": False}),
-            "erasepro (paper)": ("erasepro", {"preserve_empty": False})}
+            "erasepro (paper)": ("erasepro", {"preserve_empty": False}),
+            # models with a pooled text path (ToyWorld-Flux): UCE also editing it
+            "uce (pooled edit)": ("uce", {"pooled_edit": True})}
 
 
 def runs_for(names: Sequence[str]) -> list[tuple[str, str, dict]]:
@@ -291,6 +294,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def refusal(arch: ArchSpec, method: str, params: dict) -> str | None:
+    """Why a row cannot run on this model (None: it can): the method refuses the architecture, or the row edits a
+    pooled text path the model does not have."""
+    if params.get("pooled_edit") and not arch.map_keys(POOLED):
+        return f"{arch.title} has no pooled text path"
+    return METHODS[method].unsupported(arch)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m concept_eraser.toyworld.benchmark",
                                      description="Erasure efficacy of every method on ToyWorld (markdown table).")
@@ -326,7 +337,7 @@ def main(argv=None) -> None:
         sweep = listed.split(",")
         runs = [(f"{label}, {name} {v}", method, {**params, name: v}) if method == "kpop" else (label, method, params)
                 for label, method, params in runs for v in (sweep if method == "kpop" else [None])]
-    refused = {label: why for label, method, _ in runs if (why := METHODS[method].unsupported(bench.model.arch))}
+    refused = {label: why for label, method, params in runs if (why := refusal(bench.model.arch, method, params))}
     for label, why in refused.items():
         print(f"{label}: not run on {bench.model.arch.title}: {why}")
     runs = [run for run in runs if run[0] not in refused]
