@@ -211,7 +211,7 @@ class ToyFlux(nn.Module):
     """Velocity prediction: forward(x [b,3,H,W], t [b] ∈ [0, 1] (1 = noise), context [b, tokens, context_dim],
     pooled [b, vec_dim]) → v ≈ noise − image (rectified flow, `flow`)."""
 
-    GUIDANCE = 5.0  # classifier-free guidance scale
+    GUIDANCE = 5.0  # classifier-free guidance; all three attributes right: 94 % against 92 % at 7 (README)
 
     def __init__(self, cfg: FluxConfig = FluxConfig()):
         super().__init__()
