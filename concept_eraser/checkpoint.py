@@ -15,7 +15,7 @@ import torch
 from .denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod, training_size
 from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
-from .models.arch import ENCODER_PREFIXES, FAMILIES, UNET_PREFIX, ArchSpec, detect
+from .models.arch import ENCODER_PREFIXES, FAMILIES, UNET_PREFIX, ArchSpec, detect, is_text_encoder_key
 from .models.text_encoders import hf_state_dict
 from .patch import ErasurePatch, check_written_finite, edit_from_parts
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
@@ -40,11 +40,12 @@ class CheckpointModel:
     """A single-file checkpoint read lazily through safetensors: SD1.x / SD2.x / SDXL, or Flux.1 / SD3 whose text
     encoders are in the file or in `text_encoders`, files of their own by slot ("clip_l", "clip_g", "t5xxl").
     Those are mounted under the names an all-in-one file gives them (`ENCODER_PREFIXES`); only the model file's
-    own tensors are ever written (`save_checkpoint`). `encoder_fields` names each slot in error messages."""
+    own tensors are ever written (`save_checkpoint`). `encoder_fields` names each slot in error messages. `text`
+    False: a Flux / SD3 file may come without its text encoders (to apply or inspect an edit of its maps)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
                  text_encoders: Mapping[str, str | os.PathLike] | None = None,
-                 encoder_fields: Mapping[str, str] | None = None):
+                 encoder_fields: Mapping[str, str] | None = None, text: bool = True):
         self.reader = SafetensorsReader(path)
         self.path = self.reader.path
         self.device = torch.device(device)
@@ -66,7 +67,7 @@ class CheckpointModel:
         shapes = {k: i.shape for k, i in self.reader.infos.items()}
         for prefix, reader in self.mounted.items():
             shapes |= {prefix + k: i.shape for k, i in reader.infos.items()}
-        self.arch: ArchSpec = detect(shapes, self.reader.metadata)
+        self.arch: ArchSpec = detect(shapes, self.reader.metadata, text=text or bool(text_encoders))
         for slot in text_encoders or {}:
             if not any(e.prefix.startswith(ENCODER_PREFIXES[slot]) for e in self.arch.encoders):
                 raise InvalidParameterError((encoder_fields or {}).get(slot, slot),
@@ -226,6 +227,9 @@ def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite:
     reader = model.reader
     missing = [k for k in patch.edits if k not in reader]
     if missing:
+        if is_text_encoder_key(missing[0]):
+            raise EraserError(f"the patch edits {missing[0]}, a text encoder given in a file of its own, not in this "
+                              "checkpoint: save the erasure as a LoRA or a patch")
         raise EraserError(f"the patch edits {missing[0]}, which this checkpoint does not have")
 
     def source(key):
@@ -340,6 +344,8 @@ def lora_modules(key: str, up: torch.Tensor, down: torch.Tensor, arch: ArchSpec 
         why = ("it is neither a denoiser nor a text-encoder weight" if arch else
                "text-encoder weights are named only when the model's architecture is given (save_lora(..., arch=))")
         raise InvalidParameterError("format", f"{key} has no LoRA name: {why}")
+    if spec.layout == "t5":  # ComfyUI's name for T5 (comfy/lora.py): slot prefix + transformers' name, no text_model_
+        return [(spec.lora_prefix + key[len(spec.prefix):-len(".weight")].replace(".", "_"), up, down)]
     parts = hf_state_dict(spec, [key], lambda _: up)
     if not parts or not all(name.endswith(".weight") for name in parts):
         raise InvalidParameterError("format", f"{key} has no LoRA name (only projection weights do)")

@@ -86,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="apply a patch file to a checkpoint")
     a.add_argument("model")
     a.add_argument("patch")
-    add_text_encoder_options(a, tokenizer=False)
     a.add_argument("--out", required=True)
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--force", action="store_true", help="apply even if the patch was made for another checkpoint")
@@ -114,16 +113,17 @@ def add_text_encoder_options(parser: argparse.ArgumentParser, tokenizer: bool = 
 
 def encoder_files(args) -> dict[str, str]:
     """option → file of the text-encoder options given."""
-    given = {option: getattr(args, option[2:].replace("-", "_")) for option in ENCODER_OPTIONS}
+    given = {option: getattr(args, option[2:].replace("-", "_"), None) for option in ENCODER_OPTIONS}
     return {option: file for option, file in given.items() if file}
 
 
-def open_model(args, path: str, device="cpu") -> CheckpointModel:
-    """The model file with the text-encoder files its options give (errors about a file name its option)."""
+def open_model(args, path: str, device="cpu", text: bool = True) -> CheckpointModel:
+    """The model file with the text-encoder files its options give (errors about a file name its option); `text`
+    False: a Flux / SD3 file may come without them (`apply`, `inspect`)."""
     given = {ENCODER_OPTIONS[option]: file for option, file in encoder_files(args).items()}
     fields = {slot: option for option, slot in ENCODER_OPTIONS.items()}
     with blame("model"):
-        model = CheckpointModel(path, device, text_encoders=given, encoder_fields=fields)
+        model = CheckpointModel(path, device, text_encoders=given, encoder_fields=fields, text=text)
     if getattr(args, "t5_tokenizer", None):
         use_t5_tokenizer(args.t5_tokenizer, "--t5-tokenizer")
     elif hasattr(args, "t5_tokenizer") and any(e.tokenizer == "t5" for e in model.arch.encoders):
@@ -246,16 +246,15 @@ def describe_file(path: str, field: str = "file", args=None) -> dict:
                         layers=read_metadata_json(meta, META_PREFIX + "layers", [], field),
                         tokens={k: list(reader.infos[k].shape) for k in reader.keys()})
         else:
-            model = open_model(args, path) if args else CheckpointModel(path)
+            model = open_model(args, path, text=False) if args else CheckpointModel(path, text=False)
             arch = model.arch
             info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
                         context_dim=arch.context_dim, summary=arch.describe(),
-                        cross_attention={k: list(reader.infos[k].shape) for k in arch.map_keys()},
                         maps={m.key: {"shape": list(m.shape), "reads": m.reads} for m in arch.maps},
                         text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
                                         "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
                                         (", final norm" if e.final_norm else "")} for e in arch.encoders],
-                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.map_keys()}))
+                        dtypes=sorted({str(reader.infos[m.key].dtype).replace("torch.", "") for m in arch.maps}))
         info["erasures"] = list(read_steps(meta, field))
     return info
 
@@ -298,7 +297,7 @@ def cmd_apply(args) -> int:
     check_distinct({"model": args.model, "patch": args.patch, **encoder_files(args)}, {"--out": args.out})
     whole = os.path.getsize(args.model) if os.path.isfile(args.model) else 0
     out = check_writable(args.out, args.overwrite, "--out", size=whole)
-    model = open_model(args, args.model)
+    model = open_model(args, args.model, text=False)
     with blame("patch"):
         patch = load_patch(args.patch)
         check_fits(patch, model.arch, model.weight,

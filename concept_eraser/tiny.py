@@ -27,7 +27,8 @@ SDXL_BLOCKS = [(f"input_blocks.{i}.1", d, lvl) for i, d, lvl in ((4, 2, 0), (5, 
 FULL_TEXT = {"clip_l": (768, 12, 3072), "clip_h": (1024, 24, 4096), "clip_g": (1280, 32, 5120)}
 TINY_TEXT = {"clip_l": (64, 2, 128), "clip_h": (64, 3, 128), "clip_g": (96, 3, 192)}
 T5_VOCAB = 32128  # T5 v1.1's SentencePiece vocabulary, padded as its embedding is
-TINY_T5 = {"width": 192, "layers": 2, "heads": 3, "head_width": 64, "mlp": 256}  # T5-XXL: 4096, 24, 64, 64, 10240
+TINY_T5 = {"width": 192, "layers": 2, "heads": 3, "head_width": 64, "mlp": 256}
+T5_XXL = {"width": 4096, "layers": 24, "heads": 64, "head_width": 64, "mlp": 10240}
 MMDIT_FAMILIES = ("flux_dev", "flux_schnell", "sd3")
 
 
@@ -192,24 +193,27 @@ def _sd3(init: _Init, hidden: int, context: int, pooled: int, depth: int = 2) ->
     return sd
 
 
-def tiny_mmdit_parts(family: str, seed: int = 0, dtype: torch.dtype = torch.float16,
-                     hidden: int = 64) -> dict[str, dict[str, torch.Tensor]]:
+def tiny_mmdit_parts(family: str, seed: int = 0, dtype: torch.dtype = torch.float16, hidden: int = 64,
+                     text: str = "tiny", t5_layers: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """The parts of a tiny `family` model ("flux_dev", "flux_schnell" or "sd3"), each under the names of a file of
     its own: "model" (bare BFL/SAI names), "clip_l", "clip_g" (transformers' CLIP names, `text_model.`, and for
-    CLIP-G its `text_projection.weight`), "t5xxl" (transformers' T5 names)."""
+    CLIP-G its `text_projection.weight`), "t5xxl" (transformers' T5 names). `text` "full": the real encoders'
+    sizes (T5-XXL with `t5_layers` of its 24 blocks; benchmarks), the transformer still tiny but for its maps."""
     if family not in MMDIT_FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(MMDIT_FAMILIES)}")
     init = _Init(seed, dtype)
-    parts = {"t5xxl": _t5(init, "", **TINY_T5)}
-    wl, ll, ml = TINY_TEXT["clip_l"]
+    sizes, t5 = (FULL_TEXT, T5_XXL) if text == "full" else (TINY_TEXT, TINY_T5)
+    parts = {"t5xxl": _t5(init, "", **{**t5, "layers": t5_layers or t5["layers"]})}
+    wl, ll, ml = sizes["clip_l"]
+    ll += text != "full"  # SD3 reads the penultimate layer, which ComfyUI takes only from encoders of 3+ layers
     parts["clip_l"] = _hf_clip(init, "text_model.", wl, ll, ml, position_ids=False)
     if family == "sd3":
-        wg, lg, mg = TINY_TEXT["clip_g"]
+        wg, lg, mg = sizes["clip_g"]
         parts["clip_g"] = _hf_clip(init, "text_model.", wg, lg, mg, position_ids=False)
         parts["clip_g"]["text_projection.weight"] = init.normal(wg, wg, std=wg ** -0.5)
-        parts["model"] = _sd3(init, hidden, TINY_T5["width"], wl + wg)
+        parts["model"] = _sd3(init, hidden, t5["width"], wl + wg)
     else:
-        parts["model"] = _flux(init, hidden, TINY_T5["width"], wl, guidance=family == "flux_dev")
+        parts["model"] = _flux(init, hidden, t5["width"], wl, guidance=family == "flux_dev")
     return parts
 
 

@@ -110,6 +110,8 @@ def test_other_transformer_layouts_are_refused_by_name():
         detect({"single_transformer_blocks.0.attn.to_q.weight": (3, 3), "x_embedder.weight": (3, 3)})
     with pytest.raises(UnsupportedModelError, match="MMDiT model in diffusers layout"):
         detect({"transformer_blocks.0.attn.add_k_proj.weight": (3, 3)})
+    with pytest.raises(UnsupportedModelError, match="Flux.1: a scaled-fp8 file .txt_in.scale_weight"):
+        detect(flux | {"txt_in.scale_weight": (), "scaled_fp8": (0,)})
     with pytest.raises(UnsupportedModelError, match="a T5 text encoder only"):
         detect({k: tuple(v.shape) for k, v in tiny_mmdit_parts("flux_dev")["t5xxl"].items()})
 
@@ -171,7 +173,7 @@ def test_rece_and_space_edit_the_context_map(files, t5_tokenizer):
         assert "cat" in result.report["probe"]["targets"]
 
 
-@pytest.mark.parametrize("method,reason", [("kpop", "no cross-attention"), ("erasepro", "editing t5xxl")])
+@pytest.mark.parametrize("method,reason", [("kpop", "no cross-attention")])
 def test_methods_that_cannot_edit_an_mmdit_refuse_up_front(files, t5_tokenizer, method, reason):
     from concept_eraser.api import erase
 
@@ -206,12 +208,14 @@ def test_cli_erases_a_flux_file_with_encoders_beside_as_lora_checkpoint_and_patc
         "t5xxl": "flux_dev_t5xxl.safetensors", "clip_l": "flux_dev_clip_l.safetensors"}
     with safe_open(str(tmp_path / "lora.safetensors"), "pt") as lora:
         names = sorted({k.split(".")[0] for k in lora.keys()})
-        assert lora.metadata()["modelspec.architecture"] == "flux-1/lora"
+        assert json.loads(lora.metadata()["concept_eraser.steps"])[0]["architecture"] == "flux"
     assert names == ["lora_unet_txt_in", "lora_unet_vector_in_in_layer"]
-    # apply the patch to the same file, with the same encoder options
-    assert run_cli("apply", paths["model"], tmp_path / "patch.safetensors", "--t5", paths["t5xxl"], "--clip-l",
-                   paths["clip_l"], "--out", tmp_path / "applied.safetensors") == 0
-    with safe_open(str(tmp_path / "applied.safetensors"), "pt") as a, \
+    # apply the patch to the same file: the diffusion model alone, no text encoder needed
+    applied = tmp_path / "applied.safetensors"
+    assert run_cli("apply", paths["model"], tmp_path / "patch.safetensors", "--out", applied) == 0
+    assert run_cli("inspect", paths["model"]) == 0
+    assert "Flux.1 (dev): text-conditioning maps txt_in.weight" in capsys.readouterr().out
+    with safe_open(str(applied), "pt") as a, \
             safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as c:
         assert all(torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in c.keys())
 
@@ -295,3 +299,14 @@ def test_the_lora_is_applied_by_comfyuis_own_lora_key_mapping(files, t5_tokenize
                                                                         lambda w: w)
             torch.testing.assert_close(applied, result.patch.apply_to(key, original), rtol=1e-4, atol=1e-5)
             assert not torch.equal(applied, original)
+
+
+def test_a_t5_file_with_only_the_tied_embed_tokens_gives_the_same_features(files, t5_tokenizer, tmp_path):
+    paths = dict(files[("flux_schnell", "separate")])
+    with safe_open(str(paths["t5xxl"]), "pt") as f:
+        tensors = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "t5_embed_tokens.safetensors"))
+    model = paths.pop("model")
+    features = [CheckpointModel(model, text_encoders=dict(paths, t5xxl=t5)).text_encoder.encode(["a cat"]).features
+                for t5 in (paths["t5xxl"], tmp_path / "t5_embed_tokens.safetensors")]
+    assert torch.equal(*features)

@@ -56,8 +56,10 @@ UNET_PREFIX = "model.diffusion_model."
 # Where text encoders given in files of their own are mounted: the names ComfyUI's all-in-one checkpoints use.
 ENCODER_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                     "t5xxl": "text_encoders.t5xxl.transformer."}
-# Tensors beside a denoiser stored without a prefix: text encoders, VAEs, markers.
-NOT_DENOISER_PREFIXES = ("text_encoders.", "vae.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")  # SD1/2, SDXL, Flux/SD3
+# Tensors beside a denoiser stored without a prefix: text encoders, VAEs.
+NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
+
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
 TOYWORLD_FLUX_META = "toyworld_flux.config"  # JSON: MMDiT config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
@@ -81,7 +83,8 @@ class EncoderSpec:
     width: int
     layers: int
     lora_prefix: str  # kohya prefix for this encoder's modules
-    # its projected EOS state (final norm, text_projection) reaches the U-Net: SDXL's bigG, through label_emb
+    # its pooled output (final-normed EOS state, projected as `projection` says) reaches the denoiser: SDXL's bigG
+    # through label_emb, Flux's CLIP-L through vector_in, SD3's CLIP-L and CLIP-G through y_embedder
     pooled: bool = False
     tokenizer: str = "clip"  # "clip" (byte-level BPE), "word" (ToyWorld: vocabulary in the checkpoint's
     # metadata) or "t5" (SentencePiece: words, EOS, zero padding; no BOS)
@@ -134,7 +137,7 @@ class ArchSpec:
     def describe(self) -> str:
         context = [m for m in self.maps if m.reads == CONTEXT]
         if self.denoiser == "mmdit":
-            text = ", ".join(f"{e.name} ({e.layers}×{e.width})" for e in self.encoders)
+            text = ", ".join(f"{e.name} ({e.layers}×{e.width})" for e in self.encoders) or "none given"
             maps = ", ".join(f"{m.key} {m.shape[0]}×{m.shape[1]} ({m.reads})" for m in self.maps)
             return f"{self.title} ({self.variant}): text-conditioning maps {maps}; text encoders: {text}"
         widths = sorted({m.shape[0] for m in context})
@@ -144,6 +147,11 @@ class ArchSpec:
             f"{len(context) // 2} cross-attention layers, {len(context)} K/V matrices, "
             f"context {self.context_dim}, output widths {widths}; text encoders: {text}"
         )
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """A checkpoint key of a text encoder, in any family's layout."""
+    return key.startswith(TEXT_ENCODER_PREFIXES)
 
 
 def natural_key(name: str) -> list:
@@ -193,7 +201,8 @@ class Family:
 
     @classmethod
     def claims(cls, keys: Sequence[str], metadata: Mapping[str, str]) -> bool:
-        """Whether a checkpoint with these keys (one that has a U-Net with cross-attention) is of this family."""
+        """Whether a checkpoint with these keys is of this family (U-Net families: asked only of checkpoints with
+        a U-Net)."""
         raise NotImplementedError
 
     @classmethod
@@ -327,8 +336,13 @@ class ToyWorld(Family):
         return {"toyworld": json.loads(metadata[TOYWORLD_META])}
 
 
+def _t5_embedding(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> str | None:
+    """The key of T5's token embedding: `shared.weight`, or its tied copy `encoder.embed_tokens.weight` alone."""
+    return next((prefix + k for k in ("shared.weight", "encoder.embed_tokens.weight") if prefix + k in shapes), None)
+
+
 def _t5_encoder(keys, shapes, prefix: str, window: int, segment: int, lora_prefix: str) -> EncoderSpec:
-    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[prefix + "shared.weight"][1],
+    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[_t5_embedding(shapes, prefix)][1],
                        _count_layers(keys, prefix, "encoder.block."), lora_prefix, tokenizer="t5", window=window,
                        segment=segment)
 
@@ -338,8 +352,9 @@ def _slot_content(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> tuple[s
     under = [k for k in shapes if k.startswith(prefix)]
     if not under:
         return None
-    if prefix + "shared.weight" in shapes and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
-        return "t5", shapes[prefix + "shared.weight"][1]
+    embedding = _t5_embedding(shapes, prefix)
+    if embedding and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
+        return "t5", shapes[embedding][1]
     for inner in ("text_model.", ""):
         token = f"{prefix}{inner}embeddings.token_embedding.weight"
         if token in shapes:
@@ -394,11 +409,17 @@ class TransformerFamily(Family):
                                             f"{widths[slot]} values: wrong text encoder")
 
     @classmethod
-    def build(cls, shapes, metadata):
+    def build(cls, shapes, metadata, text: bool = True):
+        """`text` False: the transformer alone (no text encoders described or required), enough to apply or
+        inspect an edit of its maps."""
         keys = list(shapes)
         prefix = cls.prefix(keys)
         cls.check_layout(shapes, prefix)
-        encoders = cls.text_encoders(keys, shapes, metadata)
+        scaled = prefix + cls.CONTEXT_KEY.removesuffix("weight") + "scale_weight"
+        if scaled in shapes:
+            raise UnsupportedModelError(f"{cls.title}: a scaled-fp8 file ({scaled}: its weights are stored divided by "
+                                        "per-tensor scales); use an fp16, bf16 or plain fp8 file of this model")
+        encoders = cls.text_encoders(keys, shapes, metadata) if text else ()
         context, pooled = prefix + cls.CONTEXT_KEY, prefix + cls.POOLED_KEY
         maps = (TextMap(context, CONTEXT, tuple(shapes[context])), TextMap(pooled, POOLED, tuple(shapes[pooled])))
         return ArchSpec(cls.name, cls.title, shapes[context][1], maps, encoders, cls.variant_of(shapes, prefix),
@@ -414,7 +435,7 @@ class Flux(TransformerFamily):
     vector_in.in_layer (ComfyUI comfy/text_encoders/flux.py: T5 padded to at least 256 tokens, no attention
     mask; CLIP-L's final-normed EOS state, not projected)."""
 
-    name, title, modelspec_architecture = "flux", "Flux.1", "flux-1"
+    name, title = "flux", "Flux.1"  # no modelspec.architecture: its dev and schnell ids differ
     MARKER = "double_blocks.0.img_attn.qkv.weight"
     CONTEXT_KEY, POOLED_KEY = "txt_in.weight", "vector_in.in_layer.weight"
     SLOTS = {"t5xxl": ("t5", "txt_in"), "clip_l": ("clip", "vector_in")}
@@ -450,7 +471,7 @@ class SD3(TransformerFamily):
     CLIP-L ⊕ CLIP-G penultimate (not normed), zero-padded to 4096, followed along the tokens by T5's 77;
     CLIP-L pooled (unprojected) ⊕ CLIP-G pooled (projected) → y_embedder.mlp.0."""
 
-    name, title, modelspec_architecture = "sd3", "Stable Diffusion 3", "stable-diffusion-v3-medium"
+    name, title = "sd3", "Stable Diffusion 3"  # no modelspec.architecture: medium and large ids differ
     MARKER = "joint_blocks.0.context_block.attn.qkv.weight"
     CONTEXT_KEY, POOLED_KEY = "context_embedder.weight", "y_embedder.mlp.0.weight"
     SLOTS = {"clip_l": ("clip", "context_embedder and y_embedder"), "clip_g": ("clip", "context_embedder and "
@@ -519,30 +540,34 @@ class ToyWorldFlux(Flux):
 FAMILIES: tuple[type[Family], ...] = (ToyWorldFlux, Flux, SD3, SDXL, SD2, ToyWorld, SD1)
 
 
-def _unsupported_family(keys: Sequence[str]) -> str | None:
-    """Name families we recognise but do not edit, for a clear refusal."""
+# Layouts recognised but not edited, named in refusals: transformers (refused even beside a U-Net), then others.
+TRANSFORMER_MARKERS = [
+    ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with BFL "
+                                   "names, as ComfyUI's models/diffusion_models holds)"),
+    ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
+    ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
+    ("double_blocks.", "a Flux transformer of an unknown layout"),
+]
+OTHER_MARKERS = [
+    ("lora_unet_", "a LoRA file"),
+    ("lora_up.weight", "a LoRA file"),
+    ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
+    ("first_stage_model.encoder", "a VAE only"),
+    ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
+    ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
+]
+
+
+def _found(keys: Sequence[str], markers: Sequence[tuple[str, str]]) -> str | None:
+    """The description of the first marker some key contains."""
     joined = "\n".join(keys[:5000])
-    probes = [
-        ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with "
-                                       "BFL names, as ComfyUI's models/diffusion_models holds)"),
-        ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
-        ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
-        ("double_blocks.", "a Flux transformer of an unknown layout"),
-        ("lora_unet_", "a LoRA file"),
-        ("lora_up.weight", "a LoRA file"),
-        ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
-        ("first_stage_model.encoder", "a VAE only"),
-        ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
-        ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
-    ]
-    for marker, family in probes:
-        if marker in joined:
-            return family
-    return None
+    return next((what for marker, what in markers if marker in joined), None)
 
 
-def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> ArchSpec:
-    """Classify a checkpoint from its tensor names and shapes; raise UnsupportedModelError otherwise."""
+def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
+           text: bool = True) -> ArchSpec:
+    """Classify a checkpoint from its tensor names and shapes; raise UnsupportedModelError otherwise. `text` False:
+    a transformer file (Flux, SD3) may come without its text encoders (they are then not described)."""
     keys = list(shapes)
     metadata = metadata or {}
     if metadata.get("concept_eraser.format") in ("patch", "lora"):
@@ -551,11 +576,11 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
         )
     family = next((f for f in FAMILIES if issubclass(f, TransformerFamily) and f.claims(keys, metadata)), None)
     if family is not None:
-        return family.build(shapes, metadata)
-    other = _unsupported_family(keys)
-    transformer = other is not None and ("transformer" in other or "MMDiT" in other)
-    if not any(k.startswith(UNET_PREFIX) for k in keys) or transformer:
-        found = other or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})"
+        return family.build(shapes, metadata, text)
+    transformer = _found(keys, TRANSFORMER_MARKERS)
+    if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
+        found = (transformer or _found(keys, OTHER_MARKERS)
+                 or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})")
         raise UnsupportedModelError(f"not a checkpoint of a supported model (SD1.x, SD2.x, SDXL, Flux.1, SD3): "
                                     f"found {found}")
     family = next((f for f in FAMILIES if f.claims(keys, metadata)), None)

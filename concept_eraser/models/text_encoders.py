@@ -10,7 +10,7 @@ have eps 1e-5. T5 (Flux, SD3) is transformers' own `T5EncoderModel` (`build_t5`)
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -221,30 +221,39 @@ def t5_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torc
             if k.startswith(spec.prefix) and k[len(spec.prefix):].startswith(("shared.", "encoder."))}
 
 
-def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32):
-    """transformers' `T5EncoderModel` holding `state` (T5 v1.1 / T5-XXL: gated GELU, relative attention bias in the
-    first block, RMSNorm eps 1e-6), its sizes read from the tensors. Built on the meta device and given the
-    tensors as they are, so no random initialisation of 4.7 billion parameters runs first."""
-    from transformers import T5Config, T5EncoderModel
+def t5_config(spec: EncoderSpec, state: Mapping[str, torch.Tensor]):
+    """transformers' `T5Config` of T5 v1.1 / T5-XXL (gated GELU, relative attention bias in the first block, RMSNorm
+    eps 1e-6), its sizes read from `state`: the embedding and block 0's tensors under transformers' names."""
+    from transformers import T5Config
 
     try:
         bias = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        vocab, width = state["shared.weight"].shape
+        vocab, width = state["shared.weight" if "shared.weight" in state else "encoder.embed_tokens.weight"].shape
         inner = state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
         gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
         ff = state[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"].shape[0]
     except KeyError as exc:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing {spec.prefix}{exc.args[0]}") from None
     heads = bias.shape[1]
-    config = T5Config(vocab_size=vocab, d_model=width, d_kv=inner // heads, d_ff=ff, num_layers=spec.layers,
-                      num_heads=heads, relative_attention_num_buckets=bias.shape[0], dropout_rate=0.0,
-                      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu",
-                      is_encoder_decoder=False, use_cache=False)
+    return T5Config(vocab_size=vocab, d_model=width, d_kv=inner // heads, d_ff=ff, num_layers=spec.layers,
+                    num_heads=heads, relative_attention_num_buckets=bias.shape[0], dropout_rate=0.0,
+                    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu",
+                    is_encoder_decoder=False, use_cache=False)
+
+
+def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32):
+    """transformers' `T5EncoderModel` holding `state` (`t5_config`). Built on the meta device and given the
+    tensors as they are, so no random initialisation of 4.7 billion parameters runs first."""
+    from transformers import T5EncoderModel
+
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    config = t5_config(spec, state)
     with torch.device("meta"):
         model = T5EncoderModel(config)
     state = {k: v.to(device, dtype) for k, v in state.items()}
-    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
+    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])  # tied in T5: a file may hold either
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         what = f"is missing {missing[0]}" if missing else f"has an unknown tensor {unexpected[0]}"
@@ -252,10 +261,17 @@ def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.de
     return model.eval().requires_grad_(False)
 
 
+def t5_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A T5 weight in `dtype`; fp8 files' NaNs become zeros, as ComfyUI's T5 cleans fp8 embeddings (t5.py)."""
+    fp8 = tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    return torch.nan_to_num(tensor.to(dtype)) if fp8 else tensor.to(dtype)
+
+
 class T5TextEncoder:
     """T5's encoder rebuilt from a checkpoint's weights (`build_t5`), in `dtype` on `device`: per-token features
     are its last layer after the final RMSNorm (what ComfyUI's T5XXLModel returns: layer "last", no attention mask
-    over the padding). It has no pooled output."""
+    over the padding). It has no pooled output. T5-XXL in float32 takes 19 GB (4.76 billion parameters) of the
+    device's memory; the denoiser is never loaded, only its two text maps."""
 
     def __init__(self, spec: EncoderSpec, keys, load: Callable[[str], torch.Tensor],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -264,7 +280,10 @@ class T5TextEncoder:
         self.spec = spec
         self.device = torch.device(device)
         vocab = t5_tokenizer().get_vocab_size()  # fail on a missing tokenizer before reading gigabytes
-        self.model = build_t5(spec, t5_state_dict(spec, list(keys), load), self.device, dtype)
+        # cast tensor by tensor: the file's fp16 T5-XXL (9.5 GB) and its float32 copy never coexist whole
+        state = t5_state_dict(spec, list(keys), lambda key: t5_tensor(load(key).to(self.device), dtype))
+        self.model = build_t5(spec, state, self.device, dtype)
+        del state
         if vocab > self.model.config.vocab_size:
             raise UnsupportedModelError(f"the T5 tokenizer has {vocab} tokens, the {spec.name} encoder's embedding "
                                         f"only {self.model.config.vocab_size}: another tokenizer")
