@@ -512,7 +512,7 @@ class ToyWorldFlux(Flux):
     maps: its per-token features → txt_in, its pooled output (final-normed EOS state, unprojected) → vector_in;
     word-level vocabulary and MMDiT config in the metadata (see concept_eraser.toyworld)."""
 
-    name, title, modelspec_architecture = "toyworld_flux", "ToyWorld-Flux", None
+    name, title = "toyworld_flux", "ToyWorld-Flux"
     PREFIX = "text_encoders.toy_clip.transformer."
 
     @classmethod
