@@ -3,7 +3,9 @@
 `toyworld.safetensors`: the U-Net under ``model.diffusion_model.`` and the text encoder under
 ``cond_stage_model.transformer.text_model.`` (transformers' CLIP names, as in SD1 files), float32;
 its metadata carries the configuration and the vocabulary (`models.arch.TOYWORLD_META`), which
-is how the solver recognises the family and tokenizes prompts.
+is how the solver recognises the family and tokenizes prompts. `toyworld_flux.safetensors`: the MMDiT with BFL
+names under ``model.diffusion_model.``, the same text encoder under ``text_encoders.toy_clip.transformer.``
+(ComfyUI's all-in-one Flux layout), metadata under `models.arch.TOYWORLD_FLUX_META`.
 """
 
 from __future__ import annotations
