@@ -17,7 +17,9 @@ itself and judges the result on ToyWorld-Flux:
 - token policy, λ, erase and preserve scales: UCE's defaults, as the product's row.
 
 Rows: `uce` (txt_in, the product), `uce + block K/V` (txt_in, then every double block), `block K/V only` (blocks
-from the un-erased txt_in). Columns as the ToyWorld benchmark (erased, transfer, preserved, paraphrase, drift,
+from the un-erased txt_in), `block K/V only (frozen)` (every block's features read through the un-edited model),
+`pooled + block K/V` (UCE's pooled edit of `vector_in`, then the blocks; txt_in kept).
+Columns as the ToyWorld benchmark (erased, transfer, preserved, paraphrase, drift,
 solve seconds); no white-box column (its derived embedding is defined for the entry map only).
 
 `OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_flux_blocks.py --checkpoint PATH [--tasks 1 2 3 4]
@@ -46,7 +48,7 @@ from concept_eraser.toyworld.pipeline import FLUX_CHECKPOINT, ToyWorldPipeline
 
 TIMES = (1.0, 0.8, 0.6, 0.4, 0.2)  # where the text stream's features are read (the sampler runs t = 1 → 0)
 LAM = 0.5  # UCE's λ (its default)
-ROWS = ("uce", "uce + block K/V", "block K/V only")
+ROWS = ("uce", "uce + block K/V", "block K/V only", "block K/V only (frozen)", "pooled + block K/V")
 
 
 def qkv_inputs(denoiser, x: torch.Tensor, t: float, encoded) -> list[torch.Tensor]:
@@ -101,11 +103,13 @@ class BlockFeatures:
         return tuple(torch.cat(cols, 1) / math.sqrt(len(TIMES)) for cols in zip(*parts))
 
 
-def block_patch(bench: Bench, concepts: Concepts, features: BlockFeatures, start: ErasurePatch | None) -> ErasurePatch:
-    """`start` (or nothing) followed by UCE on the K and V rows of every double block's text QKV, in block order."""
+def block_patch(bench: Bench, features: BlockFeatures, start: ErasurePatch | None, frozen: bool) -> ErasurePatch:
+    """`start` (or nothing) followed by UCE on the K and V rows of every double block's text QKV, in block order;
+    features read through the blocks already edited, or (`frozen`) through the un-edited ones (after `start`)."""
     patch = start or ErasurePatch(bench.model.arch.family, {})
+    reader = ToyWorldPipeline(bench.model, patch) if frozen else None
     for block in range(len(bench.base.denoiser.double_blocks)):
-        c_e, c_g, c_p, t_p = features.columns(ToyWorldPipeline(bench.model, patch), block)
+        c_e, c_g, c_p, t_p = features.columns(reader or ToyWorldPipeline(bench.model, patch), block)
         A, B = uce_factors(c_e, c_g, c_p, LAM, 1.0, features.preserve_scale, torch.float64, preserve_target=t_p)
         key = f"{UNET_PREFIX}double_blocks.{block}.txt_attn.qkv.weight"
         weight = bench.model.weight(key)
@@ -122,8 +126,13 @@ def make_patch(bench: Bench, row: str, concepts: Concepts) -> ErasurePatch:
     if row == "uce":
         return erase(bench.model, "uce", concepts, {}).patch
     features = BlockFeatures(bench.base, concepts, bench.seed + 17, bench.steps)
-    start = erase(bench.model, "uce", concepts, {}).patch if row == "uce + block K/V" else None
-    return block_patch(bench, concepts, features, start)
+    start = None
+    if row == "uce + block K/V":
+        start = erase(bench.model, "uce", concepts, {}).patch
+    elif row == "pooled + block K/V":  # UCE's pooled edit (vector_in) alone, txt_in kept
+        both = erase(bench.model, "uce", concepts, {"pooled_edit": True}).patch
+        start = ErasurePatch(both.architecture, {k: v for k, v in both.edits.items() if "vector_in" in k})
+    return block_patch(bench, features, start, frozen=row == "block K/V only (frozen)")
 
 
 def evaluate(bench: Bench, task: Task, rows: list[str]) -> list[dict]:
