@@ -16,9 +16,10 @@ itself and judges the result on ToyWorld-Flux:
   preserve targets, `linalg.uce_factors`); the Q rows are left alone;
 - token policy, λ, erase and preserve scales: UCE's defaults, as the product's row.
 
-Rows: `uce` (txt_in, the product), `uce + block K/V` (txt_in, then every double block), `block K/V only` (blocks
-from the un-erased txt_in), `block K/V only (frozen)` (every block's features read through the un-edited model),
-`pooled + block K/V` (UCE's pooled edit of `vector_in`, then the blocks; txt_in kept).
+Rows: `uce` (txt_in, the product), `uce (pooled edit)` (txt_in and `vector_in`, the product's option),
+`uce + block K/V` (txt_in, then every double block), `block K/V only` (blocks from the un-erased txt_in),
+`block K/V only (frozen)` (every block's features read through the un-edited model), `pooled + block K/V`
+(UCE's pooled edit of `vector_in`, then the blocks; txt_in kept).
 Columns as the ToyWorld benchmark (erased, transfer, preserved, paraphrase, drift,
 solve seconds); no white-box column (its derived embedding is defined for the entry map only).
 
@@ -48,7 +49,7 @@ from concept_eraser.toyworld.pipeline import FLUX_CHECKPOINT, ToyWorldPipeline
 
 TIMES = (1.0, 0.8, 0.6, 0.4, 0.2)  # where the text stream's features are read (the sampler runs t = 1 → 0)
 LAM = 0.5  # UCE's λ (its default)
-ROWS = ("uce", "uce + block K/V", "block K/V only", "block K/V only (frozen)", "pooled + block K/V")
+ROWS = ("uce", "uce (pooled edit)", "uce + block K/V", "block K/V only", "block K/V only (frozen)", "pooled + block K/V")
 
 
 def qkv_inputs(denoiser, x: torch.Tensor, t: float, encoded) -> list[torch.Tensor]:
@@ -123,8 +124,8 @@ def block_patch(bench: Bench, features: BlockFeatures, start: ErasurePatch | Non
 
 
 def make_patch(bench: Bench, row: str, concepts: Concepts) -> ErasurePatch:
-    if row == "uce":
-        return erase(bench.model, "uce", concepts, {}).patch
+    if row in ("uce", "uce (pooled edit)"):
+        return erase(bench.model, "uce", concepts, {"pooled_edit": row == "uce (pooled edit)"}).patch
     features = BlockFeatures(bench.base, concepts, bench.seed + 17, bench.steps)
     start = None
     if row == "uce + block K/V":
