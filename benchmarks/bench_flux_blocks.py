@@ -49,7 +49,8 @@ from concept_eraser.toyworld.pipeline import FLUX_CHECKPOINT, ToyWorldPipeline
 
 TIMES = (1.0, 0.8, 0.6, 0.4, 0.2)  # where the text stream's features are read (the sampler runs t = 1 → 0)
 LAM = 0.5  # UCE's λ (its default)
-ROWS = ("uce", "uce (pooled edit)", "uce + block K/V", "block K/V only", "block K/V only (frozen)", "pooled + block K/V")
+ROWS = ("uce", "uce (pooled edit)", "uce + block K/V", "block K/V only", "block K/V only (frozen)",
+        "pooled + block K/V")
 
 
 def qkv_inputs(denoiser, x: torch.Tensor, t: float, encoded) -> list[torch.Tensor]:
