@@ -23,8 +23,8 @@ Rows: `uce` (txt_in, the product), `uce (pooled edit)` (txt_in and `vector_in`, 
 Columns as the ToyWorld benchmark (erased, transfer, preserved, paraphrase, drift,
 solve seconds); no white-box column (its derived embedding is defined for the entry map only).
 
-`OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_flux_blocks.py --checkpoint PATH [--tasks 1 2 3 4]
-[--samples 48] [--quick]`
+`OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_flux_blocks.py [--checkpoint PATH] [--tasks 1 2 3 4]
+[--rows ...] [--samples 48] [--quick]` (default: the shipped ToyWorld-Flux, every row, every task)
 """
 
 from __future__ import annotations
