@@ -16,7 +16,7 @@ from .expansion import with_expansion
 from .methods import get_method
 from .params import resolve
 from .patch import ErasurePatch, check_written_finite, provenance_step, source_fingerprint
-from .pooled import check_pooled, with_pooled_edit
+from .pooled import resolve_pooled, with_pooled_edit
 from .probe import brief, recoverability
 
 
@@ -40,7 +40,7 @@ def erase(
     reason = chosen.unsupported(model.arch)
     if reason:
         raise InvalidParameterError("method", f"{chosen.name} cannot edit {model.arch.title}: {reason}")
-    check_pooled(model.arch, values)
+    values = resolve_pooled(model.arch, values)
     start = time.perf_counter()
     asked = concepts
     concepts, expansion = with_expansion(model, concepts, values, progress)

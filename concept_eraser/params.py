@@ -13,6 +13,8 @@ from typing import Any
 
 from .errors import InvalidParameterError
 
+AUTO_BOOL = ("auto", "true", "false")  # what UIs offer for a nullable boolean (None = auto)
+
 
 @dataclass(frozen=True)
 class Param:

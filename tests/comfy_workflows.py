@@ -181,7 +181,7 @@ def kpop_erase() -> dict:
 
 def flux_erase_preview_save() -> dict:
     """Flux.1 dev as its users load it (diffusion model, CLIP-L + T5-XXL, VAE, each with its own loader): UCE on
-    txt_in and, with pooled_edit, vector_in; the erasure saved as a LoRA for any LoRA loader."""
+    txt_in and, by default (pooled_edit auto), vector_in; the erasure saved as a LoRA for any LoRA loader."""
     g = Graph()
     unet = g.add("UNETLoader", (40, 60), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"})
     clip = g.add("DualCLIPLoader", (40, 200), {"clip_name1": "clip_l.safetensors",
@@ -190,7 +190,7 @@ def flux_erase_preview_save() -> dict:
     vae = g.add("VAELoader", (40, 380), {"vae_name": "ae.safetensors"})
     erase = g.add("ConceptEraserErase", (420, 160), {
         "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
-        "strength": 1.0, "pooled_edit": True})
+        "strength": 1.0})
     preview = g.add("ConceptEraserPreview", (820, 60), {
         "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
                    "a painting in the style of Claude Monet, water lilies",
@@ -212,14 +212,15 @@ def flux_erase_preview_save() -> dict:
 
 def sd3_erase_preview_save() -> dict:
     """SD3.5 as its users load it: the release file (transformer and VAE) with Load Checkpoint, CLIP-L, CLIP-G and
-    T5-XXL with TripleCLIPLoader; UCE on context_embedder and, with pooled_edit, y_embedder; saved as a patch."""
+    T5-XXL with TripleCLIPLoader; UCE on context_embedder and, by default (pooled_edit auto), y_embedder; saved as
+    a patch."""
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "sd3.5_large.safetensors"})
     clip = g.add("TripleCLIPLoader", (40, 220), {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
                                                  "clip_name3": "t5xxl_fp16.safetensors"})
     erase = g.add("ConceptEraserErase", (420, 160), {
         "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
-        "strength": 1.0, "pooled_edit": True})
+        "strength": 1.0})
     preview = g.add("ConceptEraserPreview", (820, 60), {
         "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
                    "a painting in the style of Claude Monet, water lilies",

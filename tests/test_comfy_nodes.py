@@ -114,7 +114,10 @@ def test_erase_inputs_are_the_declared_params(host):
             expected.add(name)
             kind, options = optional[name]
             assert options["concept_eraser_label"] == p.name
-            if p.kind is bool:
+            if p.kind is bool and p.nullable:  # auto / true / false, each accepted by the parameter
+                assert kind == ["auto", "true", "false"] and options["default"] == "auto"
+                assert [p.convert(v) for v in kind] == [None, True, False]
+            elif p.kind is bool:
                 assert kind == "BOOLEAN" and options["default"] is p.default
             elif p.choices:
                 assert kind == list(p.choices) and options["default"] == p.default

@@ -75,12 +75,17 @@ def test_the_edit_sends_the_targets_t5_and_context_features_exactly_onto_the_anc
 
     result = erase(model, "erasepro", Concepts.build([TARGET], [GUIDE], [PRESERVED]), {"token_policy": "prompt_tokens"})
 
-    # every T5 block's q/k/v, every CLIP block (their pooled outputs are read) and the context map, nothing else
+    # every T5 block's q/k/v, every CLIP block (their pooled outputs are read), the context map and (pooled_edit
+    # auto) the pooled map, nothing else
     edited = set(result.patch.edits)
     assert {k for k in edited if k.startswith(t5.prefix)} == {
         f"{t5.prefix}encoder.block.{i}.layer.0.SelfAttention.{p}.weight" for i in range(t5.layers) for p in "qkv"}
-    assert context_key in edited and model.arch.map_keys("pooled")[0] not in edited
-    assert all(k.startswith(tuple(e.prefix for e in model.arch.encoders)) for k in edited - {context_key})
+    pooled_key = model.arch.map_keys("pooled")[0]
+    assert {context_key, pooled_key} <= edited
+    assert all(k.startswith(tuple(e.prefix for e in model.arch.encoders)) for k in edited - {context_key, pooled_key})
+    # the pooled edit reads the edited encoders' pooled outputs side by side (SD3: CLIP-L ⊕ CLIP-G), which the
+    # encoder edits already sent onto the guide's
+    assert result.report["pooled"]["target_gap_after"] < 1e-3
     # the input model is untouched: its weights and its files
     assert all(torch.equal(model.weight(k), w) for k, w in original.items())
     assert before == {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in {**paths, "model": model.path}.items()}
@@ -123,7 +128,7 @@ def test_cli_erases_a_flux_file_with_erasepro(t5_tokenizer, tmp_path, capsys):  
     source, erased = load_file(str(paths["model"])), load_file(str(out))
     changed = {k for k in source if not torch.equal(source[k], erased[k])}
     t5, clip = ENCODER_PREFIXES["t5xxl"], ENCODER_PREFIXES["clip_l"] + "text_model."
-    assert changed == {"model.diffusion_model.txt_in.weight",
+    assert changed == {"model.diffusion_model.txt_in.weight", "model.diffusion_model.vector_in.in_layer.weight",
                        *(f"{t5}encoder.block.{i}.layer.0.SelfAttention.{p}.weight" for i in range(2) for p in "qkv"),
                        *(f"{clip}encoder.layers.{i}.self_attn.{p}_proj.weight" for i in range(3) for p in "qkv")}
     # encoders in files of their own: a LoRA names T5's modules as ComfyUI's LoRA loader does; a checkpoint is refused

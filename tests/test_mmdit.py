@@ -161,14 +161,16 @@ def test_uce_on_the_entry_projections_solves_its_objective_over_every_segments_l
         assert grad.norm() < 1e-3 * (w_o @ c_g @ c_e.T).norm(), m.key
 
 
-def test_rece_and_space_edit_the_context_map(files, t5_tokenizer):
+def test_rece_and_space_edit_the_context_map_and_by_default_the_pooled_one(files, t5_tokenizer):
     from concept_eraser.api import erase
 
     paths = dict(files[("flux_schnell", "separate")])
     model = CheckpointModel(paths.pop("model"), text_encoders=paths)
     for method, params in (("rece", {"epochs": 1}), ("space", {})):
         result = erase(model, method, Concepts.build(["cat"]), params)
-        assert set(result.patch.edits) == {"txt_in.weight"}, method
+        # pooled_edit auto is on for an MMDiT: its pooled vector modulates every block
+        assert result.report["params"]["pooled_edit"] is True
+        assert set(result.patch.edits) == {"txt_in.weight", "vector_in.in_layer.weight"}, method
         assert result.report["layers"]["txt_in.weight"]["relative_change"] > 0
         assert "cat" in result.report["probe"]["targets"]
 
@@ -227,7 +229,8 @@ def test_cli_erases_an_all_in_one_sd3_checkpoint_keeping_its_names(files, t5_tok
     with safe_open(str(path), "pt") as src, safe_open(str(tmp_path / "sd3.safetensors"), "pt") as dst:
         assert list(dst.keys()) == list(src.keys())
         changed = [k for k in src.keys() if not torch.equal(src.get_tensor(k), dst.get_tensor(k))]
-    assert changed == ["model.diffusion_model.context_embedder.weight"]
+    # the per-token map and, pooled_edit being auto (on for an MMDiT), the pooled one
+    assert changed == ["model.diffusion_model.context_embedder.weight", "model.diffusion_model.y_embedder.mlp.0.weight"]
     assert run_cli("inspect", tmp_path / "sd3.safetensors") == 0
     assert "model.diffusion_model.y_embedder.mlp.0.weight  64×160  reads pooled" in capsys.readouterr().out
 

@@ -111,12 +111,13 @@ def test_pooled_edit_follows_a_text_encoder_edit(source, tmp_path):
     assert_optimal(W, W_o, P_E, P_G, P_P, P_P0)
 
 
-def test_every_method_offers_the_pooled_option_off_by_default(source):
+def test_every_method_offers_the_pooled_option_auto_and_off_on_sdxl(source):
     for method in METHODS.values():
         params = {p.name: p for p in method.params}
-        assert params["pooled_edit"].default is False and "pooled_lam" in params, method.name
+        assert params["pooled_edit"].default is None and "pooled_lam" in params, method.name
     result = erase(CheckpointModel(source), "uce", Concepts.build(TARGETS), {"token_policy": "last_word"})
     assert SDXL.ADM_KEY not in result.patch.edits
+    assert result.report["params"]["pooled_edit"] is False  # the report records what auto chose
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

@@ -35,7 +35,10 @@ def test_every_declared_parameter_gets_one_widget_with_its_default_and_help():
         kind, kwargs = widget_spec(name, p)
         assert kwargs["label"] == p.name and p.help in kwargs["info"]
         assert kwargs["elem_id"] == f"concept_eraser_{name}_{p.name}"
-        if p.kind is bool:
+        if p.kind is bool and p.nullable:
+            assert kind == "Dropdown" and kwargs["choices"] == ["auto", "true", "false"] and kwargs["value"] == "auto"
+            assert [p.convert(v) for v in kwargs["choices"]] == [None, True, False]
+        elif p.kind is bool:
             assert kind == "Checkbox" and kwargs["value"] is p.default
         elif p.choices:
             assert kind == "Dropdown" and kwargs["choices"] == list(p.choices) and kwargs["value"] == p.default

@@ -68,8 +68,8 @@ VARIANTS = {"kpop (no prompt)": ("kpop", {"use_prompt": False}),
             "space (sparsity 0.8)": ("space", {"sparsity": 0.8}),
             "space (paper)": ("space", {"sparsity": 0.8, "token_policy": "last_word", "preserve_empty": False}),
             "erasepro (paper)": ("erasepro", {"preserve_empty": False}),
-            # models with a pooled text path (ToyWorld-Flux): UCE also editing it
-            "uce (pooled edit)": ("uce", {"pooled_edit": True})}
+            # models with a pooled text path (ToyWorld-Flux, where UCE edits it by default): UCE on txt_in only
+            "uce (no pooled edit)": ("uce", {"pooled_edit": False})}
 
 
 def runs_for(names: Sequence[str]) -> list[tuple[str, str, dict]]:
@@ -297,7 +297,7 @@ def table(results: list[dict]) -> str:
 def refusal(arch: ArchSpec, method: str, params: dict) -> str | None:
     """Why a row cannot run on this model (None: it can): the method refuses the architecture, or the row edits a
     pooled text path the model does not have."""
-    if params.get("pooled_edit") and not arch.map_keys(POOLED):
+    if "pooled_edit" in params and not arch.map_keys(POOLED):
         return f"{arch.title} has no pooled text path"
     return METHODS[method].unsupported(arch)
 
