@@ -130,7 +130,7 @@ def make_patch(bench: Bench, row: str, concepts: Concepts) -> ErasurePatch:
     features = BlockFeatures(bench.base, concepts, bench.seed + 17, bench.steps)
     start = None
     if row == "uce + block K/V":
-        start = erase(bench.model, "uce", concepts, {}).patch
+        start = erase(bench.model, "uce", concepts, {"pooled_edit": False}).patch
     elif row == "pooled + block K/V":  # UCE's pooled edit (vector_in) alone, txt_in kept
         both = erase(bench.model, "uce", concepts, {"pooled_edit": True}).patch
         start = ErasurePatch(both.architecture, {k: v for k, v in both.edits.items() if "vector_in" in k})
