@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Benchmark of ErasePro: total time and peak memory on SD1.5- and SDXL-shaped models.
+"""Benchmark of ErasePro: total time and peak memory on SD1.5-, SDXL- and Flux-shaped models.
 
 Not a test: it prints figures. Each model is a seeded random fp16 checkpoint written to a
 temporary folder: real-size text encoders (SD1.5: CLIP ViT-L, 12 × 768; SDXL: CLIP ViT-L + OpenCLIP
 bigG, 32 × 1280, fused in_proj) and the real cross-attention K/V shapes (SD1.5: 32 matrices
 320/640/1280 × 768; SDXL: 140, 640/1280 × 2048), with the rest of the U-Net left out (ErasePro
-never reads it). Random weights give random features, but the same amount of work as real ones.
+never reads it). Flux: real-size CLIP-L and T5-XXL blocks, 4 of T5's 24 (`synthetic.FLUX_T5_BLOCKS`: the peak
+holds one block in float32; what grows with the blocks, the anchors' inputs and the low-rank edits, is
+computed in ErasePro's docstring), a tiny transformer with 4096-wide text maps; prompts tokenized by a
+word-level stand-in for T5's tokenizer, padded to Flux's 256 tokens. Random weights give random features, but
+the same amount of work as real ones.
 
 What is timed: `ErasePro.run` on a `CheckpointModel` of that file, i.e. the whole method once the
 file is open — building the layer-wise text encoders from the fp16 weights (read from disk, cast
@@ -45,6 +49,7 @@ from concept_eraser.editable import no_progress
 from concept_eraser.methods import get_method
 from concept_eraser.models.layerwise import blocks_reaching_unet
 from concept_eraser.params import resolve
+from concept_eraser.tokenizer import use_t5_tokenizer
 
 TARGETS = ["Van Gogh", "Claude Monet", "Salvador Dali", "Greg Rutkowski"]
 
@@ -56,6 +61,18 @@ CASES = [
     ("implicit -w (k 5 from block 5)", 1, "", {"token_policy": "first_k", "k": 5, "start_layer": 5,
                                                  "progressive": False}),
 ]
+
+
+def word_tokenizer(folder: Path, prompts: list[str]) -> Path:
+    """A tokenizer.json standing in for T5's (none is downloaded): these prompts' words, T5's <pad> 0 and </s> 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for p in prompts for w in p.split()})
+    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in
+                                                                                 enumerate(words)}}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
 
 
 def run_case(model: CheckpointModel, concepts: Concepts, params: dict, device: torch.device):
@@ -70,7 +87,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p)
     p.add_argument("--quick", action="store_true", help="tiny text encoders and U-Net: a smoke test")
-    p.add_argument("--families", default="sd15,sdxl", help="comma list of sd15, sdxl")
+    p.add_argument("--families", default="sd15,sdxl,flux", help="comma list of sd15, sdxl, flux")
     args = p.parse_args(argv)
     device, hardware = setup_device(p, args)
     print(f"ErasePro benchmark — torch {torch.__version__}, {device} ({hardware}); "
@@ -78,6 +95,7 @@ def main(argv=None) -> int:
           "feature dtype float32, solve dtype float64")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
+        use_t5_tokenizer(word_tokenizer(Path(folder), TARGETS + ["artist", "warm up"]))
         for family in args.families.split(","):
             t0 = time.perf_counter()
             path = write_model(Path(folder), family, args.quick)

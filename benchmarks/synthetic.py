@@ -3,7 +3,8 @@
 * `build_weights`: SD1.5- or SDXL-shaped cross-attention K/V weights (the real layer counts and shapes, fp16);
 * `FakeClip`: CLIP-like token features for them;
 * `write_model`: an fp16 checkpoint file with real-size text encoders and the real K/V (the rest of the U-Net
-  left out), read back through `CheckpointModel`.
+  left out), read back through `CheckpointModel`; "flux": a ComfyUI all-in-one Flux.1 dev file with real-size
+  CLIP-L and T5-XXL blocks (`FLUX_T5_BLOCKS` of its 24) and real-width text maps, the transformer tiny.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from concept_eraser.models.arch import CLIP_WINDOW
+from concept_eraser.models.arch import CLIP_WINDOW, ENCODER_PREFIXES, UNET_PREFIX
 from concept_eraser.safetensors_io import write_safetensors
-from concept_eraser.tiny import SD_BLOCKS, SDXL_BLOCKS, tiny_state_dict
+from concept_eraser.tiny import SD_BLOCKS, SDXL_BLOCKS, tiny_mmdit_parts, tiny_state_dict
 
 # (blocks, K/V width by level, context width)
 ARCHS = {
@@ -26,7 +27,8 @@ ARCHS = {
 WINDOW = CLIP_WINDOW                   # CLIP's padded sequence length
 TOKEN_NORM = 27.0                      # typical per-token norm of CLIP text features
 
-FAMILIES = {"sd15": "sd1", "sdxl": "sdxl"}
+FAMILIES = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux_dev"}
+FLUX_T5_BLOCKS = 4  # of T5-XXL's 24: memory is per block, time scales with the count
 KEEP_UNET = re.compile(r"^model\.diffusion_model\.(input_blocks\.0\.0\.weight|label_emb\..*|.*attn2\.to_[kv]\.weight)$")
 
 
@@ -76,6 +78,14 @@ class FakeClip:
 
 def write_model(folder: Path, family: str, quick: bool) -> Path:
     """Real-size text encoders and K/V (tiny ones with --quick); the rest of the U-Net dropped."""
+    if family == "flux":
+        parts = tiny_mmdit_parts(FAMILIES[family], text="tiny" if quick else "full",
+                                 t5_layers=None if quick else FLUX_T5_BLOCKS)
+        state = {UNET_PREFIX + k: v for k, v in parts.pop("model").items()}
+        for slot, tensors in parts.items():
+            state |= {ENCODER_PREFIXES[slot] + k: v for k, v in tensors.items()}
+        del parts
+        return write_safetensors(folder / "flux.safetensors", state, {}, overwrite=True)
     state = tiny_state_dict(FAMILIES[family], seed=0, dtype=torch.float16, text="tiny" if quick else "full",
                             unet_width=32 if quick else 320)
     state = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.") or KEEP_UNET.match(k)}

@@ -11,6 +11,7 @@ import torch
 
 from .concepts import Concepts
 from .editable import EditableModel, Progress, no_progress
+from .errors import InvalidParameterError
 from .expansion import with_expansion
 from .methods import get_method
 from .params import resolve
@@ -36,6 +37,9 @@ def erase(
     """Erase `concepts` from `model` with `method`; the model itself is never modified."""
     chosen = get_method(method)
     values = resolve(chosen.params, params or {}, chosen.name)
+    reason = chosen.unsupported(model.arch)
+    if reason:
+        raise InvalidParameterError("method", f"{chosen.name} cannot edit {model.arch.title}: {reason}")
     check_pooled(model.arch, values)
     start = time.perf_counter()
     asked = concepts

@@ -15,7 +15,7 @@ import torch
 from .denoiser import ModuleDenoiser, ldm_inputs, sd_alphas_cumprod, training_size
 from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
-from .models.arch import FAMILIES, UNET_PREFIX, ArchSpec, detect
+from .models.arch import ENCODER_PREFIXES, FAMILIES, UNET_PREFIX, ArchSpec, detect, is_text_encoder_key
 from .models.text_encoders import hf_state_dict
 from .patch import ErasurePatch, check_written_finite, edit_from_parts
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
@@ -37,13 +37,41 @@ def resolve_device(name: str) -> torch.device:
 
 
 class CheckpointModel:
-    """A single-file SD1.x / SD2.x / SDXL checkpoint read lazily through safetensors."""
+    """A single-file checkpoint read lazily through safetensors: SD1.x / SD2.x / SDXL, or Flux.1 / SD3 whose text
+    encoders are in the file or in `text_encoders`, files of their own by slot ("clip_l", "clip_g", "t5xxl").
+    Those are mounted under the names an all-in-one file gives them (`ENCODER_PREFIXES`); only the model file's
+    own tensors are ever written (`save_checkpoint`). `encoder_fields` names each slot in error messages. `text`
+    False: a Flux / SD3 file may come without its text encoders (to apply or inspect an edit of its maps)."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
+                 text_encoders: Mapping[str, str | os.PathLike] | None = None,
+                 encoder_fields: Mapping[str, str] | None = None, text: bool = True):
         self.reader = SafetensorsReader(path)
         self.path = self.reader.path
         self.device = torch.device(device)
-        self.arch: ArchSpec = detect({k: i.shape for k, i in self.reader.infos.items()}, self.reader.metadata)
+        self.mounted: dict[str, SafetensorsReader] = {}  # key prefix → the text-encoder file served under it
+        for slot, file in (text_encoders or {}).items():
+            field = (encoder_fields or {}).get(slot, slot)
+            if slot not in ENCODER_PREFIXES:
+                raise InvalidParameterError(field, f"{slot!r} is not a text-encoder slot "
+                                            f"({', '.join(ENCODER_PREFIXES)})")
+            prefix = ENCODER_PREFIXES[slot]
+            if any(k.startswith(prefix) for k in self.reader.keys()):
+                raise InvalidParameterError(field, f"{self.path.name} already holds a {slot} text encoder "
+                                            f"({prefix}*); give no other")
+            reader = SafetensorsReader(file, field)
+            if "scaled_fp8" in reader:
+                raise InvalidParameterError(field, f"{reader.path.name} is a scaled-fp8 file (its weights need "
+                                            "per-tensor scales); use an fp16, bf16 or plain fp8 file of this encoder")
+            self.mounted[prefix] = reader
+        shapes = {k: i.shape for k, i in self.reader.infos.items()}
+        for prefix, reader in self.mounted.items():
+            shapes |= {prefix + k: i.shape for k, i in reader.infos.items()}
+        self.arch: ArchSpec = detect(shapes, self.reader.metadata, text=text or bool(text_encoders))
+        for slot in text_encoders or {}:
+            if not any(e.prefix.startswith(ENCODER_PREFIXES[slot]) for e in self.arch.encoders):
+                raise InvalidParameterError((encoder_fields or {}).get(slot, slot),
+                                            f"{self.arch.title} reads no {slot} text encoder; leave it out")
         self._text_encoder: CheckpointTextEncoder | None = None
         # The provenance digest reads the whole file (SDXL: 2-7 s): a background thread reads it while the
         # method works, instead of on its path. Daemon: a process that never asks for it need not wait.
@@ -65,17 +93,24 @@ class CheckpointModel:
     @property
     def text_encoder(self) -> CheckpointTextEncoder:
         if self._text_encoder is None:
-            self._text_encoder = CheckpointTextEncoder(self.arch, self.reader.keys(), self.reader.get, self.device)
+            self._text_encoder = CheckpointTextEncoder(self.arch, self.keys(), self.weight, self.device)
         return self._text_encoder
 
     def weight(self, key: str) -> torch.Tensor:
+        for prefix, reader in self.mounted.items():
+            if key.startswith(prefix):
+                return reader.get(key[len(prefix):]).to(self.device)
         return self.reader.get(key).to(self.device)
 
     def keys(self) -> list[str]:
-        return self.reader.keys()
+        return self.reader.keys() + [prefix + k for prefix, reader in self.mounted.items() for k in reader.keys()]
 
     def source(self) -> dict:
-        return {"name": self.path.name, "sha256": self.sha256()}
+        source = {"name": self.path.name, "sha256": self.sha256()}
+        if self.mounted:
+            source["text_encoders"] = {prefix.split(".")[1]: reader.path.name
+                                       for prefix, reader in self.mounted.items()}
+        return source
 
     def prior_steps(self) -> tuple[dict, ...]:
         return read_steps(self.reader.metadata, "model")
@@ -87,6 +122,8 @@ class CheckpointModel:
         from .toyworld import diffusion as toy_diffusion
         from .toyworld.unet import ToyUNet, UNetConfig
 
+        if self.arch.denoiser != "unet":
+            raise UnsupportedModelError(f"gradient methods train a U-Net; {self.arch.title} is a transformer (MMDiT)")
         if self.arch.variant != "base":
             raise UnsupportedModelError(f"gradient methods need a plain text-to-image U-Net, not {self.arch.variant}")
         tensors = {k[len(UNET_PREFIX):]: k for k in self.reader.keys() if k.startswith(UNET_PREFIX)}
@@ -190,6 +227,9 @@ def save_checkpoint(model: CheckpointModel, patch: ErasurePatch, out, overwrite:
     reader = model.reader
     missing = [k for k in patch.edits if k not in reader]
     if missing:
+        if is_text_encoder_key(missing[0]):
+            raise EraserError(f"the patch edits {missing[0]}, a text encoder given in a file of its own, not in this "
+                              "checkpoint: save the erasure as a LoRA or a patch")
         raise EraserError(f"the patch edits {missing[0]}, which this checkpoint does not have")
 
     def source(key):
@@ -280,26 +320,32 @@ def save_artifacts(artifacts: Mapping[str, torch.Tensor], report: Mapping, out, 
     return write_safetensors(out, tensors, meta, overwrite, field)
 
 
-def lora_name(key: str) -> str:
-    """Kohya name of a U-Net module in LDM naming (as SDXL LoRAs use; ComfyUI and A1111 load it)."""
-    if not key.startswith(UNET_PREFIX) or not key.endswith(".weight"):
+def lora_name(key: str, prefix: str = UNET_PREFIX) -> str:
+    """Kohya name of a denoiser module: `lora_unet_` + its name behind `prefix` (the file's denoiser prefix) with
+    dots as underscores. SD: LDM naming, as SDXL LoRAs use; ComfyUI and A1111 load it. Flux / SD3: BFL / SAI
+    naming, which ComfyUI's LoRA loader maps for every model (comfy/lora.py `model_lora_keys_unet`)."""
+    if not key.startswith(prefix) or not key.endswith(".weight"):
         raise EraserError(f"{key} has no LoRA name")
-    return "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
+    return "lora_unet_" + key[len(prefix):-len(".weight")].replace(".", "_")
 
 
 def lora_modules(key: str, up: torch.Tensor, down: torch.Tensor, arch: ArchSpec | None = None):
-    """[(kohya module name, up, down)] for one edited weight. U-Net keys: `lora_name`. Text-encoder
+    """[(kohya module name, up, down)] for one edited weight. Denoiser keys: `lora_name`. Text-encoder
     keys take transformers' CLIP names behind the encoder's prefix (lora_te_ for SD1/SD2, lora_te1_ /
     lora_te2_ for SDXL's CLIP-L / bigG), as kohya and ComfyUI name them, e.g.
     lora_te_text_model_encoder_layers_0_self_attn_q_proj. An OpenCLIP fused in_proj (rows q; k; v)
     becomes the three q/k/v modules, each with its rows of `up` and the same `down`: exactly the edit."""
-    if key.startswith(UNET_PREFIX):
+    if arch is not None and arch.is_denoiser_key(key):
+        return [(lora_name(key, arch.denoiser_prefix), up, down)]
+    if arch is None and key.startswith(UNET_PREFIX):
         return [(lora_name(key), up, down)]
     spec = next((e for e in arch.encoders if key.startswith(e.prefix)), None) if arch else None
     if spec is None:
-        why = ("it is neither a U-Net nor a text-encoder weight" if arch else
+        why = ("it is neither a denoiser nor a text-encoder weight" if arch else
                "text-encoder weights are named only when the model's architecture is given (save_lora(..., arch=))")
         raise InvalidParameterError("format", f"{key} has no LoRA name: {why}")
+    if spec.layout == "t5":  # ComfyUI's name for T5 (comfy/lora.py): slot prefix + transformers' name, no text_model_
+        return [(spec.lora_prefix + key[len(spec.prefix):-len(".weight")].replace(".", "_"), up, down)]
     parts = hf_state_dict(spec, [key], lambda _: up)
     if not parts or not all(name.endswith(".weight") for name in parts):
         raise InvalidParameterError("format", f"{key} has no LoRA name (only projection weights do)")

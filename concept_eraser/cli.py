@@ -33,6 +33,7 @@ from .methods import METHODS, get_method
 from .params import parse_assignments, resolve
 from .patch import ErasurePatch, check_fits
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json, write_json
+from .tokenizer import T5_TOKENIZER_HINT, use_t5_tokenizer
 
 
 def _method_help() -> str:
@@ -47,14 +48,15 @@ def _method_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m concept_eraser", description="Erase concepts from Stable "
-                                     "Diffusion checkpoints by editing their weights.")
+                                     "Diffusion, Flux.1 and SD3 checkpoints by editing their weights.")
     parser.add_argument("--version", action="version", version=f"concept_eraser {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("erase", help="erase concepts from a checkpoint into a new file",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="methods and their --set parameters:\n" + _method_help())
-    e.add_argument("model", help="input checkpoint (.safetensors; SD1.x, SD2.x or SDXL)")
+    e.add_argument("model", help="input checkpoint (.safetensors; SD1.x, SD2.x, SDXL, Flux.1 dev/schnell, SD3/3.5)")
+    add_text_encoder_options(e)
     e.add_argument("--method", default="uce", help=f"one of {', '.join(METHODS)} (default uce)")
     e.add_argument("--erase", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
     e.add_argument("--preset", action="append", default=[], metavar="NAME",
@@ -76,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "re-enables the erased concept, so keep it private")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
-    i = sub.add_parser("inspect", help="architecture, cross-attention layers and erasure provenance of a file")
+    i = sub.add_parser("inspect", help="architecture, text-conditioning maps and erasure provenance of a file")
     i.add_argument("file")
+    add_text_encoder_options(i, tokenizer=False)
     i.add_argument("--json", action="store_true", help="print JSON")
 
     a = sub.add_parser("apply", help="apply a patch file to a checkpoint")
@@ -91,6 +94,42 @@ def build_parser() -> argparse.ArgumentParser:
                                      "write a preview grid (no download)")
     d.add_argument("--out-dir", default="concept-eraser-demo")
     return parser
+
+
+# Text-encoder files given beside a diffusion-model-only Flux / SD3 file: option → slot (`CheckpointModel`).
+ENCODER_OPTIONS = {"--clip-l": "clip_l", "--clip-g": "clip_g", "--t5": "t5xxl"}
+
+
+def add_text_encoder_options(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
+    group = parser.add_argument_group("text encoders in files of their own (Flux.1, SD3; as ComfyUI's "
+                                      "models/text_encoders holds them)")
+    group.add_argument("--clip-l", metavar="FILE", help="CLIP-L (clip_l.safetensors): Flux, SD3")
+    group.add_argument("--clip-g", metavar="FILE", help="CLIP-G (clip_g.safetensors): SD3")
+    group.add_argument("--t5", metavar="FILE", help="T5-XXL (t5xxl_fp16.safetensors, ...): Flux, SD3")
+    if tokenizer:
+        group.add_argument("--t5-tokenizer", metavar="FILE", help="T5's tokenizer.json, needed wherever T5 is (no "
+                           "download: e.g. ComfyUI's comfy/text_encoders/t5_tokenizer/tokenizer.json)")
+
+
+def encoder_files(args) -> dict[str, str]:
+    """option → file of the text-encoder options given."""
+    given = {option: getattr(args, option[2:].replace("-", "_"), None) for option in ENCODER_OPTIONS}
+    return {option: file for option, file in given.items() if file}
+
+
+def open_model(args, path: str, device="cpu", text: bool = True) -> CheckpointModel:
+    """The model file with the text-encoder files its options give (errors about a file name its option); `text`
+    False: a Flux / SD3 file may come without them (`apply`, `inspect`)."""
+    given = {ENCODER_OPTIONS[option]: file for option, file in encoder_files(args).items()}
+    fields = {slot: option for option, slot in ENCODER_OPTIONS.items()}
+    with blame("model"):
+        model = CheckpointModel(path, device, text_encoders=given, encoder_fields=fields, text=text)
+    if getattr(args, "t5_tokenizer", None):
+        use_t5_tokenizer(args.t5_tokenizer, "--t5-tokenizer")
+    elif hasattr(args, "t5_tokenizer") and any(e.tokenizer == "t5" for e in model.arch.encoders):
+        raise InvalidParameterError("--t5-tokenizer",
+                                    f"{model.arch.title} reads prompts through T5: {T5_TOKENIZER_HINT}")
+    return model
 
 
 def _progress(done: int, total: int, message: str) -> None:
@@ -136,8 +175,8 @@ def check_distinct(inputs: dict[str, str], outputs: dict[str, str | None]) -> No
 
 def cmd_erase(args) -> int:
     # Check everything cheap before any heavy work, so bad input fails at once and writes nothing.
-    check_distinct({"model": args.model}, {"--out": args.out, "--report": args.report,
-                                           "--save-prompt": args.save_prompt})
+    check_distinct({"model": args.model, **encoder_files(args)}, {"--out": args.out, "--report": args.report,
+                                                                  "--save-prompt": args.save_prompt})
     whole = os.path.getsize(args.model) if args.format == "checkpoint" and os.path.isfile(args.model) else 0
     out = check_writable(args.out, args.overwrite, "--out", size=whole)
     if args.report:
@@ -155,8 +194,7 @@ def cmd_erase(args) -> int:
     if args.save_prompt and not resolve(method.params, params, method.name).get("use_prompt"):
         raise InvalidParameterError("--save-prompt", f"method {method.name} learns no prompt to save"
                                     + (" with use_prompt off" if "use_prompt" in params else ""))
-    with blame("model"):
-        model = CheckpointModel(args.model, resolve_device(args.device))
+    model = open_model(args, args.model, resolve_device(args.device))
     print(f"{model.path.name}: {model.arch.describe()}")
     with blame("model", nonfinite="result"):
         result = erase(model, args.method, concepts, params, _progress)
@@ -185,7 +223,8 @@ def cmd_erase(args) -> int:
     return 0
 
 
-def describe_file(path: str, field: str = "file") -> dict:
+def describe_file(path: str, field: str = "file", args=None) -> dict:
+    """What `inspect` shows of a file (`args`: the command line's text-encoder options, where given)."""
     with blame(field):
         reader = SafetensorsReader(path, field)
         meta = reader.metadata
@@ -207,30 +246,30 @@ def describe_file(path: str, field: str = "file") -> dict:
                         layers=read_metadata_json(meta, META_PREFIX + "layers", [], field),
                         tokens={k: list(reader.infos[k].shape) for k in reader.keys()})
         else:
-            model = CheckpointModel(path)
+            model = open_model(args, path, text=False) if args else CheckpointModel(path, text=False)
             arch = model.arch
             info.update(kind="checkpoint", architecture=arch.family, title=arch.title, variant=arch.variant,
                         context_dim=arch.context_dim, summary=arch.describe(),
-                        cross_attention={k: list(reader.infos[k].shape) for k in arch.map_keys()},
+                        maps={m.key: {"shape": list(m.shape), "reads": m.reads} for m in arch.maps},
                         text_encoders=[{"name": e.name, "layout": e.layout, "width": e.width, "layers": e.layers,
                                         "features": ("penultimate" if e.hidden_layer == -2 else "last") + " layer" +
                                         (", final norm" if e.final_norm else "")} for e in arch.encoders],
-                        dtypes=sorted({str(reader.infos[k].dtype).replace("torch.", "") for k in arch.map_keys()}))
+                        dtypes=sorted({str(reader.infos[m.key].dtype).replace("torch.", "") for m in arch.maps}))
         info["erasures"] = list(read_steps(meta, field))
     return info
 
 
 def cmd_inspect(args) -> int:
-    info = describe_file(args.file)
+    info = describe_file(args.file, args=args)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['file']}: {info['kind']}, {info['architecture']}")
     if info["kind"] == "checkpoint":
         print(info["summary"])
-        print(f"K/V dtype: {', '.join(info['dtypes'])}")
-        for key, shape in info["cross_attention"].items():
-            print(f"  {key}  {shape[0]}×{shape[1]}")
+        print(f"text-conditioning maps' dtype: {', '.join(info['dtypes'])}")
+        for key, m in info["maps"].items():
+            print(f"  {key}  {m['shape'][0]}×{m['shape'][1]}  reads {m['reads']}")
     elif "edits" in info:
         print(f"{len(info['edits'])} edited tensors")
     elif info["kind"] == "learned_prompt":
@@ -255,11 +294,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    check_distinct({"model": args.model, "patch": args.patch}, {"--out": args.out})
+    check_distinct({"model": args.model, "patch": args.patch, **encoder_files(args)}, {"--out": args.out})
     whole = os.path.getsize(args.model) if os.path.isfile(args.model) else 0
     out = check_writable(args.out, args.overwrite, "--out", size=whole)
-    with blame("model"):
-        model = CheckpointModel(args.model)
+    model = open_model(args, args.model, text=False)
     with blame("patch"):
         patch = load_patch(args.patch)
         check_fits(patch, model.arch, model.weight,

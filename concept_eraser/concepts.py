@@ -1,6 +1,7 @@
 """What to erase, what to map it to, what to keep — and which token features stand for each.
 
-Token policies (which columns of the 77 × d feature matrix represent a prompt):
+Token policies (which columns of the 77 × d feature matrix represent a prompt; where the features are segments
+of several encoders' tokens, as SD3's CLIP and T5 tokens, the policy applies within each segment):
 
 - ``last_word_to_end`` (default; UCE's paper-era code, which produced its published results):
   the target's tokens from its last word through EOS and padding, aligned with the guide's from
@@ -106,19 +107,16 @@ class Columns:
     erase_owner: tuple[int, ...]  # which target each erase column came from
 
 
-def _last_word(enc: EncodedPrompts, i: int) -> int:
-    return max(enc.lengths[i] - 2, 0)
-
-
 def target_columns(targets: EncodedPrompts, guides: EncodedPrompts, policy: str):
-    """(C_E, C_G, owner) for paired target/guide prompts under `policy`."""
+    """(C_E, C_G, owner) for paired target/guide prompts under `policy`, applied within each segment of the
+    tokens (SD3: the CLIP tokens and the T5 tokens; elsewhere one)."""
     erase, guide, owner = [], [], []
-    window = targets.features.shape[1]
     for i in range(len(targets.prompts)):
-        e, g = token_positions(policy, targets.lengths[i], guides.lengths[i], window)
-        erase.append(targets.features[i, e])
-        guide.append(guides.features[i, g])
-        owner += [i] * len(e)
+        for seg_t, seg_g in zip(targets.parts, guides.parts):
+            e, g = token_positions(policy, seg_t.lengths[i], seg_g.lengths[i], seg_t.window)
+            erase.append(targets.features[i, [seg_t.start + p for p in e]])
+            guide.append(guides.features[i, [seg_g.start + p for p in g]])
+            owner += [i] * len(e)
     return torch.cat(erase).T, torch.cat(guide).T, tuple(owner)
 
 
@@ -126,7 +124,8 @@ def preserve_columns(preserved: EncodedPrompts, policy: str) -> torch.Tensor:
     if not preserved.prompts:
         return preserved.features.new_zeros(preserved.features.shape[-1], 0)
     if policy == "last_word":
-        rows = [preserved.features[i, _last_word(preserved, i)][None] for i in range(len(preserved.prompts))]
+        rows = [preserved.features[i, [s.start + max(s.lengths[i] - 2, 0) for s in preserved.parts]]
+                for i in range(len(preserved.prompts))]
     else:
         rows = list(preserved.features)
     return torch.cat(rows).T
@@ -140,10 +139,7 @@ def concept_columns(encoder: TextEncoder, concepts: Concepts, policy: str, prese
     index = {p: i for i, p in enumerate(unique)}
 
     def pick(prompts: Sequence[str]) -> EncodedPrompts:
-        rows = [index[p] for p in prompts]
-        return EncodedPrompts(
-            tuple(prompts), encoded.features[rows], tuple(encoded.lengths[r] for r in rows)
-        ) if rows else EncodedPrompts((), encoded.features[:0], ())
+        return encoded.select([index[p] for p in prompts])
 
     c_e, c_g, owner = target_columns(pick(concepts.targets), pick(concepts.guides), policy)
     c_p = preserve_columns(pick(preserve), policy)

@@ -198,6 +198,9 @@ def expand(model: EditableModel, concepts: Concepts, count: int, exclude: Sequen
         raise InvalidParameterError("expand", f"{count} wordings: give at least 1 (0 turns expansion off)")
     start = time.perf_counter()
     spec = model.arch.encoders[0]
+    if spec.tokenizer == "t5" or not spec.context:
+        raise InvalidParameterError("expand", f"the expansion searches a CLIP vocabulary for wordings; "
+                                    f"{model.arch.title} reads prompts through {spec.name}: turn it off")
     vocab = _vocabulary(spec)
     vetoed_texts = {same_prompt(t) for t in exclude}
     target_words = {t: [w for w in re.findall(r"\S+", t)] for t in concepts.targets}

@@ -1,5 +1,6 @@
 """The pooled text path: an optional closed-form edit of the maps that read the pooled embedding (`POOLED` maps
-of the model's family: SDXL's first ADM layer), offered by every method.
+of the model's family: SDXL's first ADM layer, Flux's vector_in.in_layer, SD3's y_embedder.mlp.0), offered by
+every method.
 
 SDXL's U-Net reads the prompt twice: per-token features through the cross-attention K/V (what the
 methods edit), and the pooled bigG embedding p — the final layer-normed EOS state times
@@ -20,6 +21,8 @@ empty prompt's (the usual negative, so unconditional guidance keeps its meaning)
 computed with the text encoder as the method leaves it (ErasePro edits it), P_G and P_P° with the
 original one; when the method leaves the text encoder alone P_P = P_P° and this is UCE's formula.
 The update has rank ≤ #targets (+ #preserved when the text encoder changed): a LoRA-shaped edit.
+Flux and SD3 read the pooled vector whole (CLIP-L's 768 values; SD3 CLIP-L ⊕ CLIP-G's 2048) through their
+first pooled embedder layer: the same edit over all of its columns.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from .params import Param, Values
 from .patch import Edit
 
 POOLED_PARAMS = (
-    Param("pooled_edit", bool, False, "SDXL only: also edit the pooled-text path (label_emb, pooled columns) so a "
-          "target's pooled embedding acts like its guide's; K/V edits alone leave this path untouched"),
+    Param("pooled_edit", bool, False, "SDXL, Flux, SD3: also edit the pooled-text path (SDXL label_emb's pooled "
+          "columns, Flux vector_in, SD3 y_embedder) so a target's pooled embedding acts like its guide's; the "
+          "per-token edits alone leave this path untouched"),
     Param("pooled_lam", float, 0.5, "pooled edit: λ, weight of ‖W − W_o‖² (larger keeps label_emb closer to the "
           "original)",
           min=0.0, min_exclusive=True, max=1e6, step=0.05),
@@ -55,8 +59,8 @@ def check_pooled(arch: ArchSpec, values: Values) -> None:
         return
     if not arch.map_keys(POOLED):
         raise InvalidParameterError(
-            "pooled_edit", f"{arch.title} has no pooled text path to edit (only SDXL feeds a pooled embedding to "
-            "the U-Net, through label_emb); turn it off")
+            "pooled_edit", f"{arch.title} has no pooled text path to edit (SDXL, Flux and SD3 feed a pooled "
+            "embedding to the denoiser; SD1.x/2.x do not); turn it off")
 
 
 def _apply_stages(stages, weight: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ def pooled_embeddings(model: EditableModel, prompts: tuple[str, ...],
     if not edited:
         pooled = model.text_encoder.encode(prompts).pooled
         if pooled is None:
-            raise EraserError("the model's text encoder does not give SDXL's pooled embedding "
+            raise EraserError("the model's text encoder does not give the pooled embedding "
                               "(EncodedPrompts.pooled), which pooled_edit needs")
         return pooled.float(), pooled.float()
     encoder = LayerwiseEncoder(spec, model.keys(), model.weight, model.device)

@@ -22,8 +22,9 @@ size, so the figures depend on it. The default, λ_r = 0.1, is RECE's published 
 concepts and the RECE method's default here: the probe then finds what RECE's next epoch would erase.
 
 Columns: token positions 1–76 of each target prompt (its words, EOS and padding, which all carry the
-prompt through CLIP's causal attention). BOS is left out: it is the same for every prompt, so it
-carries no concept, and its large norm (SDXL's penultimate features) would swamp the figures.
+prompt through CLIP's causal attention; T5, which has no BOS, all of its positions). BOS is left out: it is
+the same for every prompt, so it carries no concept, and its large norm (SDXL's penultimate features) would
+swamp the figures.
 
 Cost: one pass over the K/V weights with one d × d Gram product per matrix (d = 768 / 1024 / 2048)
 and a d × d Cholesky solve; a fraction of a second on a GPU, seconds on a CPU for SD1.x, tens of
@@ -133,8 +134,11 @@ class RecoveryProbe:
 
 
 def probe_columns(encoder: TextEncoder, targets: Sequence[str]) -> tuple[torch.Tensor, dict[str, list[int]]]:
-    """Features of token positions 1–76 of each target (d × 76·n) and which columns are whose."""
-    features = encoder.encode(list(targets)).features[:, 1:]  # [n, 76, d]: BOS dropped
+    """Features of every token position of each target but BOS (SD: positions 1–76; d × 76·n) and which columns
+    are whose."""
+    encoded = encoder.encode(list(targets))
+    shared = set(encoded.shared_positions())
+    features = encoded.features[:, [p for p in range(encoded.features.shape[1]) if p not in shared]]
     per = features.shape[1]
     groups = {t: list(range(i * per, (i + 1) * per)) for i, t in enumerate(targets)}
     return features.reshape(-1, features.shape[-1]).T, groups
@@ -167,7 +171,7 @@ def recoverability(
         progress(i + 1, len(keys), "probing recoverability")
     return {
         "lam_r": lam_r,
-        "tokens": "positions 1-76 of each target (BOS left out)",
+        "tokens": "every position of each target but BOS",
         "weight_change": probe.weight_change,
         "targets": probe.measure(probe.derive(lam_r), groups),
     }

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .expansion import describe_expansion
-from .models.arch import UNET_PREFIX, natural_key
+from .models.arch import UNET_PREFIX, is_text_encoder_key, natural_key
 
 Report = Mapping[str, Any]
 
@@ -56,8 +56,8 @@ def report_text(report: Report, results: Mapping[str, Any] | None = None, streng
         f"preserved: {', '.join(concepts.get('preserve', [])) or '(none)'}",
         f"parameters: {json.dumps(r.get('params', {}), default=str)}",
         f"solve time: {r.get('seconds', 0):.2f} s on {r.get('source', {}).get('name', '?')}",
-        (f"edited tensors: {len(layers)} (U-Net {sum(k.startswith(UNET_PREFIX) for k in layers)}, "
-         f"text encoder {sum(not k.startswith(UNET_PREFIX) for k in layers)})"),
+        (f"edited tensors: {len(layers)} (denoiser {sum(not is_text_encoder_key(k) for k in layers)}, "
+         f"text encoder {sum(is_text_encoder_key(k) for k in layers)})"),
     ]
     if changes:
         out.append(f"relative change ‖ΔW‖/‖W‖: mean {sum(changes) / len(changes):.4g}, max {max(changes):.4g}")
@@ -125,7 +125,7 @@ def layer_plot(report: Report, width: int = 960, height: int = 420):
     from PIL import Image, ImageDraw
 
     layers = report.get("layers", {})
-    keys = sorted(layers, key=lambda k: (k.startswith(UNET_PREFIX), natural_key(k)))
+    keys = sorted(layers, key=lambda k: (not is_text_encoder_key(k), natural_key(k)))
     sparsity = sparsity_by_key(report)
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -151,7 +151,7 @@ def layer_plot(report: Report, width: int = 960, height: int = 420):
     slot = (x1 - x0) / len(keys)
     for i, key in enumerate(keys):
         value = layers[key]["relative_change"]
-        if not key.startswith(UNET_PREFIX):
+        if is_text_encoder_key(key):
             color = (60, 160, 90)
         else:
             color = (70, 110, 200) if key.endswith("to_k.weight") else (235, 140, 50)

@@ -1,8 +1,10 @@
-"""CLIP's byte-level BPE tokenizer, offline.
+"""The text encoders' tokenizers, offline.
 
-The vocabulary is rebuilt from the BPE merge list that open_clip_torch ships inside its wheel
-(`open_clip/bpe_simple_vocab_16e6.txt.gz`), exactly as OpenAI's CLIP vocabulary was made, so no
-hub download is ever needed. Inside a host, the host's own tokenizer is used instead.
+CLIP's byte-level BPE: the vocabulary is rebuilt from the BPE merge list that open_clip_torch ships inside its
+wheel (`open_clip/bpe_simple_vocab_16e6.txt.gz`), exactly as OpenAI's CLIP vocabulary was made, so no
+hub download is ever needed. T5's SentencePiece (Flux, SD3): no package ships it, so the user points to a
+`tokenizer.json` (`use_t5_tokenizer`; ComfyUI has one at comfy/text_encoders/t5_tokenizer/). Inside a host,
+the host's own tokenizer is used instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import EraserError
+from .errors import EraserError, InvalidParameterError
 from .models.arch import CLIP_WINDOW
 
 BOS_ID = 49406
@@ -109,8 +111,8 @@ def clip_tokenizer():
 
 @dataclass(frozen=True)
 class Tokens:
-    ids: tuple[int, ...]  # always the window long: BOS, words, EOS, padding
-    length: int  # BOS + words + EOS
+    ids: tuple[int, ...]  # always the window long: BOS, words, EOS, padding (T5: no BOS)
+    length: int  # BOS + words + EOS (T5: words + EOS)
     truncated: bool
 
 
@@ -168,10 +170,66 @@ class WordTokenizer:
         return Tokens(tuple(ids + [1] * (self.window - len(ids))), len(ids), truncated)
 
 
+_T5_TOKENIZER_FILE: Path | None = None
+T5_TOKENIZER_HINT = ("give T5's tokenizer.json (command line: --t5-tokenizer; ComfyUI ships one at "
+                     "comfy/text_encoders/t5_tokenizer/tokenizer.json, the T5 v1.1 / google/t5-v1_1-xxl one)")
+
+
+def use_t5_tokenizer(path: str | Path, field: str = "t5_tokenizer") -> None:
+    """Tokenize T5 prompts with this `tokenizer.json` (a `tokenizers` file of T5's SentencePiece vocabulary)."""
+    global _T5_TOKENIZER_FILE
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(field, f"{path} is not a file; {T5_TOKENIZER_HINT}")
+    t5_tokenizer.cache_clear()
+    previous, _T5_TOKENIZER_FILE = _T5_TOKENIZER_FILE, path
+    try:
+        t5_tokenizer()
+    except EraserError as exc:
+        _T5_TOKENIZER_FILE = previous
+        raise InvalidParameterError(field, str(exc)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def t5_tokenizer():
+    """The `tokenizers.Tokenizer` of the file given to `use_t5_tokenizer`, checked to be T5's (</s> is id 1,
+    <pad> id 0)."""
+    from tokenizers import Tokenizer
+
+    if _T5_TOKENIZER_FILE is None:
+        raise EraserError(f"T5's tokenizer is needed for this model: {T5_TOKENIZER_HINT}")
+    try:
+        tokenizer = Tokenizer.from_file(str(_T5_TOKENIZER_FILE))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad files
+        raise EraserError(f"{_T5_TOKENIZER_FILE} is not a tokenizer.json that `tokenizers` reads: {exc}") from None
+    if tokenizer.token_to_id("</s>") != T5_EOS_ID or tokenizer.token_to_id("<pad>") != T5_PAD_ID:
+        raise EraserError(f"{_T5_TOKENIZER_FILE} is not T5's tokenizer (its </s> and <pad> are not ids 1 and 0)")
+    return tokenizer
+
+
+T5_EOS_ID, T5_PAD_ID = 1, 0
+
+
+def tokenize_t5(text: str, window: int) -> Tokens:
+    """As ComfyUI tokenizes for T5 (comfy/sd1_clip.py SDTokenizer with T5's settings): the text's pieces, EOS,
+    zero padding to `window` (its min_length: 256 for Flux, 77 for SD3); no BOS. Longer prompts are truncated
+    with a warning (ComfyUI lengthens the window instead)."""
+    words = t5_tokenizer().encode(text, add_special_tokens=False).ids
+    truncated = len(words) > window - 1
+    if truncated:
+        warnings.warn(f"prompt {text[:40]!r}... has {len(words)} T5 tokens; only the first {window - 1} are used",
+                      stacklevel=2)
+        words = words[: window - 1]
+    ids = [*words, T5_EOS_ID]
+    return Tokens(tuple(ids + [T5_PAD_ID] * (window - len(ids))), len(ids), truncated)
+
+
 def tokenizer_for(spec) -> Callable[[str], Tokens]:
     """text → Tokens for one text encoder (an `EncoderSpec`): CLIP's BPE padded as the encoder
-    pads, or the word-level vocabulary the checkpoint carries (`spec.tokenizer == "word"`)."""
+    pads, the word-level vocabulary the checkpoint carries (`spec.tokenizer == "word"`), or T5's."""
     if spec.tokenizer == "word":
         return WordTokenizer(spec.vocab, spec.window)
+    if spec.tokenizer == "t5":
+        return lambda text: tokenize_t5(text, spec.window)
     pad = EOS_ID if spec.pad_token == "eos" else 0
     return lambda text: tokenize(text, pad, spec.window)

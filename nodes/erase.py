@@ -21,10 +21,11 @@ TEXT_TOOLTIP = "plain text, one per line (no weighting syntax: brackets are take
 
 class EraseConcept:
     DESCRIPTION = (
-        "Erases concepts from a Stable Diffusion 1.x / 2.x / XL model by editing its weights: closed-form edits "
-        "of the cross-attention K/V (and the text encoder for ErasePro) in seconds, or KPOP's training of the "
-        "U-Net with a learnable prompt (minutes on a GPU; progress bar per step, cancel keeps the input "
-        "model). The inputs are cloned and patched, never "
+        "Erases concepts from a Stable Diffusion 1.x / 2.x / XL, Flux.1 or SD3 model by editing its weights: "
+        "closed-form edits of the maps that read the text (U-Net: cross-attention K/V; Flux, SD3: the transformer's "
+        "text entry projections, and with pooled_edit the pooled one; ErasePro also the text encoder) in seconds, "
+        "or KPOP's training of the U-Net with a learnable prompt (minutes on a GPU; progress bar per step, cancel "
+        "keeps the input model). The inputs are cloned and patched, never "
         "changed: other branches keep the original model. The strength scales the edit like a LoRA's. "
         "Erase nodes chain: a second one edits the output of the first. Methods: "
         + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -43,9 +44,11 @@ class EraseConcept:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x or SDXL)."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL; Flux.1, "
+                                    "SD3 from Load Diffusion Model or an all-in-one checkpoint)."}),
                 "clip": ("CLIP", {"tooltip": "The model's CLIP: concept features are computed with it, clip skip "
-                                             "(CLIP Set Last Layer) included."}),
+                                             "(CLIP Set Last Layer) included. Flux: DualCLIPLoader (flux) with "
+                                             "clip_l and t5xxl; SD3: TripleCLIPLoader."}),
                 "method": (list(METHODS), {"default": "uce", "tooltip": "The erasure method; only its parameters are "
                                            "shown. " + " ".join(f"{m.name}: {m.summary}." for m in METHODS.values())}),
                 "targets": ("STRING", {"multiline": True, "default": "",

@@ -59,8 +59,9 @@ def _shape_of(adapter):
 
 class LoadCheckpoint:
     DESCRIPTION = ("Loads a checkpoint like Load Checkpoint, after checking from the file's header that it is a "
-                   "Stable Diffusion 1.x / 2.x / XL model Concept Eraser can edit (others are refused before "
-                   "loading). Also reports the architecture and the cross-attention layout.")
+                   "Stable Diffusion 1.x / 2.x / XL model or an all-in-one Flux.1 / SD3 one Concept Eraser can edit "
+                   "(others are refused before loading). Also reports the architecture and the maps that read the "
+                   "text (cross-attention K/V, or the transformer's entry projections).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
@@ -92,7 +93,14 @@ class LoadCheckpoint:
         if path.lower().endswith(".safetensors"):
             try:  # the header alone: refuse what cannot be edited before reading gigabytes
                 reader = SafetensorsReader(path)
-                detect({k: i.shape for k, i in reader.infos.items()}, reader.metadata)
+                shapes = {k: i.shape for k, i in reader.infos.items()}
+                lone = not any(k.startswith("text_encoders.") for k in shapes)
+                if lone and detect(shapes, reader.metadata, text=False).denoiser != "unet":
+                    raise UnsupportedModelError(
+                        f"{os.path.basename(path)} holds a Flux / SD3 transformer without its text encoders: load it "
+                        "with Load Diffusion Model (models/diffusion_models) or the core Load Checkpoint, and its text "
+                        "encoders with DualCLIPLoader (flux) or TripleCLIPLoader (SD3)")
+                detect(shapes, reader.metadata)
                 steps = list(read_steps(reader.metadata, "ckpt_name"))
             except EraserError as exc:
                 raise node_error(exc, model_field="ckpt_name") from None

@@ -5,9 +5,10 @@ Weights are read as ComfyUI itself would compute them when it loads the model: t
 (LoRAs, earlier erase nodes), through `comfy.lora.calculate_weight` on a float32 copy. Nothing of
 the input objects is touched. Names are mapped between the two worlds with the host's own saving
 conversion (`process_clip_state_dict_for_saving`, run on meta tensors), so the solver sees the keys a
-checkpoint saved by ComfyUI would have: U-Net `model.diffusion_model.*` ⇄ ComfyUI `diffusion_model.*`;
-text encoders `cond_stage_model.*` / `conditioner.embedders.*` ⇄ `clip_l.*`, `clip_h.*`, `clip_g.*`
-(OpenCLIP's fused q/k/v `in_proj_weight` ⇄ three projections, `text_projection` ⇄ its transpose).
+checkpoint saved by ComfyUI would have: U-Net or transformer `model.diffusion_model.*` ⇄ ComfyUI
+`diffusion_model.*`; text encoders `cond_stage_model.*` / `conditioner.embedders.*` ⇄ `clip_l.*`, `clip_h.*`,
+`clip_g.*` (OpenCLIP's fused q/k/v `in_proj_weight` ⇄ three projections, `text_projection` ⇄ its transpose);
+Flux's and SD3's `text_encoders.*` ⇄ `clip_l.*`, `clip_g.*`, `t5xxl.*` (the same names behind a prefix).
 
 ComfyUI modules are imported inside functions: this file must import without the host.
 """
@@ -22,9 +23,10 @@ from typing import Any, Sequence
 import torch
 
 from ..concept_eraser.denoiser import ModuleDenoiser, alphas_from_sigmas, ldm_inputs, training_size
-from ..concept_eraser.encoding import EncodedPrompts
+from ..concept_eraser.encoding import EncodedPrompts, Segment
 from ..concept_eraser.errors import InvalidParameterError, UnsupportedModelError
-from ..concept_eraser.models.arch import UNET_PREFIX, ArchSpec, detect
+from ..concept_eraser.models.arch import (CONTEXT, FAMILIES, UNET_PREFIX, ArchSpec, EncoderSpec, TransformerFamily,
+                                          detect)
 from ..concept_eraser.models.text_encoders import hf_state_dict
 from ..concept_eraser.patch import DeltaEdit, ErasurePatch, LowRankEdit, check_finite
 
@@ -37,19 +39,37 @@ SOURCE_ATTACHMENT = "concept_eraser.source"
 STEPS_ATTACHMENT = "concept_eraser.steps"
 # the folder ComfyUI ships CLIP's vocabulary in (beside comfy/sd1_clip.py)
 HOST_VOCABULARY = "sd1_tokenizer"
+HOST_T5_TOKENIZER = ("text_encoders", "t5_tokenizer", "tokenizer.json")  # T5's, beside it
+# each text encoder's key in the token dict ComfyUI's tokenizers return (`clip.tokenize`)
+TOKEN_SLOTS = {"clip_l": "l", "clip_g": "g", "clip_h": "h", "t5xxl": "t5xxl"}
+# The text encoders ComfyUI's transformer models read, by the host's model class: its text-encoder class, the
+# slots that must hold an encoder, what reads them, and the loader that makes such a CLIP.
+TRANSFORMER_CLIPS = {
+    "Flux": ("comfy.text_encoders.flux", "FluxClipModel", ("clip_l", "t5xxl"),
+             "T5-XXL's features (txt_in) and CLIP-L's pooled output (vector_in)",
+             "load clip_l and t5xxl with DualCLIPLoader (type flux)"),
+    "SD3": ("comfy.text_encoders.sd3_clip", "SD3ClipModel", ("clip_l", "clip_g", "t5xxl"),
+            "CLIP-L ⊕ CLIP-G and T5-XXL features (context_embedder) and CLIP-L ⊕ CLIP-G pooled (y_embedder)",
+            "load clip_l, clip_g and t5xxl with TripleCLIPLoader"),
+}
+ENCODER_SLOTS = ("clip_l", "clip_h", "clip_g", "t5xxl")
 
 
 def use_host_vocabulary() -> None:
-    """Tokenize with ComfyUI's own copy of CLIP's vocabulary (the solver needs it for token counts)."""
+    """Tokenize with ComfyUI's own copies of CLIP's vocabulary and T5's tokenizer.json (the solver needs them for
+    token counts, and to rebuild the encoders it edits: ErasePro)."""
     import os
 
     import comfy.sd1_clip
 
     from ..concept_eraser import tokenizer
 
-    folder = os.path.join(os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__)), HOST_VOCABULARY)
+    root = os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__))
     if tokenizer._VOCABULARY_FILES is None:
+        folder = os.path.join(root, HOST_VOCABULARY)
         tokenizer.use_vocabulary_files(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    if tokenizer._T5_TOKENIZER_FILE is None:
+        tokenizer.use_t5_tokenizer(os.path.join(root, *HOST_T5_TOKENIZER))
 
 
 def literal(text: str) -> str:
@@ -71,6 +91,12 @@ def _text_keys(arch: ArchSpec, saved: dict[str, torch.Tensor],
     """Checkpoint text-encoder key → ComfyUI key(s), through the solver's checkpoint → transformers naming."""
     out: dict[str, TextKey] = {}
     for key, tensor in saved.items():
+        # Flux, SD3: the host saves its own names behind a prefix (`text_encoders.`)
+        bare = key.split(".", 1)[-1]
+        if key.startswith("text_encoders.") and bare in comfy_shapes:
+            if tensor.is_floating_point():
+                out[key] = TextKey((bare,))
+            continue
         spec = next((e for e in arch.encoders if key.startswith(e.prefix)), None)
         if spec is None or not tensor.is_floating_point():
             continue
@@ -88,42 +114,54 @@ def _text_keys(arch: ArchSpec, saved: dict[str, torch.Tensor],
 
 class ComfyTextEncoder:
     """Per-token features through the host's own CLIP (`tokenize` + `encode_from_tokens`): exactly the
-    context ComfyUI's CLIPTextEncode gives the U-Net, clip skip (CLIPSetLastLayer) and patches included."""
+    context ComfyUI's CLIPTextEncode gives the denoiser, clip skip (CLIPSetLastLayer) and patches included,
+    cut into the family's segments (SD3: the CLIP tokens, then T5's), and the pooled output it gives too."""
 
-    def __init__(self, clip, pooled: bool, window: int):
+    def __init__(self, clip, arch: ArchSpec):
         self.clip = clip
-        self.pooled = pooled
-        self.window = window  # the family's token window (`EncoderSpec.window`)
+        self.pooled = any(e.pooled for e in arch.encoders)
+        groups: dict[int, EncoderSpec] = {}
+        for spec in arch.encoders:
+            if spec.context:
+                groups.setdefault(spec.segment, spec)
+        self.segments = [groups[k] for k in sorted(groups)]  # the first encoder of each segment
         # one erase encodes the same prompts several times (method, probe); the CLIP does not change meanwhile
-        self._cache: dict[str, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+        self._cache: dict[str, tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None]] = {}
 
     @torch.no_grad()
-    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    def _encode_one(self, prompt: str) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None]:
         tokens = self.clip.tokenize(literal(prompt), return_word_ids=True)
-        if any(len(chunks) > 1 for chunks in tokens.values()):
-            log.warning("prompt %r is longer than %d tokens; only the first %d are used", prompt[:40],
-                        self.window - 2, self.window - 2)
         first = {slot: chunks[:1] for slot, chunks in tokens.items()}
-        chunk = next(iter(first.values()))[0]
-        words = sum(1 for t in chunk if len(t) > 2 and t[2] > 0)
         out = self.clip.encode_from_tokens(first, return_pooled=True, return_dict=True)
+        cond = out["cond"][0]
+        parts, lengths, start = [], [], 0
+        for spec in self.segments:
+            slot = TOKEN_SLOTS.get(spec.name, next(iter(first)))
+            chunk = first[slot][0]
+            bos = spec.tokenizer != "t5"  # T5 has no BOS: words, EOS
+            words = sum(1 for t in chunk if len(t) > 2 and t[2] > 0)
+            if len(tokens[slot]) > 1 or words + 1 + bos > spec.window:
+                log.warning("prompt %r is longer than %d %s tokens; only the first %d are used", prompt[:40],
+                            spec.window - 1 - bos, spec.name, spec.window - 1 - bos)
+            parts.append(cond[start:start + spec.window])
+            lengths.append(min(words + 1 + bos, spec.window))
+            start += len(chunk)  # where the host put the next encoder's tokens
         pooled = out["pooled_output"][0].float() if self.pooled else None
-        return out["cond"][0, :self.window].float(), min(words + 2, self.window), pooled
+        return torch.cat(parts).float(), tuple(lengths), pooled
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
-        features, lengths, pooled = [], [], []
+        rows = []
         for prompt in prompts:
             if prompt not in self._cache:
                 self._cache[prompt] = self._encode_one(prompt)
-            f, n, p = self._cache[prompt]
-            features.append(f)
-            lengths.append(n)
-            if p is not None:
-                pooled.append(p)
-        device = features[0].device if features else torch.device("cpu")
-        stacked = torch.stack(features) if features else torch.zeros(0, self.window, 0)
-        return EncodedPrompts(tuple(prompts), stacked.to(device), tuple(lengths),
-                              torch.stack(pooled) if pooled else None)
+            rows.append(self._cache[prompt])
+        segments, start = [], 0
+        for k, spec in enumerate(self.segments):
+            segments.append(Segment(start, spec.window, tuple(r[1][k] for r in rows), spec.tokenizer != "t5"))
+            start += spec.window
+        features = torch.stack([r[0] for r in rows]) if rows else torch.zeros(0, start, 0)
+        pooled = torch.stack([r[2] for r in rows]) if rows and self.pooled else None
+        return EncodedPrompts(tuple(prompts), features, segments[0].lengths, pooled, tuple(segments))
 
 
 def _clip_layer_encoders(arch: ArchSpec, clip) -> ArchSpec:
@@ -151,6 +189,29 @@ def _clip_layer_encoders(arch: ArchSpec, clip) -> ArchSpec:
     return replace(arch, encoders=tuple(encoders))
 
 
+def check_transformer_clip(model, clip) -> None:
+    """A Flux or SD3 MODEL needs the CLIP of its own kind (ComfyUI encodes each family's prompts its own way):
+    refuse another, naming the CLIP that was connected and the loader that makes the right one."""
+    import importlib
+
+    needs = TRANSFORMER_CLIPS.get(type(model.model).__name__)
+    if needs is None:
+        return
+    module, class_name, slots, reads, loader = needs
+    encoder = clip.cond_stage_model
+    found = [s for s in ENCODER_SLOTS if getattr(encoder, s, None) is not None]
+    missing = [s for s in slots if s not in found]
+    if isinstance(encoder, getattr(importlib.import_module(module), class_name)) and not missing:
+        return
+    held = f"holding {', '.join(found)}" if found else "holding no text encoder Concept Eraser knows"
+    lacking = f", without {' and '.join(missing)}" if missing else ""
+    raise InvalidParameterError(
+        # (the loaders make subclasses named <class>_ of the host's text-encoder classes)
+        "clip", f"this CLIP is ComfyUI's {type(encoder).__name__.rstrip('_')} ({held}{lacking}), but this "
+        f"{type(model.model).__name__} model reads {reads} through ComfyUI's {class_name}: {loader}, or connect its "
+        "checkpoint's own CLIP")
+
+
 class ComfyModel:
     """`EditableModel` over a ComfyUI MODEL (ModelPatcher) and CLIP; reads only, never modifies them."""
 
@@ -161,6 +222,7 @@ class ComfyModel:
             raise UnsupportedModelError("this MODEL is not a checkpoint model ComfyUI loaded (no model config)")
         if clip is None or not hasattr(clip, "patcher"):
             raise InvalidParameterError("clip", "a CLIP (text encoder) is needed: connect the checkpoint's CLIP")
+        check_transformer_clip(model, clip)
         use_host_vocabulary()
         self.patcher = model
         self.clip = clip
@@ -192,6 +254,13 @@ class ComfyModel:
             arch = detect(shapes)
         except UnsupportedModelError as exc:
             loaded = f"{self.host_model} ({type(config).__name__})"
+            known = any(f.claims(list(shapes), {}) for f in FAMILIES if issubclass(f, TransformerFamily))
+            if not known and not any(".attn2." in k for k in shapes):  # neither a U-Net nor a transformer we know
+                first = ", ".join(k[len(UNET_PREFIX):] for k in list(shapes)[:3])
+                raise UnsupportedModelError(
+                    f"ComfyUI loaded this as {loaded}, a denoiser Concept Eraser does not know (it edits Stable "
+                    f"Diffusion 1.x/2.x/XL U-Nets and Flux.1 / SD3 transformers; this one's first tensors: {first})"
+                ) from None
             raise UnsupportedModelError(f"ComfyUI loaded this as {loaded}: {exc}") from None
         self.text_keys = _text_keys(arch, saved, self.clip_shapes)
         missing = [k for k in saved if k.startswith(tuple(e.prefix for e in arch.encoders)) and k not in self.text_keys
@@ -201,7 +270,7 @@ class ComfyModel:
         self.arch = _clip_layer_encoders(arch, clip)
         self._unet_patches: dict | None = None
         self._clip_patches: dict | None = None
-        self._text_encoder = ComfyTextEncoder(clip, any(e.pooled for e in arch.encoders), arch.encoders[0].window)
+        self._text_encoder = ComfyTextEncoder(clip, self.arch)
 
     # ---- EditableModel -------------------------------------------------------------------------
     @property
@@ -406,12 +475,20 @@ def reserve_device_memory(adapter: ComfyModel, text_encoder: bool) -> None:
 
 
 def describe_layout(arch: ArchSpec, unet_shapes: dict[str, Any]) -> str:
-    """The architecture and the cross-attention layout, one K/V pair per line."""
-    lines = [arch.describe(), "", "text encoders (features the U-Net reads):"]
+    """The architecture and its text-conditioning maps: one cross-attention K/V pair per line for a U-Net, each
+    entry projection for a transformer (Flux, SD3)."""
+    lines = [arch.describe(), "", f"text encoders (features the {'U-Net' if arch.denoiser == 'unet' else 'transformer'}"
+             " reads):"]
     for e in arch.encoders:
         where = "last layer" if e.hidden_layer == -1 else f"hidden layer {e.hidden_layer}"
-        lines.append(f"  {e.name}: {e.layers} blocks × {e.width}, {where}{', final norm' if e.final_norm else ''}"
-                     f"{', pooled output' if e.pooled else ''}")
+        read = [f"{where}{', final norm' if e.final_norm else ''}"] if e.context else []
+        read += ["pooled output" if e.context else "pooled output only"] if e.pooled else []
+        lines.append(f"  {e.name}: {e.layers} blocks × {e.width}, {', '.join(read)}")
+    if arch.denoiser != "unet":
+        lines += ["", f"text-conditioning maps ({len(arch.maps)}, out × in):"]
+        lines += [f"  {m.key[len(arch.denoiser_prefix):]}: {m.shape[0]}×{m.shape[1]}, reads the "
+                  f"{'per-token features' if m.reads == CONTEXT else 'pooled output'}" for m in arch.maps]
+        return "\n".join(lines)
     lines += ["", f"cross-attention K/V ({len(arch.map_keys())} matrices, out × context):"]
     for key in arch.map_keys():
         if key.endswith("to_k.weight"):

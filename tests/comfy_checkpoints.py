@@ -115,3 +115,103 @@ def make_flux_like_file(path: str | Path) -> Path:
              "model.diffusion_model.single_blocks.0.linear1.weight", "model.diffusion_model.img_in.weight"]
     save_file({n: torch.randn(8, 8, generator=gen).half() for n in names}, str(path))
     return Path(path)
+
+
+# ---- Flux.1 and SD3.5 (MMDiT) ----------------------------------------------------------------------------
+# ComfyUI fixes part of these models' configurations: Flux's transformer is 3072 wide with 24 heads of 128 and reads
+# 4096-wide T5 features (comfy/model_detection.py), so the tiny Flux keeps those widths with one double-stream block
+# and no single-stream one (ComfyUI counts them from the keys); SD3's width is 64 × depth, so depth 2 gives a
+# 128-wide MMDiT with two joint blocks. The text encoders are ComfyUI's own classes shrunk through its own model
+# options (comfy/sd1_clip.py `SDClipModel` overrides its fixed JSON configuration with `<encoder>_model_config`;
+# for separate files `load_clip` rebuilds the CLIP ones from `model_config`, comfy/text_encoders/long_clipl.py):
+# T5-XXL keeps its 4096 width (what both transformers read) with two blocks of two heads; CLIP-L and CLIP-G keep
+# their depths (the host's loaders tell CLIP-G from CLIP-L by its layer 30) at width 64, one head of 64 as theirs,
+# so Flux's vector_in reads 64 values and SD3's y_embedder 128 (read from the files' shapes, as ComfyUI does).
+NARROW_CLIP = {"hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 64, "projection_dim": 64}
+TINY_TEXT_ENCODERS = {
+    "model_config": NARROW_CLIP, "clip_l_model_config": NARROW_CLIP, "clip_g_model_config": NARROW_CLIP,
+    "t5xxl_model_config": {"num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 32},
+}
+FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=64,
+                   context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=0,
+                   axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True)
+SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=128,
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": 4096, "out_features": 128}},
+                  pos_embed_max_size=32, num_patches=1024, qk_norm="rms", pos_embed_scaling_factor=None,
+                  x_block_self_attn_layers=[])
+# file name (the releases') → what it holds; the text encoders serve both transformers, as users share them
+MMDIT_FILES = {"flux1-dev.safetensors": "flux", "sd3.5_large.safetensors": "sd3", "clip_l.safetensors": "clip_l",
+               "clip_g.safetensors": "clip_g", "t5xxl_fp16.safetensors": "t5xxl", "ae.safetensors": "flux_vae"}
+
+
+def tiny_text_encoder_options() -> dict:
+    """The model options that shrink Flux's and SD3's text encoders (copies: the host's loader writes into them)."""
+    return {k: dict(v) for k, v in TINY_TEXT_ENCODERS.items()}
+
+
+def _layout(what: str) -> dict[str, torch.Tensor]:
+    """The tensors of one file, as meta tensors by the names ComfyUI loads: a transformer bare (diffusion-model
+    files), a text encoder as ComfyUI's CLIPSave writes one (transformers' names), Flux's VAE in TAESD's layout
+    with 16 latent channels (the host loads it as a VAE)."""
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd3_clip
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    from comfy.taesd.taesd import TAESD
+
+    ops, options = comfy.ops.disable_weight_init, tiny_text_encoder_options()
+    encoders = {"clip_l": comfy.sd1_clip.SDClipModel, "clip_g": comfy.sdxl_clip.SDXLClipG,
+                "t5xxl": comfy.text_encoders.sd3_clip.T5XXLModel}
+    if what in encoders:
+        state = encoders[what](device="meta", dtype=torch.float16, model_options=options).transformer.state_dict()
+        return {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    with torch.device("meta"):
+        module = {"flux": lambda: Flux(operations=ops, **FLUX_CONFIG),
+                  "sd3": lambda: MMDiT(operations=ops, **SD3_CONFIG),
+                  "flux_vae": lambda: TAESD(latent_channels=16)}[what]()
+    return module.state_dict()
+
+
+def _values(layout: dict[str, torch.Tensor], dtype, gen: torch.Generator, pool: torch.Tensor) -> dict:
+    """As `_value`, in `dtype` (the pool cast once: these files are large), with RMSNorm scales at one."""
+    cast = pool.to(dtype)
+    out = {}
+    for name, like in layout.items():
+        shape = like.shape
+        if len(shape) <= 1 or like.device.type != "meta":
+            out[name] = (torch.ones(shape) if name.endswith(".scale") else _value(name, like, pool, gen)).to(dtype)
+            continue
+        start, left, parts = int(torch.randint(0, POOL, (1,), generator=gen)), shape.numel(), []
+        while left:
+            parts.append(cast[start:start + left])
+            left, start = left - len(parts[-1]), 0
+        values = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[name] = values.view(shape).mul(shape[1:].numel() ** -0.5)
+    return out
+
+
+def make_mmdit_files(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The files a Flux or SD3 user has, in `folder` (MMDIT_FILES): the diffusion models alone, with bare BFL / SAI
+    names (ComfyUI's UNETLoader, models/diffusion_models), the text encoders as files of their own (DualCLIPLoader,
+    TripleCLIPLoader, models/text_encoders) and Flux's VAE (VAELoader). Returns {name: path}."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(POOL, generator=gen)
+    # as the releases are: Flux in bf16, SD3.5 and the text encoders in fp16
+    dtypes = {"flux": torch.bfloat16, "flux_vae": torch.float32}
+    out = {}
+    for name, what in MMDIT_FILES.items():
+        tensors = _values(_layout(what), dtypes.get(what, torch.float16), gen, pool)
+        path = folder / name
+        partial = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
+                  metadata={"modelspec.title": f"tiny {what}"})
+        partial.rename(path)
+        out[name] = path
+    return out

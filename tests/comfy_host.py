@@ -140,6 +140,106 @@ def checkpoint(family: str) -> Path:
     return path
 
 
+def mmdit_files() -> dict[str, Path]:
+    """The generated Flux.1 / SD3.5 files (`comfy_checkpoints.MMDIT_FILES`: diffusion models, text encoders, VAE),
+    made once per process; {file name: path}."""
+    if "mmdit" in _FILES:
+        return {p.name: p for p in _FILES["mmdit"].iterdir()}
+    import comfy_checkpoints
+
+    cache = os.environ.get("CONCEPT_ERASER_TEST_CACHE")
+    version = hashlib.sha256(Path(comfy_checkpoints.__file__).read_bytes()).hexdigest()[:12]
+    folder = (Path(cache) if cache else scratch_dir("checkpoints")) / f"mmdit_{version}"
+    if not folder.is_dir():
+        partial = folder.with_suffix(".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        comfy_checkpoints.make_mmdit_files(partial)
+        partial.rename(folder)
+    _FILES["mmdit"] = folder
+    return {p.name: p for p in folder.iterdir()}
+
+
+# ---- ComfyUI in this process ---------------------------------------------------------------------
+
+def host_session(base: Path, folders: tuple[str, ...]):
+    """ComfyUI imported here with the pack loaded, its output and temp folders under `base` and the model folders
+    `folders` (e.g. "checkpoints", "erasures") at base/<folder>: yields {"nodes", "pack", "base", "folders"}
+    (a module fixture's body), then puts everything back."""
+    import torch
+
+    nodes = import_comfy()
+    import comfy.model_management
+    import folder_paths
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(host_threads())
+    saved = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    pack = load_pack()
+    added = {name: base / name for name in folders}
+    for name, folder in added.items():
+        folder.mkdir()
+        folder_paths.add_model_folder_path(name, str(folder), is_default=True)
+    try:
+        yield {"nodes": nodes, "pack": pack, "base": base, "folders": added}
+    finally:
+        for name, folder in added.items():
+            paths = folder_paths.folder_names_and_paths[name][0]
+            if str(folder) in paths:
+                paths.remove(str(folder))
+        folder_paths.set_output_directory(saved[0])
+        folder_paths.set_temp_directory(saved[1])
+        comfy.model_management.unload_all_models()
+        torch.set_num_threads(threads)
+        release_comfy_path()
+
+
+def pack_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"{load_pack().__name__}.{name}")
+
+
+class Executed:
+    """A node whose calls run as ComfyUI's executor runs them: under torch.inference_mode()."""
+
+    def __init__(self, instance):
+        self.instance = instance
+
+    def __getattr__(self, name):
+        import torch
+
+        attr = getattr(self.instance, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with torch.inference_mode():
+                return attr(*args, **kwargs)
+        return call
+
+
+def node(host, node_id: str) -> Executed:
+    """One of the pack's nodes (`host` from `host_session`), called as the executor calls it."""
+    return Executed(host["pack"].NODE_CLASS_MAPPINGS[node_id]())
+
+
+def snapshot(patcher) -> dict:
+    return {k: list(v) for k, v in patcher.patches.items()}
+
+
+def baked(patcher, keys) -> dict:
+    """The weights as ComfyUI bakes them when it loads this patcher (then unloaded again)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+    state = patcher.model_state_dict()
+    out = {k: state[k].detach().clone() for k in keys}
+    comfy.model_management.unload_all_models()
+    return out
+
+
 # ---- a headless ComfyUI server --------------------------------------------------------------------
 
 class Server:

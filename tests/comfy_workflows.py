@@ -18,6 +18,7 @@ EXAMPLES = REPO / "example_workflows"
 # The socket inputs of each node (inputs that take a link, not widgets), in declared order. The frontend lists
 # them first in a node's `inputs` and a link's target_slot indexes them (widget inputs come after them).
 SOCKETS = {
+    "UNETLoader": [], "DualCLIPLoader": [], "VAELoader": [], "CheckpointLoaderSimple": [], "TripleCLIPLoader": [],
     "ConceptEraserLoadCheckpoint": [],
     "ConceptEraserErase": [("model", "MODEL"), ("clip", "CLIP")],
     "ConceptEraserPreview": [("model", "MODEL"), ("clip", "CLIP"), ("erased_model", "MODEL"),
@@ -26,6 +27,9 @@ SOCKETS = {
     "ConceptEraserReport": [("erasure", "ERASURE")],
 }
 OUTPUTS = {
+    "UNETLoader": [("MODEL", "MODEL")], "DualCLIPLoader": [("CLIP", "CLIP")], "VAELoader": [("VAE", "VAE")],
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "TripleCLIPLoader": [("CLIP", "CLIP")],
     "ConceptEraserLoadCheckpoint": [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("layout", "STRING")],
     "ConceptEraserErase": [("model", "MODEL"), ("clip", "CLIP"), ("erasure", "ERASURE")],
     "ConceptEraserPreview": [("grid", "IMAGE")],
@@ -33,11 +37,22 @@ OUTPUTS = {
     "ConceptEraserReport": [("text", "STRING"), ("plot", "IMAGE")],
 }
 SIZES = {
+    "UNETLoader": [320, 90], "DualCLIPLoader": [320, 130], "VAELoader": [320, 60],
+    "CheckpointLoaderSimple": [320, 100], "TripleCLIPLoader": [320, 110],
     "ConceptEraserLoadCheckpoint": [340, 170],
     "ConceptEraserErase": [360, 520],
     "ConceptEraserPreview": [420, 560],
     "ConceptEraserSave": [340, 200],
     "ConceptEraserReport": [420, 480],
+}
+
+# ComfyUI's own nodes save their widget values as a list, in the order of their inputs (`input_order`).
+WIDGETS = {
+    "UNETLoader": ["unet_name", "weight_dtype"],
+    "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+    "VAELoader": ["vae_name"],
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
 }
 
 
@@ -54,7 +69,8 @@ class Graph:
             "inputs": [{"name": n, "type": t, "link": None} for n, t in SOCKETS[node_type]],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                         for i, (n, t) in enumerate(OUTPUTS[node_type])],
-            "properties": {"Node name for S&R": node_type}, "widgets_values": dict(widgets),
+            "properties": {"Node name for S&R": node_type},
+            "widgets_values": [widgets[n] for n in WIDGETS[node_type]] if node_type in WIDGETS else dict(widgets),
         }
         if title:
             node["title"] = title
@@ -163,6 +179,65 @@ def kpop_erase() -> dict:
     return g.workflow()
 
 
+def flux_erase_preview_save() -> dict:
+    """Flux.1 dev as its users load it (diffusion model, CLIP-L + T5-XXL, VAE, each with its own loader): UCE on
+    txt_in and, with pooled_edit, vector_in; the erasure saved as a LoRA for any LoRA loader."""
+    g = Graph()
+    unet = g.add("UNETLoader", (40, 60), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"})
+    clip = g.add("DualCLIPLoader", (40, 200), {"clip_name1": "clip_l.safetensors",
+                                               "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                               "device": "default"})
+    vae = g.add("VAELoader", (40, 380), {"vae_name": "ae.safetensors"})
+    erase = g.add("ConceptEraserErase", (420, 160), {
+        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
+        "strength": 1.0, "pooled_edit": True})
+    preview = g.add("ConceptEraserPreview", (820, 60), {
+        "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
+                   "a painting in the style of Claude Monet, water lilies",
+        "negative": "", "seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "width": 1024, "height": 1024})
+    save = g.add("ConceptEraserSave", (420, 860), {"format": "lora", "folder": "models",
+                                                   "filename_prefix": "concept_eraser/flux_no_van_gogh"})
+    report = g.add("ConceptEraserReport", (1280, 60), {})
+    for name, source in (("model", unet), ("clip", clip)):
+        output = name.upper()
+        g.link(source, output, erase, name)
+        g.link(source, output, preview, name)
+        g.link(erase, name, preview, f"erased_{name}")
+    g.link(vae, "VAE", preview, "vae")
+    for target in (preview, save, report):
+        g.link(erase, "erasure", target, "erasure")
+    return g.workflow()
+
+
+def sd3_erase_preview_save() -> dict:
+    """SD3.5 as its users load it: the release file (transformer and VAE) with Load Checkpoint, CLIP-L, CLIP-G and
+    T5-XXL with TripleCLIPLoader; UCE on context_embedder and, with pooled_edit, y_embedder; saved as a patch."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "sd3.5_large.safetensors"})
+    clip = g.add("TripleCLIPLoader", (40, 220), {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                                 "clip_name3": "t5xxl_fp16.safetensors"})
+    erase = g.add("ConceptEraserErase", (420, 160), {
+        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
+        "strength": 1.0, "pooled_edit": True})
+    preview = g.add("ConceptEraserPreview", (820, 60), {
+        "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
+                   "a painting in the style of Claude Monet, water lilies",
+        "negative": "blurry, low quality", "seed": 42, "steps": 28, "cfg": 4.5, "sampler_name": "euler",
+        "scheduler": "sgm_uniform", "width": 1024, "height": 1024})
+    save = g.add("ConceptEraserSave", (420, 860), {"format": "patch", "folder": "models",
+                                                   "filename_prefix": "concept_eraser/sd35_no_van_gogh"})
+    report = g.add("ConceptEraserReport", (1280, 60), {})
+    for name, source in (("model", ckpt), ("clip", clip)):
+        g.link(source, name.upper(), erase, name)
+        g.link(source, name.upper(), preview, name)
+        g.link(erase, name, preview, f"erased_{name}")
+    g.link(ckpt, "VAE", preview, "vae")
+    for target in (preview, save, report):
+        g.link(erase, "erasure", target, "erasure")
+    return g.workflow()
+
+
 def examples() -> dict[str, dict]:
     return {
         "concept_eraser_sd15_erase_preview_save.json": erase_preview_save(
@@ -171,18 +246,23 @@ def examples() -> dict[str, dict]:
             "sd_xl_base_1.0.safetensors", 1024, 25, "lora", "concept_eraser/sdxl_no_van_gogh"),
         "concept_eraser_chain_uce_then_rece.json": chain_two_methods(),
         "concept_eraser_sd15_kpop.json": kpop_erase(),
+        "concept_eraser_flux_erase_preview_save.json": flux_erase_preview_save(),
+        "concept_eraser_sd35_erase_preview_save.json": sd3_erase_preview_save(),
     }
 
 
 def to_api(workflow: dict, overrides: dict[str, dict] | None = None) -> dict:
     """UI-format workflow → API format ({id: {class_type, inputs}}). Widget values are taken by name (the
-    pack's nodes save them so); `overrides` maps node type → {input: value} for every node of that type."""
+    pack's nodes save them so) or, for ComfyUI's own nodes, by position (WIDGETS); `overrides` maps node type →
+    {input: value} for every node of that type."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         values = node.get("widgets_values") or {}
         if not isinstance(values, dict):
-            raise ValueError(f"node {node['id']} ({node['type']}) has positional widget values")
+            if node["type"] not in WIDGETS:
+                raise ValueError(f"node {node['id']} ({node['type']}) has positional widget values")
+            values = dict(zip(WIDGETS[node["type"]], values))
         inputs = dict(values)
         inputs.update((overrides or {}).get(node["type"], {}))
         for entry in node.get("inputs", []):

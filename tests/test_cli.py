@@ -50,7 +50,8 @@ def test_erase_inspect_apply_end_to_end(tiny_checkpoints, tmp_path, capsys):
     assert code == 0 and "Stable Diffusion XL" in stdout and "erasure 1: uce of Van Gogh" in stdout
     code, stdout, _ = run(["inspect", model, "--json"], capsys)
     info = json.loads(stdout)
-    assert info["architecture"] == "sdxl" and len(info["cross_attention"]) == 140 and info["erasures"] == []
+    context_maps = [k for k, m in info["maps"].items() if m["reads"] == "context"]
+    assert info["architecture"] == "sdxl" and len(context_maps) == 140 and info["erasures"] == []
 
     lora = tmp_path / "lora.safetensors"
     assert run(["erase", model, "--erase", "Van Gogh", "--set", "token_policy=last_word", "--out", lora,
@@ -101,7 +102,8 @@ def damaged_patches(folder, tensors, meta):
 BAD_INPUTS = {
     "missing file": (["erase", "{dir}/nope.safetensors", "--erase", "x"], "model", "does not exist"),
     "pickle": (["erase", "{dir}/model.ckpt", "--erase", "x"], "model", "pickle checkpoint"),
-    "unknown architecture": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "model", "Flux is not supported"),
+    "unknown transformer layout": (["erase", "{dir}/flux.safetensors", "--erase", "x"], "model",
+                                   "Flux.1: unknown transformer layout: model.diffusion_model.txt_in.weight"),
     "no --erase": (["erase", "{sd1}"], "erase", "at least one concept"),
     "more guides than targets": (["erase", "{sd1}", "--erase", "x", "--guide", "a", "--guide", "b"], "guide",
                                  "2 guides for 1 concepts"),

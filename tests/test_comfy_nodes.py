@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_host import REPO, checkpoint, import_comfy, load_pack, release_comfy_path, host_threads
+from comfy_host import REPO, baked, checkpoint, host_session, node, pack_module, snapshot
 
 NODE_IDS = ("ConceptEraserLoadCheckpoint", "ConceptEraserApplyPatch", "ConceptEraserErase", "ConceptEraserPreview",
             "ConceptEraserSave", "ConceptEraserReport")
@@ -51,60 +51,7 @@ def test_pack_imports_without_comfyui(tmp_path):
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    nodes = import_comfy()
-    import comfy.model_management
-    import folder_paths
-
-    base = tmp_path_factory.mktemp("comfy_base")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(host_threads())
-    saved = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_temp_directory(str(base / "temp"))
-    pack = load_pack()
-    added = {"checkpoints": base / "checkpoints", "erasures": base / "erasures"}
-    for name, folder in added.items():
-        folder.mkdir()
-        folder_paths.add_model_folder_path(name, str(folder), is_default=True)
-    try:
-        yield {"nodes": nodes, "pack": pack, "base": base, "folders": added}
-    finally:
-        for name, folder in added.items():
-            paths = folder_paths.folder_names_and_paths[name][0]
-            if str(folder) in paths:
-                paths.remove(str(folder))
-        folder_paths.set_output_directory(saved[0])
-        folder_paths.set_temp_directory(saved[1])
-        comfy.model_management.unload_all_models()
-        torch.set_num_threads(threads)
-        release_comfy_path()
-
-
-def pack_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"{load_pack().__name__}.{name}")
-
-
-class Executed:
-    """A node whose calls run as ComfyUI's executor runs them: under torch.inference_mode()."""
-
-    def __init__(self, instance):
-        self.instance = instance
-
-    def __getattr__(self, name):
-        attr = getattr(self.instance, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            with torch.inference_mode():
-                return attr(*args, **kwargs)
-        return call
-
-
-def node(host, node_id: str) -> Executed:
-    return Executed(host["pack"].NODE_CLASS_MAPPINGS[node_id]())
+    yield from host_session(tmp_path_factory.mktemp("comfy_base"), ("checkpoints", "erasures"))
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +64,6 @@ def sd15(host):
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
     return {"path": path, "model": model, "clip": clip, "vae": vae}
-
-
-def snapshot(patcher) -> dict:
-    return {k: list(v) for k, v in patcher.patches.items()}
-
-
-def baked(patcher, keys) -> dict[str, torch.Tensor]:
-    """The weights as ComfyUI bakes them when it loads this patcher (then unloaded again)."""
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
-    state = patcher.model_state_dict()
-    out = {k: state[k].detach().clone() for k in keys}
-    comfy.model_management.unload_all_models()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from ..concepts import Concepts
 from ..editable import EditableModel, Progress
 from ..expansion import EXPANSION_PARAMS
+from ..models.arch import ArchSpec
 from ..params import Param, Values
 from ..patch import Edit
 from ..pooled import POOLED_PARAMS
@@ -44,6 +45,11 @@ class ErasureMethod:
         if clash:
             raise TypeError(f"{cls.__name__} declares {sorted(clash)}, which every method already has (COMMON_PARAMS)")
         cls.params = tuple(own) + extra
+
+    def unsupported(self, arch: ArchSpec) -> str | None:
+        """Why this method cannot edit a model of this architecture (None: it can); `api.erase` refuses before
+        any work. Methods that edit only the text-conditioning maps edit any."""
+        return None
 
     def run(
         self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress

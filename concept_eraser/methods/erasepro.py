@@ -22,6 +22,25 @@ the same X, so they share one SVD; OpenCLIP (SD2's ViT-H, SDXL's bigG) stores th
 fused `attn.in_proj_weight`, and one edit of the fused matrix is exactly the three edits, kept
 under the checkpoint's own key. All K/V of the U-Net read the same context, so they share one too.
 
+Flux.1 and SD3 (MMDiT): the same walk over the encoders the architecture lists, by their layout. T5 (T5-XXL:
+24 blocks, 4096 wide) is stepped through with transformers' own `T5Block`s (`models.layerwise`): X at block i
+is its first RMSNorm's output (no biases), with block 0's relative position bias added in every block and no
+attention mask over the padding, as ComfyUI's T5 features for Flux and SD3 are computed. The last stage, the
+denoiser's CONTEXT map (`txt_in`, `context_embedder`), reads the context assembled as the hosts assemble it:
+SD3's [CLIP-L ⊕ CLIP-G | T5] along the tokens, each segment's columns at its own tokenizer's positions. The
+CLIP encoders are edited as for SD wherever their output is read: Flux's CLIP-L only through its pooled output
+(all its blocks), SD3's CLIP-L and CLIP-G through both. POOLED maps (`vector_in`, `y_embedder`, SDXL's
+`label_emb`) are not edited: their input follows the edited encoders (exactly where the pooled EOS position
+pairs target with guide: prompts of one length). T5 has no absolute position embedding, so at its first block a
+token's feature is the same wherever it stands: pairs that send one token (EOS) to different anchors — a guide
+shorter or longer than its target beside a preserved prompt — cannot all be met there (a residual warning);
+from block 2 on attention mixes in the context. Memory on the device for T5-XXL (computed for Flux dev, 512
+tokens, one target and the empty prompt, all_tokens: 1024 columns): the embedding as stored (0.26 GB in fp16),
+one block in float32 (0.77 GB), the anchors' q/k/v inputs of all 24 blocks (0.4 GB), the low-rank edits (3 ups
+and 1 shared down of 4096 × rank per block, ≤ 1.6 GB), activations and position bias (~0.4 GB): about 3.5 GB;
+the edited q/k/v themselves wait in main memory (2.4 GB in fp16). The probe that follows every method builds
+the float32 T5 of the feature path (`T5TextEncoder`, 19 GB) while those edits are held: ~21 GB at the peak.
+
 Choices the paper leaves open, as implemented:
 - Biases (q/k/v have them) are kept: the constraint is on the whole map, W x_i + b = W_o y_i + b,
   which is W x_i = W_o y_i. X, Y are the layer-norm outputs (its affine part included).
@@ -65,8 +84,8 @@ from ..concepts import Concepts, token_positions
 from ..editable import EditableModel, Progress
 from ..errors import InvalidParameterError
 from ..linalg import default_rcond, right_update_edits, zero_residual_factors
-from ..models.arch import CLIP_WINDOW
-from ..models.layerwise import LayerwiseEncoder, blocks_reaching_unet
+from ..models.arch import CLIP_WINDOW, ArchSpec, EncoderSpec
+from ..models.layerwise import blocks_reaching_unet, layerwise_encoder
 from ..params import Param, Values
 from ..patch import Edit, LowRankEdit, compute_dtype
 from ..tokenizer import tokenizer_for
@@ -74,6 +93,7 @@ from .base import ErasureMethod, MethodOutput
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RESIDUAL_WARNING = 1e-2
+STAGE_NAMES = {"unet": "unet cross-attention K/V", "mmdit": "transformer context maps"}
 
 ERASEPRO_PARAMS = (
     Param("start_layer", int, 1, "first text-encoder block edited, 1-based (1 = the first; the paper's -w variant "
@@ -86,7 +106,8 @@ ERASEPRO_PARAMS = (
           min=1, max=CLIP_WINDOW, step=1),
     Param("progressive", bool, True, "target features of each block computed through the blocks already edited "
           "(the paper's Algorithm 1); false: from the original model (its Algorithm 2, used for implicit nudity)"),
-    Param("edit_unet", bool, True, "also edit the U-Net cross-attention K/V, the last stage of the progression"),
+    Param("edit_unet", bool, True, "also edit the denoiser's text maps, the last stage of the progression: the "
+          "U-Net cross-attention K/V, Flux's txt_in, SD3's context_embedder"),
     Param("preserve_empty", bool, True,
           "also hold the empty prompt (the negative of classifier-free guidance) to its original features; off (the "
           "paper), guidance adds back what the edit pushed out of it (ToyWorld: red erased 29 % off, 62 % on)"),
@@ -100,15 +121,47 @@ ERASEPRO_PARAMS = (
 
 
 def _columns(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """d × N feature columns from [n, 77, d] states."""
+    """d × N feature columns from [n, tokens, d] states."""
     return hidden[rows, positions].T
+
+
+def _pair_columns(spec: EncoderSpec, pairs, current: list[str], anchors: list[str], values: Values,
+                  device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(current rows, anchor rows, positions) of one encoder's constraint columns, pair by pair."""
+    tokenize = tokenizer_for(spec)
+    rows_c, rows_a, positions = [], [], []
+    for target, anchor in pairs:
+        # this method's policies pair a target's positions with the same positions of its guide
+        pos, _ = token_positions(values.token_policy, tokenize(target).length, tokenize(anchor).length,
+                                 spec.window, values.k)
+        rows_c += [current.index(target)] * len(pos)
+        rows_a += [anchors.index(anchor)] * len(pos)
+        positions += pos
+    return tuple(torch.tensor(v, device=device, dtype=torch.long) for v in (rows_c, rows_a, positions))
+
+
+def _context_columns(arch: ArchSpec, features: dict[EncoderSpec, torch.Tensor], columns, side: int) -> torch.Tensor:
+    """The CONTEXT maps' feature columns (side 0: current prompts, 1: anchors), as the hosts assemble the context:
+    the encoders of a segment concatenated along the features and zero-padded to the maps' width, each segment's
+    columns at its own encoder's positions (SD3: [CLIP-L ⊕ CLIP-G | T5])."""
+    segments: dict[int, list[EncoderSpec]] = {}
+    for spec in features:
+        segments.setdefault(spec.segment, []).append(spec)
+    parts = []
+    for segment in sorted(segments):
+        specs = segments[segment]
+        hidden = torch.cat([features[s] for s in specs], -1)
+        hidden = torch.nn.functional.pad(hidden, (0, arch.context_dim - hidden.shape[-1]))
+        rows, positions = columns[specs[0].name][side], columns[specs[0].name][2]
+        parts.append(_columns(hidden, rows, positions))
+    return torch.cat(parts, 1)
 
 
 class ErasePro(ErasureMethod):
     name = "erasepro"
     title = "ErasePro"
-    summary = ("Zero-residual, progressive: exact target→guide mapping at every text-encoder q/k/v and "
-               "cross-attention K/V, shallow to deep; edits the text encoder too")
+    summary = ("Zero-residual, progressive: exact target→guide mapping at every text-encoder q/k/v (CLIP, T5) and "
+               "cross-attention K/V (MMDiT: the context map), shallow to deep; edits the text encoder too")
     params = ERASEPRO_PARAMS
 
     def run(self, model: EditableModel, concepts: Concepts, values: Values,
@@ -118,7 +171,7 @@ class ErasePro(ErasureMethod):
         blocks = sum(len(r) for r in plan.values())
         if not blocks:  # not one text-encoder block: not ErasePro any more
             deepest = max(blocks_reaching_unet(s) for s in model.arch.encoders)
-            raise InvalidParameterError("start_layer", f"{values.start_layer} is past the last block the U-Net "
+            raise InvalidParameterError("start_layer", f"{values.start_layer} is past the last block the denoiser "
                                         f"reads ({deepest}): no text-encoder block would be edited")
         feature_dtype = DTYPES[values.feature_dtype]
 
@@ -128,31 +181,23 @@ class ErasePro(ErasureMethod):
         current = list(dict.fromkeys(concepts.targets + preserve))
         anchors = list(dict.fromkeys(concepts.guides + preserve))
         pairs = list(zip(concepts.targets, concepts.guides)) + [(p, p) for p in preserve]
-        rows_c, rows_a, positions = [], [], []
-        # lengths and window from the model's own tokenizer (CLIP BPE, 77; ToyWorld's word vocabulary)
-        spec = model.arch.encoders[0]
-        tokenize = tokenizer_for(spec)
-        for target, anchor in pairs:
-            # this method's policies pair a target's positions with the same positions of its guide
-            pos, _ = token_positions(values.token_policy, tokenize(target).length, tokenize(anchor).length,
-                                     spec.window, values.k)
-            rows_c += [current.index(target)] * len(pos)
-            rows_a += [anchors.index(anchor)] * len(pos)
-            positions += pos
-        rows_c, rows_a, positions = (torch.tensor(v, device=model.device) for v in (rows_c, rows_a, positions))
+        # per encoder: its own tokenizer's lengths and window (CLIP BPE 77, T5 256 / 77, ToyWorld's words)
+        columns = {spec.name: _pair_columns(spec, pairs, current, anchors, values, model.device)
+                   for spec in model.arch.encoders}
 
         edits: dict[str, tuple[Edit, ...]] = {}
         stages: list[dict] = []
         total = blocks + (len(model.arch.map_keys()) if values.edit_unet else 0)
         done = 0
-        context_c, context_a = [], []
+        context_c, context_a = {}, {}  # spec → per-token features the CONTEXT maps read
         clock, building = time.perf_counter(), 0.0
         for spec in model.arch.encoders:
             progress(done, total, f"building {spec.name}")
             built = time.perf_counter()
-            encoder = LayerwiseEncoder(spec, model.keys(), model.weight, model.device, feature_dtype)
+            encoder = layerwise_encoder(spec, model.keys(), model.weight, model.device, feature_dtype)
             building += time.perf_counter() - built
             edited = plan[spec.name]
+            rows_c, rows_a, positions = columns[spec.name]
             ids_c, _ = encoder.tokens(current)
             ids_a, _ = encoder.tokens(anchors)
 
@@ -162,8 +207,8 @@ class ErasePro(ErasureMethod):
                 if i in edited:
                     anchor_inputs[i] = _columns(encoder.attention_input(i, hidden), rows_a, positions)
                 hidden = encoder.run_layer(i, hidden)
-                if i + 1 == encoder.context_depth:
-                    context_a.append(encoder.context(hidden))
+                if i + 1 == encoder.context_depth and spec.context:
+                    context_a[spec] = encoder.context(hidden)
 
             # X^{i−1}: the targets' input, through the blocks edited so far (Algorithm 1).
             hidden = encoder.embed(ids_c)
@@ -180,8 +225,8 @@ class ErasePro(ErasureMethod):
                     done += 1
                     progress(done, total, f"editing {spec.name} block {i + 1}")
                 hidden = encoder.run_layer(i, hidden)
-                if i + 1 == encoder.context_depth:
-                    context_c.append(encoder.context(hidden))
+                if i + 1 == encoder.context_depth and spec.context:
+                    context_c[spec] = encoder.context(hidden)
             del encoder, hidden
         # text_encoders: both passes and the solves, after building the encoders from the weights
         seconds = {"build_text_encoders": round(building, 4),
@@ -189,12 +234,12 @@ class ErasePro(ErasureMethod):
 
         if values.edit_unet:
             clock = time.perf_counter()
-            X = _columns(torch.cat(context_c, -1), rows_c, positions)
-            Y = _columns(torch.cat(context_a, -1), rows_a, positions)
+            X, Y = (_context_columns(model.arch, features, columns, side) for side, features in
+                    ((0, context_c), (1, context_a)))
             unet_edits, info = self._solve(
                 model, model.arch.map_keys(), X, Y, values,
-                lambda i, n: progress(done + i, total, "editing cross-attention"))
-            stages.append({"stage": "unet cross-attention K/V", **info})
+                lambda i, n: progress(done + i, total, "editing the denoiser's text maps"))
+            stages.append({"stage": STAGE_NAMES[model.arch.denoiser], **info})
             edits.update({key: (edit,) for key, edit in unet_edits.items()})
             seconds["unet"] = round(time.perf_counter() - clock, 4)
 
@@ -211,7 +256,7 @@ class ErasePro(ErasureMethod):
                 f"{worst['residual']:.2e}, {worst['columns']} columns, rank {worst['rank']}): there are more or "
                 "conflicting token columns than the feature width allows; use token_policy=prompt_tokens or "
                 "first_k, or fewer concepts", stacklevel=2)
-        headline = {"columns": int(positions.numel()), "max_residual": worst["residual"]}
+        headline = {"columns": max(s["columns"] for s in stages), "max_residual": worst["residual"]}
         return MethodOutput(edits, {**headline, "stages": stages, "seconds_by_phase": seconds},
                             summary={**headline, "text_encoder_blocks": blocks})
 

@@ -208,6 +208,13 @@ class KPOP(ErasureMethod):
     summary = "learnable prompt + adversarial fine-tuning of the U-Net (gradient method; minutes, needs a GPU)"
     params = KPOP_PARAMS
 
+    def unsupported(self, arch):
+        if arch.denoiser != "unet":
+            return ("KPOP injects its prompt into a U-Net's cross-attention and fine-tunes the denoiser by "
+                    "gradient; an MMDiT has no cross-attention, and fine-tuning Flux's 12 billion parameters does "
+                    "not fit a 24 GB GPU (its bf16 weights alone take 24 GB); use uce, rece or space")
+        return None
+
     def run(self, model: EditableModel, concepts: Concepts, values: Values,
             progress: Progress) -> MethodOutput:
         make = getattr(model, "denoiser", None)

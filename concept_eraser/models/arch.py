@@ -20,6 +20,20 @@ of one checkpoint that methods and hosts read. The methods edit maps, whatever f
 |          |                                                     | pooled output → label_emb (pooled columns)|
 | toyworld | as sd1, plus "toyworld.config" in the metadata       | small CLIP, last layer, final norm; words |
 |          | (config and word-level vocabulary)                   | tokenized with that vocabulary            |
+| flux     | text_encoders.t5xxl.transformer.* (HF T5 names) and  | T5-XXL last layer, final RMSNorm, 256     |
+|          | text_encoders.clip_l.transformer.text_model.*        | tokens → txt_in; CLIP-L pooled (final     |
+|          |                                                     | norm at EOS, unprojected) → vector_in     |
+| sd3      | text_encoders.clip_l / clip_g (HF CLIP names) and    | [CLIP-L ⊕ CLIP-G penultimate, zero-padded |
+|          | text_encoders.t5xxl.transformer.*                   | to 4096 | T5 last layer] along tokens     |
+|          |                                                     | (77 + 77) → context_embedder; CLIP-L      |
+|          |                                                     | pooled ⊕ CLIP-G projected pooled → y_emb. |
+
+The transformer families (Flux, SD3: MMDiT) read text through two entry projections, their maps: the
+per-token features through `txt_in` / `context_embedder`, the pooled vector through `vector_in.in_layer` /
+`y_embedder.mlp.0`. Their files come as ComfyUI all-in-one checkpoints (`model.diffusion_model.` prefix,
+`text_encoders.*`) or as diffusion-model-only files with bare BFL/SAI key names, the text encoders in files of
+their own; `CheckpointModel` mounts those under the all-in-one names (`ENCODER_PREFIXES`), so detection and
+features see one layout. The maps' keys keep the file's own names (`ArchSpec.denoiser_prefix`).
 
 Fine-tunes built on these (Pony, Illustrious, Juggernaut, inpainting and v-prediction variants)
 share the layout: the edit touches only the text-conditioning maps and text encoders, which they share.
@@ -36,6 +50,13 @@ from typing import ClassVar
 from ..errors import UnsupportedModelError
 
 UNET_PREFIX = "model.diffusion_model."
+# Where text encoders given in files of their own are mounted: the names ComfyUI's all-in-one checkpoints use.
+ENCODER_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                    "t5xxl": "text_encoders.t5xxl.transformer."}
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")  # SD1/2, SDXL, Flux/SD3
+# Tensors beside a denoiser stored without a prefix: text encoders, VAEs.
+NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
+
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 CLIP_WINDOW = 77  # CLIP's token window: BOS, 75 tokens, EOS
@@ -49,20 +70,30 @@ POOLED = "pooled"  # the pooled embedding of the encoder whose `pooled` is set (
 class EncoderSpec:
     """One text encoder inside a checkpoint and how its per-token features are taken."""
 
-    name: str  # "clip_l", "clip_h", "clip_g": also the LoRA/ComfyUI slot name
+    name: str  # "clip_l", "clip_h", "clip_g", "t5xxl": also the LoRA/ComfyUI slot name
     prefix: str  # checkpoint key prefix of this encoder's weights
-    layout: str  # "hf" (transformers CLIP names) or "open_clip" (fused in_proj, resblocks)
+    layout: str  # "hf" (transformers CLIP names), "open_clip" (fused in_proj, resblocks) or "t5" (HF T5 names)
     hidden_layer: int  # index into hidden_states: -1 last layer, -2 penultimate
     final_norm: bool  # apply the final layer norm to that hidden state
     pad_token: str  # "eos" (CLIP-L in SD1/SDXL) or "zero" (OpenCLIP encoders pad with id 0)
     width: int
     layers: int
     lora_prefix: str  # kohya prefix for this encoder's modules
-    # its projected EOS state (final norm, text_projection) reaches the U-Net: SDXL's bigG, through label_emb
+    # its pooled output (final-normed EOS state, projected as `projection` says) reaches the denoiser: SDXL's bigG
+    # through label_emb, Flux's CLIP-L through vector_in, SD3's CLIP-L and CLIP-G through y_embedder
     pooled: bool = False
-    tokenizer: str = "clip"  # "clip" (byte-level BPE) or "word" (ToyWorld: vocabulary in the checkpoint's metadata)
+    tokenizer: str = "clip"  # "clip" (byte-level BPE), "word" (ToyWorld: vocabulary in the checkpoint's
+    # metadata) or "t5" (SentencePiece: words, EOS, zero padding; no BOS)
     vocab: tuple[str, ...] = ()  # the word-level vocabulary ("word" tokenizer only)
     window: int = CLIP_WINDOW  # tokens per prompt: BOS, words, EOS, padding
+    context: bool = True  # its per-token features reach the CONTEXT maps (Flux's CLIP-L: only its pooled output)
+    # Encoders of one segment are concatenated along the features (SDXL's CLIP-L ⊕ bigG), zero-padded to the
+    # context width; segments follow each other along the tokens (SD3: [CLIP-L ⊕ CLIP-G, T5]).
+    segment: int = 0
+    # how the pooled output is projected: "open_clip" (x @ text_projection), "hf" (x @ text_projection.weightᵀ)
+    # or "none" (the final-normed EOS state itself, as Flux and SD3 read CLIP-L's)
+    projection: str = "open_clip"
+    quick_gelu: bool = True  # OpenAI's CLIP-L uses quick_gelu; OpenCLIP's ViT-H and bigG exact GELU
 
 
 @dataclass(frozen=True)
@@ -83,9 +114,17 @@ class ArchSpec:
     context_dim: int
     maps: tuple[TextMap, ...]  # CONTEXT maps in model order, then POOLED ones
     encoders: tuple[EncoderSpec, ...]
-    variant: str = "base"  # "inpainting" (9 input channels), "instruct-pix2pix" (8) ...
+    variant: str = "base"  # "inpainting" (9 input channels), "instruct-pix2pix" (8), "dev", "schnell" ...
     modelspec_architecture: str | None = None
     extra: Mapping[str, object] = field(default_factory=dict)
+    denoiser: str = "unet"  # "unet" (cross-attention K/V maps) or "mmdit" (Flux, SD3: entry projections)
+    denoiser_prefix: str = UNET_PREFIX  # key prefix of the denoiser's tensors in the file ("" in BFL files)
+
+    def is_denoiser_key(self, key: str) -> bool:
+        """A tensor of the denoiser (U-Net or transformer), not of a text encoder, VAE or anything else."""
+        if self.denoiser_prefix:
+            return key.startswith(self.denoiser_prefix)
+        return not key.startswith(NOT_DENOISER_PREFIXES)
 
     def map_keys(self, reads: str = CONTEXT) -> tuple[str, ...]:
         """The checkpoint keys of the maps that read `reads`: for CONTEXT, every cross-attention K and V."""
@@ -93,6 +132,10 @@ class ArchSpec:
 
     def describe(self) -> str:
         context = [m for m in self.maps if m.reads == CONTEXT]
+        if self.denoiser == "mmdit":
+            text = ", ".join(f"{e.name} ({e.layers}×{e.width})" for e in self.encoders) or "none given"
+            maps = ", ".join(f"{m.key} {m.shape[0]}×{m.shape[1]} ({m.reads})" for m in self.maps)
+            return f"{self.title} ({self.variant}): text-conditioning maps {maps}; text encoders: {text}"
         widths = sorted({m.shape[0] for m in context})
         text = ", ".join(f"{e.name} ({e.layers}×{e.width})" for e in self.encoders)
         return (
@@ -100,6 +143,11 @@ class ArchSpec:
             f"{len(context) // 2} cross-attention layers, {len(context)} K/V matrices, "
             f"context {self.context_dim}, output widths {widths}; text encoders: {text}"
         )
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """A checkpoint key of a text encoder, in any family's layout."""
+    return key.startswith(TEXT_ENCODER_PREFIXES)
 
 
 def natural_key(name: str) -> list:
@@ -130,7 +178,7 @@ def _open_clip_encoder(keys, shapes, prefix, name, hidden_layer, final_norm, lor
         raise UnsupportedModelError(f"the {name} text encoder is incomplete: {token} is missing")
     return EncoderSpec(
         name, prefix, "open_clip", hidden_layer, final_norm, "zero", shapes[token][1],
-        _count_layers(keys, prefix, "transformer.resblocks."), lora_prefix,
+        _count_layers(keys, prefix, "transformer.resblocks."), lora_prefix, quick_gelu=False,
     )
 
 
@@ -149,7 +197,8 @@ class Family:
 
     @classmethod
     def claims(cls, keys: Sequence[str], metadata: Mapping[str, str]) -> bool:
-        """Whether a checkpoint with these keys (one that has a U-Net with cross-attention) is of this family."""
+        """Whether a checkpoint with these keys is of this family (U-Net families: asked only of checkpoints with
+        a U-Net)."""
         raise NotImplementedError
 
     @classmethod
@@ -168,6 +217,29 @@ class Family:
     @classmethod
     def extra(cls, metadata: Mapping[str, str]) -> dict:
         return {}
+
+    @classmethod
+    def build(cls, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> ArchSpec:
+        """The description of a checkpoint this family claims (U-Net families: cross-attention K/V read the
+        concatenated text features)."""
+        keys = list(shapes)
+        kv = cross_attention_maps(shapes)
+        if not kv:
+            raise UnsupportedModelError("the U-Net has no cross-attention (attn2.to_k / attn2.to_v) layers")
+        context = {m.shape[1] for m in kv}
+        if len(context) != 1:
+            raise UnsupportedModelError(f"cross-attention layers disagree on the context width: {sorted(context)}")
+        context_dim = context.pop()
+        encoders = cls.text_encoders(keys, shapes, metadata)
+        in_channels = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))[1]
+        spec = ArchSpec(cls.name, cls.title, context_dim, cls.maps(shapes, encoders), encoders,
+                        cls.variant(in_channels), cls.modelspec_architecture,
+                        {"in_channels": in_channels, **cls.extra(metadata)})
+        width = sum(e.width for e in spec.encoders)
+        if width != context_dim:
+            raise UnsupportedModelError(f"{spec.title}: the text encoder width ({width}) does not match the "
+                                        f"cross-attention context ({context_dim})")
+        return spec
 
 
 class SD1(Family):
@@ -260,66 +332,229 @@ class ToyWorld(Family):
         return {"toyworld": json.loads(metadata[TOYWORLD_META])}
 
 
+def _t5_embedding(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> str | None:
+    """The key of T5's token embedding: `shared.weight`, or its tied copy `encoder.embed_tokens.weight` alone."""
+    return next((prefix + k for k in ("shared.weight", "encoder.embed_tokens.weight") if prefix + k in shapes), None)
+
+
+def _t5_encoder(keys, shapes, prefix: str, window: int, segment: int, lora_prefix: str) -> EncoderSpec:
+    return EncoderSpec("t5xxl", prefix, "t5", -1, True, "zero", shapes[_t5_embedding(shapes, prefix)][1],
+                       _count_layers(keys, prefix, "encoder.block."), lora_prefix, tokenizer="t5", window=window,
+                       segment=segment)
+
+
+def _slot_content(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> tuple[str, int] | None:
+    """What a text-encoder slot holds: ("t5" | "clip", width), ("other", 0), or None when it is empty."""
+    under = [k for k in shapes if k.startswith(prefix)]
+    if not under:
+        return None
+    embedding = _t5_embedding(shapes, prefix)
+    if embedding and prefix + "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
+        return "t5", shapes[embedding][1]
+    for inner in ("text_model.", ""):
+        token = f"{prefix}{inner}embeddings.token_embedding.weight"
+        if token in shapes:
+            return "clip", shapes[token][1]
+    return "other", 0
+
+
+class TransformerFamily(Family):
+    """An MMDiT (Flux, SD3): text enters through two linear entry projections, the maps. Found by a marker
+    key of its blocks, under whatever prefix the file stores the transformer (`denoiser_prefix`)."""
+
+    MARKER: ClassVar[str]  # a key every file of the family has, relative to the transformer
+    CONTEXT_KEY: ClassVar[str]  # Linear [hidden, context width] reading the per-token features
+    POOLED_KEY: ClassVar[str]  # Linear [hidden, pooled width] reading the pooled vector
+    # text-encoder slot → (kind, role): kind "t5" or "clip"; role says what reads it (for messages)
+    SLOTS: ClassVar[dict[str, tuple[str, str]]]
+
+    @classmethod
+    def prefix(cls, keys: Sequence[str]) -> str | None:
+        return next((k[: -len(cls.MARKER)] for k in keys if k.endswith(cls.MARKER)), None)
+
+    @classmethod
+    def claims(cls, keys, metadata):
+        return cls.prefix(keys) is not None
+
+    @classmethod
+    def check_layout(cls, shapes: Mapping[str, tuple[int, ...]], prefix: str) -> None:
+        """Refuse a transformer whose layout is not the family's (named after what was found)."""
+        for key in (cls.CONTEXT_KEY, cls.POOLED_KEY):
+            if prefix + key not in shapes or len(shapes[prefix + key]) != 2:
+                raise UnsupportedModelError(f"{cls.title}: unknown transformer layout: {prefix + key} "
+                                            f"{'is not a matrix' if prefix + key in shapes else 'is missing'}")
+
+    @classmethod
+    def check_slots(cls, shapes: Mapping[str, tuple[int, ...]], widths: Mapping[str, int]) -> None:
+        """Each text encoder the family needs is present, of the right kind and width (`widths`: slot → the
+        width its map reads, where one map reads it alone)."""
+        for slot, (kind, role) in cls.SLOTS.items():
+            found = _slot_content(shapes, ENCODER_PREFIXES[slot])
+            if found is None:
+                raise UnsupportedModelError(
+                    f"{cls.title}: the {slot} text encoder ({role}) is missing: the file has no "
+                    f"{ENCODER_PREFIXES[slot]}* tensors; give it as a file of its own (command line: "
+                    f"--{slot.replace('_', '-').replace('t5xxl', 't5')})")
+            got, width = found
+            if got != kind:
+                what = {"t5": f"a T5 encoder ({width} wide)", "clip": f"a CLIP text model ({width} wide)",
+                        "other": "no text encoder this program knows"}[got]
+                raise UnsupportedModelError(f"{cls.title}: the {slot} slot holds {what}, not {kind.upper()} ({role})")
+            if slot in widths and width != widths[slot]:
+                raise UnsupportedModelError(f"{cls.title}: the {slot} text encoder is {width} wide, but {role} reads "
+                                            f"{widths[slot]} values: wrong text encoder")
+
+    @classmethod
+    def build(cls, shapes, metadata, text: bool = True):
+        """`text` False: the transformer alone (no text encoders described or required), enough to apply or
+        inspect an edit of its maps."""
+        keys = list(shapes)
+        prefix = cls.prefix(keys)
+        cls.check_layout(shapes, prefix)
+        scaled = prefix + cls.CONTEXT_KEY.removesuffix("weight") + "scale_weight"
+        if scaled in shapes:
+            raise UnsupportedModelError(f"{cls.title}: a scaled-fp8 file ({scaled}: its weights are stored divided by "
+                                        "per-tensor scales); use an fp16, bf16 or plain fp8 file of this model")
+        encoders = cls.text_encoders(keys, shapes, metadata) if text else ()
+        context, pooled = prefix + cls.CONTEXT_KEY, prefix + cls.POOLED_KEY
+        maps = (TextMap(context, CONTEXT, tuple(shapes[context])), TextMap(pooled, POOLED, tuple(shapes[pooled])))
+        return ArchSpec(cls.name, cls.title, shapes[context][1], maps, encoders, cls.variant_of(shapes, prefix),
+                        cls.modelspec_architecture, cls.extra(metadata), denoiser="mmdit", denoiser_prefix=prefix)
+
+    @classmethod
+    def variant_of(cls, shapes: Mapping[str, tuple[int, ...]], prefix: str) -> str:
+        raise NotImplementedError
+
+
+class Flux(TransformerFamily):
+    """Flux.1 dev/schnell (BFL names): T5-XXL's per-token features → txt_in, CLIP-L's pooled output →
+    vector_in.in_layer (ComfyUI comfy/text_encoders/flux.py: T5 padded to at least 256 tokens, no attention
+    mask; CLIP-L's final-normed EOS state, not projected)."""
+
+    name, title = "flux", "Flux.1"  # no modelspec.architecture: its dev and schnell ids differ
+    MARKER = "double_blocks.0.img_attn.qkv.weight"
+    CONTEXT_KEY, POOLED_KEY = "txt_in.weight", "vector_in.in_layer.weight"
+    SLOTS = {"t5xxl": ("t5", "txt_in"), "clip_l": ("clip", "vector_in")}
+    T5_WINDOW = 256  # ComfyUI's Flux T5 tokenizer: min_length 256
+
+    @classmethod
+    def check_layout(cls, shapes, prefix):
+        if prefix + cls.POOLED_KEY not in shapes and any(k.startswith(prefix + "distilled_guidance_layer.")
+                                                         for k in shapes):
+            raise UnsupportedModelError(
+                "Chroma (a Flux-layout transformer without vector_in: its modulations come from "
+                "distilled_guidance_layer, and it reads T5 with an attention mask) is not supported")
+        super().check_layout(shapes, prefix)
+
+    @classmethod
+    def text_encoders(cls, keys, shapes, metadata):
+        prefix = cls.prefix(keys)
+        cls.check_slots(shapes, {"t5xxl": shapes[prefix + cls.CONTEXT_KEY][1],
+                                 "clip_l": shapes[prefix + cls.POOLED_KEY][1]})
+        clip = _hf_encoder(keys, shapes, ENCODER_PREFIXES["clip_l"], "clip_l", -1, True, "eos", "lora_te1_")
+        return (_t5_encoder(keys, shapes, ENCODER_PREFIXES["t5xxl"], cls.T5_WINDOW, 0, "lora_te2_"),
+                replace(clip, pooled=True, context=False, projection="none"))
+
+    @classmethod
+    def variant_of(cls, shapes, prefix):
+        variant = "dev" if prefix + "guidance_in.in_layer.weight" in shapes else "schnell"
+        channels = shapes.get(prefix + "img_in.weight", (0, 64))[1]
+        return variant if channels == 64 else f"{variant}, {channels} input channels"
+
+
+class SD3(TransformerFamily):
+    """Stable Diffusion 3 / 3.5 (SAI names): ComfyUI's SD3 cond (comfy/text_encoders/sd3_clip.py) → context_embedder:
+    CLIP-L ⊕ CLIP-G penultimate (not normed), zero-padded to 4096, followed along the tokens by T5's 77;
+    CLIP-L pooled (unprojected) ⊕ CLIP-G pooled (projected) → y_embedder.mlp.0."""
+
+    name, title = "sd3", "Stable Diffusion 3"  # no modelspec.architecture: medium and large ids differ
+    MARKER = "joint_blocks.0.context_block.attn.qkv.weight"
+    CONTEXT_KEY, POOLED_KEY = "context_embedder.weight", "y_embedder.mlp.0.weight"
+    SLOTS = {"clip_l": ("clip", "context_embedder and y_embedder"), "clip_g": ("clip", "context_embedder and "
+             "y_embedder"), "t5xxl": ("t5", "context_embedder")}
+    T5_WINDOW = 77  # ComfyUI's SD3 T5 tokenizer: min_length 77
+
+    @classmethod
+    def text_encoders(cls, keys, shapes, metadata):
+        prefix = cls.prefix(keys)
+        cls.check_slots(shapes, {"t5xxl": shapes[prefix + cls.CONTEXT_KEY][1]})
+        clip_l = _hf_encoder(keys, shapes, ENCODER_PREFIXES["clip_l"], "clip_l", -2, False, "eos", "lora_te1_")
+        clip_g = _hf_encoder(keys, shapes, ENCODER_PREFIXES["clip_g"], "clip_g", -2, False, "zero", "lora_te2_")
+        pooled = shapes[prefix + cls.POOLED_KEY][1]
+        if clip_l.width + clip_g.width != pooled or clip_l.width + clip_g.width > shapes[prefix + cls.CONTEXT_KEY][1]:
+            raise UnsupportedModelError(
+                f"{cls.title}: the CLIP encoders are {clip_l.width} (clip_l) and {clip_g.width} (clip_g) wide, but "
+                f"y_embedder reads {pooled} values: wrong text encoders")
+        projection = ENCODER_PREFIXES["clip_g"] + "text_projection.weight"
+        if projection not in shapes:
+            raise UnsupportedModelError(f"{cls.title}: the clip_g text encoder has no {projection}, which its pooled "
+                                        "output needs")
+        return (replace(clip_l, pooled=True, projection="none"),
+                replace(clip_g, pooled=True, projection="hf", quick_gelu=False),
+                _t5_encoder(keys, shapes, ENCODER_PREFIXES["t5xxl"], cls.T5_WINDOW, 1, "lora_te3_"))
+
+    @classmethod
+    def variant_of(cls, shapes, prefix):
+        depth = _count_layers(list(shapes), prefix, "joint_blocks.")
+        if depth == 38:
+            return "3.5 large"
+        if depth == 24:
+            return "3.5 medium" if prefix + "joint_blocks.0.x_block.attn2.qkv.weight" in shapes else "3 medium"
+        return f"{depth} joint blocks"
+
+
 # Tried in this order: the first family that claims a checkpoint describes it (ToyWorld before SD1, whose
-# layout it shares).
-FAMILIES: tuple[type[Family], ...] = (SDXL, SD2, ToyWorld, SD1)
+# layout it shares; the transformers first: an all-in-one file may also carry other models' keys).
+FAMILIES: tuple[type[Family], ...] = (Flux, SD3, SDXL, SD2, ToyWorld, SD1)
 
 
-def _unsupported_family(keys: Sequence[str]) -> str | None:
-    """Name families we recognise but do not edit, for a clear refusal."""
+# Layouts recognised but not edited, named in refusals: transformers (refused even beside a U-Net), then others.
+TRANSFORMER_MARKERS = [
+    ("single_transformer_blocks.", "a Flux transformer in diffusers layout (use a single-file checkpoint with BFL "
+                                   "names, as ComfyUI's models/diffusion_models holds)"),
+    ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout (use a single-file checkpoint)"),
+    ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
+    ("double_blocks.", "a Flux transformer of an unknown layout"),
+]
+OTHER_MARKERS = [
+    ("lora_unet_", "a LoRA file"),
+    ("lora_up.weight", "a LoRA file"),
+    ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
+    ("first_stage_model.encoder", "a VAE only"),
+    ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder only (give it with the model)"),
+    ("text_model.encoder.layers.0.", "a CLIP text encoder only (give it with the model)"),
+]
+
+
+def _found(keys: Sequence[str], markers: Sequence[tuple[str, str]]) -> str | None:
+    """The description of the first marker some key contains."""
     joined = "\n".join(keys[:5000])
-    probes = [
-        ("joint_blocks.", "Stable Diffusion 3 (MMDiT)"),
-        ("double_blocks.", "Flux"),
-        ("single_transformer_blocks.", "Flux (diffusers layout)"),
-        ("transformer_blocks.0.attn.add_k_proj", "an MMDiT model in diffusers layout"),
-        ("lora_unet_", "a LoRA file"),
-        ("lora_up.weight", "a LoRA file"),
-        ("down_blocks.0.attentions.0", "a diffusers-layout U-Net (use a single-file .safetensors checkpoint)"),
-        ("first_stage_model.encoder", "a VAE only"),
-    ]
-    for marker, family in probes:
-        if marker in joined:
-            return family
-    return None
+    return next((what for marker, what in markers if marker in joined), None)
 
 
-def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> ArchSpec:
-    """Classify a checkpoint from its tensor names and shapes; raise UnsupportedModelError otherwise."""
+def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
+           text: bool = True) -> ArchSpec:
+    """Classify a checkpoint from its tensor names and shapes; raise UnsupportedModelError otherwise. `text` False:
+    a transformer file (Flux, SD3) may come without its text encoders (they are then not described)."""
     keys = list(shapes)
     metadata = metadata or {}
     if metadata.get("concept_eraser.format") in ("patch", "lora"):
         raise UnsupportedModelError(
             "this file is a Concept Eraser patch, not a checkpoint: use `apply` to put it on its checkpoint"
         )
-    kv = cross_attention_maps(shapes)
-    other = _unsupported_family(keys)
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        found = other or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})"
-        raise UnsupportedModelError(f"not a Stable Diffusion 1.x/2.x/XL checkpoint: found {found}")
-    if other and other.startswith(("Stable Diffusion 3", "Flux")):
-        raise UnsupportedModelError(f"{other} is not supported; Concept Eraser edits SD1.x, SD2.x and SDXL")
-    if not kv:
-        raise UnsupportedModelError("the U-Net has no cross-attention (attn2.to_k / attn2.to_v) layers")
-
-    context = {m.shape[1] for m in kv}
-    if len(context) != 1:
-        raise UnsupportedModelError(f"cross-attention layers disagree on the context width: {sorted(context)}")
-    context_dim = context.pop()
+    family = next((f for f in FAMILIES if issubclass(f, TransformerFamily) and f.claims(keys, metadata)), None)
+    if family is not None:
+        return family.build(shapes, metadata, text)
+    transformer = _found(keys, TRANSFORMER_MARKERS)
+    if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
+        found = (transformer or _found(keys, OTHER_MARKERS)
+                 or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})")
+        raise UnsupportedModelError(f"not a checkpoint of a supported model (SD1.x, SD2.x, SDXL, Flux.1, SD3): "
+                                    f"found {found}")
     family = next((f for f in FAMILIES if f.claims(keys, metadata)), None)
     if family is None:
         raise UnsupportedModelError(
             "the checkpoint has a U-Net but no text encoder (cond_stage_model / conditioner keys); "
             "concept features are computed with the checkpoint's own text encoder, so a full checkpoint is needed"
         )
-    encoders = family.text_encoders(keys, shapes, metadata)
-    in_channels = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))[1]
-    spec = ArchSpec(family.name, family.title, context_dim, family.maps(shapes, encoders), encoders,
-                    family.variant(in_channels), family.modelspec_architecture,
-                    {"in_channels": in_channels, **family.extra(metadata)})
-    width = sum(e.width for e in spec.encoders)
-    if width != context_dim:
-        raise UnsupportedModelError(
-            f"{spec.title}: the text encoder width ({width}) does not match the cross-attention context ({context_dim})"
-        )
-    return spec
+    return family.build(shapes, metadata)

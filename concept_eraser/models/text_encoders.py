@@ -3,13 +3,14 @@
 OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) are converted to the transformers layout: the fused
 `attn.in_proj_weight` is split into q/k/v, `resblocks` become `encoder.layers`. Every real CLIP
 text tower uses 64-wide attention heads, so the head count is width / 64; OpenAI's CLIP-L uses
-quick_gelu, OpenCLIP exact GELU; all layer norms have eps 1e-5.
+quick_gelu, OpenCLIP's towers exact GELU (SD3's CLIP-G too, stored under transformers' names); all layer norms
+have eps 1e-5. T5 (Flux, SD3) is transformers' own `T5EncoderModel` (`build_t5`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -187,16 +188,112 @@ def build_text_model(spec: EncoderSpec, state: dict[str, torch.Tensor], depth: i
     depth = spec.layers if depth is None else depth
     try:
         model = ClipTextTransformer({k: v.to(device, dtype) for k, v in state.items() if _block(k) < depth}, depth,
-                                    quick_gelu=spec.layout == "hf")
+                                    quick_gelu=spec.quick_gelu)
     except KeyError as exc:
         raise UnsupportedModelError(f"the {spec.name} text encoder is missing {exc.args[0]}") from None
     return model.eval()
 
 
-def pooled_embedding(final_normed: torch.Tensor, lengths, projection: torch.Tensor) -> torch.Tensor:
-    """SDXL's pooled text embedding, as ComfyUI computes it (comfy/clip_model.py, sd1_clip.py): the
-    final layer-normed last-layer state at the first EOS (position length − 1) times the OpenCLIP
-    `text_projection` (stored width × projection, applied as x @ P). [n, projection]."""
+def pooled_embedding(final_normed: torch.Tensor, lengths, projection: torch.Tensor | None) -> torch.Tensor:
+    """The pooled text embedding, as ComfyUI computes it (comfy/clip_model.py, sd1_clip.py): the final
+    layer-normed last-layer state at the first EOS (position length − 1), times `projection` applied as x @ P
+    (`pooled_projection`; None: the state itself, as Flux and SD3 read CLIP-L's). [n, width or projection]."""
     rows = torch.arange(final_normed.shape[0], device=final_normed.device)
     eos = torch.as_tensor(lengths, device=final_normed.device) - 1
-    return final_normed[rows, eos] @ projection.to(final_normed.dtype)
+    pooled = final_normed[rows, eos]
+    return pooled if projection is None else pooled @ projection.to(final_normed.dtype)
+
+
+def pooled_projection(spec: EncoderSpec, load: Callable[[str], torch.Tensor], device, dtype) -> torch.Tensor | None:
+    """P of the pooled output's x @ P: OpenCLIP's `text_projection` as stored (width × projection), transformers'
+    `text_projection.weight` (a Linear beside `text_model.`) transposed, or None (`spec.projection` "none")."""
+    if spec.projection == "none":
+        return None
+    if spec.projection == "hf":
+        key = spec.prefix.removesuffix("text_model.") + "text_projection.weight"
+        return load(key).to(device).to(dtype).T
+    return load(spec.prefix + "text_projection").to(device).to(dtype)
+
+
+def t5_state_dict(spec: EncoderSpec, keys: list[str], load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """T5's encoder weights under transformers' `T5EncoderModel` names (the checkpoint's, behind the prefix)."""
+    return {k[len(spec.prefix):]: load(k) for k in keys
+            if k.startswith(spec.prefix) and k[len(spec.prefix):].startswith(("shared.", "encoder."))}
+
+
+def t5_config(spec: EncoderSpec, state: Mapping[str, torch.Tensor]):
+    """transformers' `T5Config` of T5 v1.1 / T5-XXL (gated GELU, relative attention bias in the first block, RMSNorm
+    eps 1e-6), its sizes read from `state`: the embedding and block 0's tensors under transformers' names."""
+    from transformers import T5Config
+
+    try:
+        bias = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        vocab, width = state["shared.weight" if "shared.weight" in state else "encoder.embed_tokens.weight"].shape
+        inner = state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
+        ff = state[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"].shape[0]
+    except KeyError as exc:
+        raise UnsupportedModelError(f"the {spec.name} text encoder is missing {spec.prefix}{exc.args[0]}") from None
+    heads = bias.shape[1]
+    return T5Config(vocab_size=vocab, d_model=width, d_kv=inner // heads, d_ff=ff, num_layers=spec.layers,
+                    num_heads=heads, relative_attention_num_buckets=bias.shape[0], dropout_rate=0.0,
+                    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu",
+                    is_encoder_decoder=False, use_cache=False)
+
+
+def build_t5(spec: EncoderSpec, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32):
+    """transformers' `T5EncoderModel` holding `state` (`t5_config`). Built on the meta device and given the
+    tensors as they are, so no random initialisation of 4.7 billion parameters runs first."""
+    from transformers import T5EncoderModel
+
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    config = t5_config(spec, state)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    state = {k: v.to(device, dtype) for k, v in state.items()}
+    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])  # tied in T5: a file may hold either
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        what = f"is missing {missing[0]}" if missing else f"has an unknown tensor {unexpected[0]}"
+        raise UnsupportedModelError(f"the {spec.name} text encoder {what} (not T5 v1.1's encoder layout)")
+    return model.eval().requires_grad_(False)
+
+
+def t5_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A T5 weight in `dtype`; fp8 files' NaNs become zeros, as ComfyUI's T5 cleans fp8 embeddings (t5.py)."""
+    fp8 = tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    return torch.nan_to_num(tensor.to(dtype)) if fp8 else tensor.to(dtype)
+
+
+class T5TextEncoder:
+    """T5's encoder rebuilt from a checkpoint's weights (`build_t5`), in `dtype` on `device`: per-token features
+    are its last layer after the final RMSNorm (what ComfyUI's T5XXLModel returns: layer "last", no attention mask
+    over the padding). It has no pooled output. T5-XXL in float32 takes 19 GB (4.76 billion parameters) of the
+    device's memory; the denoiser is never loaded, only its two text maps."""
+
+    def __init__(self, spec: EncoderSpec, keys, load: Callable[[str], torch.Tensor],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        from ..tokenizer import t5_tokenizer, tokenizer_for
+
+        self.spec = spec
+        self.device = torch.device(device)
+        vocab = t5_tokenizer().get_vocab_size()  # fail on a missing tokenizer before reading gigabytes
+        # cast tensor by tensor: the file's fp16 T5-XXL (9.5 GB) and its float32 copy never coexist whole
+        state = t5_state_dict(spec, list(keys), lambda key: t5_tensor(load(key).to(self.device), dtype))
+        self.model = build_t5(spec, state, self.device, dtype)
+        del state
+        if vocab > self.model.config.vocab_size:
+            raise UnsupportedModelError(f"the T5 tokenizer has {vocab} tokens, the {spec.name} encoder's embedding "
+                                        f"only {self.model.config.vocab_size}: another tokenizer")
+        self.tokenize = tokenizer_for(spec)
+
+    def tokens(self, prompts) -> tuple[torch.Tensor, tuple[int, ...]]:
+        tokens = [self.tokenize(p) for p in prompts]
+        return torch.tensor([t.ids for t in tokens], device=self.device), tuple(t.length for t in tokens)
+
+    @torch.no_grad()
+    def encode(self, prompts) -> tuple[torch.Tensor, None]:
+        ids, _ = self.tokens(prompts)
+        return self.model(input_ids=ids).last_hidden_state, None
