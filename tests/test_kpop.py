@@ -185,9 +185,9 @@ def test_a_short_toyworld_run_at_the_defaults_erases_and_keeps_the_others(toywor
     """ToyWorld, judged, at KPOP's defaults (auto: ToyWorld's learning rates, sampler steps and wordings) cut from
     200 to 40 steps: "circle" prompts stop showing circles and the other shapes stay. Measured (seed 0, one thread)
     at the former defaults (five short wordings, the empty prompt not held): circles shown 100 % → 4 %, other shapes
-    100 % → 92 % (the full 200 steps: 100 % erased at 100 % preserved on the benchmark). The bounds leave room for a few samples' change (one sample is 4 points): erased ≥ 75 %, at most
-    four more of the 25 other shapes lost. The former settings fail it: 200 steps at lr 3e-4 erased 25 %, on the bare
-    word "circle" 0 %."""
+    100 % → 92 % (the full 200 steps: 100 % erased at 100 % preserved on the benchmark). The bounds leave room for a
+    few samples' change (one sample is 4 points): erased ≥ 75 %, at most four more of the 25 other shapes lost. The
+    former settings fail it: 200 steps at lr 3e-4 erased 25 %, on the bare word "circle" 0 %."""
     from concept_eraser.toyworld import judge, world
     from concept_eraser.toyworld.benchmark import prompts_for
     from concept_eraser.toyworld.pipeline import ToyWorldPipeline
