@@ -23,6 +23,9 @@ of one checkpoint that methods and hosts read. The methods edit maps, whatever f
 | flux     | text_encoders.t5xxl.transformer.* (HF T5 names) and  | T5-XXL last layer, final RMSNorm, 256     |
 |          | text_encoders.clip_l.transformer.text_model.*        | tokens → txt_in; CLIP-L pooled (final     |
 |          |                                                     | norm at EOS, unprojected) → vector_in     |
+| toyworld | as flux, with one small CLIP (text_encoders.toy_clip | its last layer, final norm → txt_in; its  |
+| _flux    | .transformer.*) and "toyworld_flux.config" in the    | pooled output (unprojected) → vector_in;  |
+|          | metadata (MMDiT config and word-level vocabulary)    | words tokenized with that vocabulary      |
 | sd3      | text_encoders.clip_l / clip_g (HF CLIP names) and    | [CLIP-L ⊕ CLIP-G penultimate, zero-padded |
 |          | text_encoders.t5xxl.transformer.*                   | to 4096 | T5 last layer] along tokens     |
 |          |                                                     | (77 + 77) → context_embedder; CLIP-L      |
@@ -58,6 +61,7 @@ TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.") 
 NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
 
 TOYWORLD_META = "toyworld.config"  # JSON: U-Net config, token window, vocabulary
+TOYWORLD_FLUX_META = "toyworld_flux.config"  # JSON: MMDiT config, token window, vocabulary
 KV_PATTERN = re.compile(r"^(.*\.attn2\.to_[kv])\.weight$")
 CLIP_WINDOW = 77  # CLIP's token window: BOS, 75 tokens, EOS
 
@@ -503,9 +507,37 @@ class SD3(TransformerFamily):
         return f"{depth} joint blocks"
 
 
-# Tried in this order: the first family that claims a checkpoint describes it (ToyWorld before SD1, whose
-# layout it shares; the transformers first: an all-in-one file may also carry other models' keys).
-FAMILIES: tuple[type[Family], ...] = (Flux, SD3, SDXL, SD2, ToyWorld, SD1)
+class ToyWorldFlux(Flux):
+    """Flux's layout (BFL names under model.diffusion_model.) with ToyWorld's one small CLIP text model feeding both
+    maps: its per-token features → txt_in, its pooled output (final-normed EOS state, unprojected) → vector_in;
+    word-level vocabulary and MMDiT config in the metadata (see concept_eraser.toyworld)."""
+
+    name, title = "toyworld_flux", "ToyWorld-Flux"
+    PREFIX = "text_encoders.toy_clip.transformer."
+
+    @classmethod
+    def claims(cls, keys, metadata):
+        return TOYWORLD_FLUX_META in metadata and super().claims(keys, metadata)
+
+    @classmethod
+    def text_encoders(cls, keys, shapes, metadata):
+        config = json.loads(metadata[TOYWORLD_FLUX_META])
+        clip = _hf_encoder(keys, shapes, cls.PREFIX, "toy_clip", -1, True, "eos", "lora_te_")
+        return (replace(clip, pooled=True, projection="none", tokenizer="word", vocab=tuple(config["vocab"]),
+                        window=config["window"]),)
+
+    @classmethod
+    def variant_of(cls, shapes, prefix):
+        return "base"
+
+    @classmethod
+    def extra(cls, metadata):
+        return {"toyworld_flux": json.loads(metadata[TOYWORLD_FLUX_META])}
+
+
+# Tried in this order: the first family that claims a checkpoint describes it (ToyWorld before SD1 and ToyWorld-Flux
+# before Flux, whose layouts they share; the transformers first: an all-in-one file may also carry other models' keys).
+FAMILIES: tuple[type[Family], ...] = (ToyWorldFlux, Flux, SD3, SDXL, SD2, ToyWorld, SD1)
 
 
 # Layouts recognised but not edited, named in refusals: transformers (refused even beside a U-Net), then others.

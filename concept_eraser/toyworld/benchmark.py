@@ -3,7 +3,9 @@
 `python -m concept_eraser.toyworld.benchmark [--quick] [--out DIR]` prints a markdown table and
 writes a before/after preview grid per task. Each method erases the task's canonical words
 (e.g. "circle" → "square") through `concept_eraser.erase(CheckpointModel(path), method, ...)`;
-the patched checkpoint is then sampled (DDIM, fixed seeds) and judged. Columns, per task and method:
+the patched checkpoint is then sampled (its denoiser's own sampler, fixed seeds) and judged. `--checkpoint`
+picks the model: ToyWorld's U-Net (default) or ToyWorld-Flux (`weights/toyworld_flux.safetensors`, an MMDiT).
+Columns, per task and method:
 
 - erased: target prompts ("a red circle on a dotted background") whose samples no longer show the target;
 - transfer: target prompts whose samples show the anchor instead (tasks with a concrete anchor);
@@ -12,7 +14,7 @@ the patched checkpoint is then sampled (DDIM, fixed seeds) and judged. Columns, 
 - paraphrase: attack success of wordings the eraser never saw (synonyms, compositions, implicit concepts such
   as "a sun" for a yellow circle): samples showing the target;
 - white-box: attack success of RECE's derived embedding c' = (λ_r I + Σ WᵢᵀWᵢ)⁻¹ Σ WᵢᵀW_{o,i} c
-  (`concept_eraser.probe`), fed to the edited U-Net in place of the prompt's features;
+  (`concept_eraser.probe`), fed to the edited denoiser in place of the prompt's features;
 - drift: mean absolute pixel change (% of range) on the preservation prompts, same noise;
 - solve: seconds the method took (CPU).
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -37,11 +39,13 @@ import torch
 from .. import METHODS, erase
 from ..checkpoint import CheckpointModel
 from ..concepts import Concepts
+from ..encoding import EncodedPrompts
+from ..models.arch import POOLED, ArchSpec
 from ..probe import DEFAULT_LAM_R, RecoveryProbe
 from . import judge as judge_module
 from . import world
 from .grid import save_grid
-from .pipeline import CHECKPOINT, ToyWorldPipeline
+from .pipeline import CHECKPOINT, FLUX_CHECKPOINT, ToyWorldPipeline
 
 ATTRIBUTES = {"shape": world.SHAPES, "colour": world.COLOURS, "background": world.BACKGROUNDS}
 
@@ -65,7 +69,9 @@ VARIANTS = {"kpop (no prompt)": ("kpop", {"use_prompt": False}),
             "rece (paper)": ("rece", {"epochs": 5, "epoch": 5, "lam": 0.1}),
             "space (sparsity 0.8)": ("space", {"sparsity": 0.8}),
             "space (paper)": ("space", {"sparsity": 0.8, "token_policy": "last_word", "preserve_empty": False}),
-            "erasepro (paper)": ("erasepro", {"preserve_empty": False})}
+            "erasepro (paper)": ("erasepro", {"preserve_empty": False}),
+            # models with a pooled text path (ToyWorld-Flux): UCE also editing it
+            "uce (pooled edit)": ("uce", {"pooled_edit": True})}
 
 
 def runs_for(names: Sequence[str]) -> list[tuple[str, str, dict]]:
@@ -172,9 +178,10 @@ class Bench:
         self.steps = steps
         self.base = ToyWorldPipeline(self.model)
 
-    def run(self, pipe: ToyWorldPipeline, rows: list[tuple[str, dict]], seed: int, features=None) -> Samples:
+    def run(self, pipe: ToyWorldPipeline, rows: list[tuple[str, dict]], seed: int,
+            encoded: EncodedPrompts | None = None) -> Samples:
         prompts = [p for p, _ in rows]
-        images = pipe.sample_features(pipe.encode(prompts) if features is None else features, seed, steps=self.steps)
+        images = pipe.sample_features(pipe.encode(prompts) if encoded is None else encoded, seed, steps=self.steps)
         return Samples(prompts, [e for _, e in rows], images, self.judge.verdicts(images))
 
     def unerased(self, n: int) -> dict[str, dict[str, float]]:
@@ -214,16 +221,18 @@ class Bench:
             "other": [r for v in others for r in prompts_for(task.attribute, v, per_other)],
         }
 
-    def derived_features(self, patch, prompts: list[str]) -> torch.Tensor:
-        """The white-box attack's inputs: every token after BOS replaced by its derived feature."""
-        features = self.base.encode(prompts)  # [n, window, d]
+    def derived_features(self, patch, prompts: list[str]) -> EncodedPrompts:
+        """The white-box attack's inputs: every token after BOS replaced by its derived feature (a pooled
+        embedding, where the model reads one, stays the prompt's)."""
+        encoded = self.base.encode(prompts)
+        features = encoded.features  # [n, window, d]
         n, window, d = features.shape
         probe = RecoveryProbe(features[:, 1:].reshape(-1, d).T)
         for key in self.model.arch.map_keys():
             original = self.model.weight(key)
             probe.add(patch.apply_to(key, original) if key in patch.edits else original, original)
         derived = probe.derive(DEFAULT_LAM_R).T.reshape(n, window - 1, d).float()
-        return torch.cat([features[:, :1], derived], dim=1)
+        return replace(encoded, features=torch.cat([features[:, :1], derived], dim=1))
 
     def evaluate(self, task: Task, runs: Sequence[tuple[str, str, dict]], grid_dir: Path | None) -> list[dict]:
         sets = self.task_sets(task)
@@ -287,20 +296,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def refusal(arch: ArchSpec, method: str, params: dict) -> str | None:
+    """Why a row cannot run on this model (None: it can): the method refuses the architecture, or the row edits a
+    pooled text path the model does not have."""
+    if params.get("pooled_edit") and not arch.map_keys(POOLED):
+        return f"{arch.title} has no pooled text path"
+    return METHODS[method].unsupported(arch)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m concept_eraser.toyworld.benchmark",
                                      description="Erasure efficacy of every method on ToyWorld (markdown table).")
     parser.add_argument("--quick", action="store_true", help="the first task only, 16 samples per prompt set")
     parser.add_argument("--tasks", nargs="*", type=int, default=None, help="task numbers (1-4; default: all)")
     parser.add_argument("--samples", type=int, default=48, help="samples per prompt set")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="sampler steps (DDIM for the U-Net, Euler for ToyWorld-Flux)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=None,
                         help=f"default: every registered method and {', '.join(repr(v) for v in VARIANTS)}")
     parser.add_argument("--kpop-sweep", metavar="NAME=V1,V2,...", default=None,
                         help="run every KPOP row once per value of one of its parameters, e.g. lr=3e-4,1e-3 "
                              "(erasure against preservation) or seed=0,1,2 (training seeds)")
-    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT),
+                        help=f"a ToyWorld or ToyWorld-Flux file (shipped: {CHECKPOINT.name}, "
+                             f"{FLUX_CHECKPOINT.name})")
     parser.add_argument("--out", default="toyworld_benchmark", help="folder for the preview grids")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -319,6 +339,10 @@ def main(argv=None) -> None:
         sweep = listed.split(",")
         runs = [(f"{label}, {name} {v}", method, {**params, name: v}) if method == "kpop" else (label, method, params)
                 for label, method, params in runs for v in (sweep if method == "kpop" else [None])]
+    refused = {label: why for label, method, params in runs if (why := refusal(bench.model.arch, method, params))}
+    for label, why in refused.items():
+        print(f"{label}: not run on {bench.model.arch.title}: {why}")
+    runs = [run for run in runs if run[0] not in refused]
     results = []
     for task in tasks:
         results += bench.evaluate(task, runs, Path(args.out))

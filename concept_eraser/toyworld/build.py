@@ -67,54 +67,64 @@ def stage_text(out: Path, seed: int, log) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def batch(step: int, seed: int, encoder, tok: WordTokenizer):
-    """The training batch of `step`: images in [-1, 1], caption features, and the noise generator."""
+def captioned_batch(step: int, seed: int):
+    """The training batch of `step`: images in [-1, 1], captions ("" for dropped ones), and the generator that
+    draws the rest of the step (noise, timesteps)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     scenes = world.random_scenes(gen, BATCH)
     drop = torch.rand(BATCH, generator=gen) < CAPTION_DROPOUT
     captions = ["" if d else world.caption(s, gen) for s, d in zip(scenes, drop.tolist())]
-    with torch.no_grad():
-        context = text.encode(encoder, tok, captions)
-    return world.render(scenes) * 2 - 1, context, gen
+    return world.render(scenes) * 2 - 1, captions, gen
 
 
-def stage_unet(out: Path, seed: int, steps: int, save_every: int, encoder, log) -> ToyUNet:
-    tok = tokenizer()
-    path = out / "unet.pt"
-    torch.manual_seed(seed)
-    unet = ToyUNet(UNET)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=LR, weight_decay=0.0)
+def train_denoiser(model: torch.nn.Module, path: Path, steps: int, save_every: int, step_loss, log) -> torch.nn.Module:
+    """AdamW with warm-up, gradient clipping and an EMA copy (returned); saved to `path` every `save_every` steps
+    and resumed from it. `step_loss(model, step)` is the loss of step `step`'s batch."""
+    name = path.stem
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     step = 0
     if path.exists():
         state = torch.load(path)
-        unet.load_state_dict(state["unet"])
+        model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        log(f"resuming the U-Net at step {step}")
-    log(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, {steps} steps of {BATCH}")
+        log(f"resuming {name} at step {step}")
+    log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {steps} steps of {BATCH}")
     start, first = time.time(), step
     while step < steps:
         for group in opt.param_groups:
             group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
-        x0, context, gen = batch(step, seed, encoder, tok)
-        loss = diffusion.loss(unet, x0, context, gen)
+        loss = step_loss(model, step)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         decay = min(EMA, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
+            for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)
         step += 1
         if step % 50 == 0:
             rate = (time.time() - start) / (step - first)
-            log(f"unet step {step}: loss {loss.item():.4f}, {rate:.2f} s/step")
+            log(f"{name} step {step}: loss {loss.item():.4f}, {rate:.2f} s/step")
         if step % save_every == 0 or step == steps:
-            _save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+            _save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, path)
     return ema.eval()
+
+
+def stage_unet(out: Path, seed: int, steps: int, save_every: int, encoder, log) -> ToyUNet:
+    tok = tokenizer()
+    torch.manual_seed(seed)
+
+    def step_loss(unet, step):
+        x0, captions, gen = captioned_batch(step, seed)
+        with torch.no_grad():
+            context = text.encode(encoder, tok, captions)
+        return diffusion.loss(unet, x0, context, gen)
+
+    return train_denoiser(ToyUNet(UNET), out / "unet.pt", steps, save_every, step_loss, log)
 
 
 def main(argv=None) -> None:

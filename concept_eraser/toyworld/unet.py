@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
+from ..encoding import EncodedPrompts
 from ..models.unet import LDMConfig, LDMUNet
+from . import diffusion
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,16 @@ def ldm_config(cfg: UNetConfig) -> LDMConfig:
 class ToyUNet(LDMUNet):
     """ε-prediction U-Net: forward(x [b,3,H,W], t [b], context [b, tokens, context_dim])."""
 
+    GUIDANCE = 5.0  # classifier-free guidance scale: shapes crisper than at 3
+
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__(ldm_config(cfg))
         self.cfg = cfg
+
+    @classmethod
+    def from_metadata(cls, config: dict) -> "ToyUNet":
+        return cls(UNetConfig.from_dict(config["unet"]))
+
+    def sample(self, cond: EncodedPrompts, uncond: EncodedPrompts, gen, steps: int, guidance: float) -> torch.Tensor:
+        """DDIM with classifier-free guidance, images in [0, 1]."""
+        return diffusion.ddim_sample(self, cond.features, uncond.features, gen, steps, guidance)
