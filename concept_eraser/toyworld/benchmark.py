@@ -59,8 +59,10 @@ class Task:
     anchor: str | None  # the value the guide stands for (transfer), None for a neutral or empty guide
 
 
-# Extra rows (every method's row is at its defaults): the paper's ablation, KPOP without its prompt,
+# Extra rows (every method's row is at its defaults): the paper's ablation, KPOP without its prompt, and KPOP's loss
+# as published (the empty prompt not held),
 VARIANTS = {"kpop (no prompt)": ("kpop", {"use_prompt": False}),
+            "kpop (paper)": ("kpop", {"preserve_empty": False}),
             # the papers' settings where the defaults differ: RECE's Alg. 1 (T = 5, last epoch kept, λ 0.1); SPACE at
             # the paper's 80 % zeros, also on the last word without the empty prompt held; ErasePro without the
             # empty prompt held
