@@ -44,7 +44,7 @@ from concept_eraser.methods.uce import preserve_scale_for
 from concept_eraser.models.arch import UNET_PREFIX
 from concept_eraser.patch import DenseEdit, ErasurePatch
 from concept_eraser.toyworld import judge as judge_module
-from concept_eraser.toyworld.benchmark import ATTRIBUTES, TASKS, Bench, Task, concept_word, pct
+from concept_eraser.toyworld.benchmark import TASKS, Bench, Task, erased_row, pct, unerased_row
 from concept_eraser.toyworld.pipeline import FLUX_CHECKPOINT, ToyWorldPipeline
 
 TIMES = (1.0, 0.8, 0.6, 0.4, 0.2)  # where the text stream's features are read (the sampler runs t = 1 → 0)
@@ -140,27 +140,15 @@ def make_patch(bench: Bench, row: str, concepts: Concepts) -> ErasurePatch:
 def evaluate(bench: Bench, task: Task, rows: list[str]) -> list[dict]:
     sets = bench.task_sets(task)
     before = {name: bench.run(bench.base, prompts, bench.seed + i) for i, (name, prompts) in enumerate(sets.items())}
-    acc_before = before["other"].accuracy()
-    results = [{"task": task.name, "method": "(none)", "target": before["target"].share(task.attribute, task.targets),
-                "paraphrase": before["paraphrase"].share(task.attribute, task.targets), "accuracy": acc_before}]
-    concepts = Concepts.build([concept_word(task.attribute, v) for v in task.targets], [task.guide],
-                              [concept_word(task.attribute, v) for v in ATTRIBUTES[task.attribute]
-                               if v not in task.targets])
+    results = [unerased_row(task, before)]
+    concepts = task.concepts()
     for row in rows:
         start = time.perf_counter()
         patch = make_patch(bench, row, concepts)
         solve = time.perf_counter() - start
         pipe = ToyWorldPipeline(bench.model, patch)
         after = {name: bench.run(pipe, prompts, bench.seed + i) for i, (name, prompts) in enumerate(sets.items())}
-        results.append({
-            "task": task.name, "method": row,
-            "erased": 1 - after["target"].share(task.attribute, task.targets),
-            "transfer": after["target"].share(task.attribute, [task.anchor]) if task.anchor else None,
-            "preserved": after["other"].accuracy() / acc_before if acc_before else float("nan"),
-            "paraphrase": after["paraphrase"].share(task.attribute, task.targets),
-            "drift": (after["other"].images - before["other"].images).abs().mean().item(),
-            "seconds": solve,
-        })
+        results.append(erased_row(task, row, before, after, solve))
         print(f"{task.name} | {row}: done", flush=True)
     return results
 

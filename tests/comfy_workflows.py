@@ -93,33 +93,40 @@ class Graph:
                 "version": 0.4}
 
 
-def erase_preview_save(ckpt: str, size: int, steps: int, save_format: str, prefix: str) -> dict:
-    g = Graph()
-    load = g.add("ConceptEraserLoadCheckpoint", (40, 160), {"ckpt_name": ckpt})
+def erase_preview_save_graph(g: Graph, model: tuple[int, str], clip: tuple[int, str], vae: tuple[int, str],
+                             sampling: dict, save_format: str, prefix: str) -> dict:
+    """UCE on Van Gogh (Monet and Picasso kept) → Preview before/after → Save and Report, fed by loader outputs
+    already in `g` (`model`, `clip`, `vae`: node id and output name); `sampling`: the Preview's sampler widgets."""
     erase = g.add("ConceptEraserErase", (420, 160), {
         "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
         "strength": 1.0})
     preview = g.add("ConceptEraserPreview", (820, 60), {
         "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
-                   "a painting in the style of Claude Monet, water lilies",
-        "negative": "blurry, low quality", "seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-        "scheduler": "normal", "width": size, "height": size})
+                   "a painting in the style of Claude Monet, water lilies", **sampling})
     save = g.add("ConceptEraserSave", (420, 860),
                  {"format": save_format, "folder": "models", "filename_prefix": prefix})
     report = g.add("ConceptEraserReport", (1280, 60), {})
-    for name in ("model", "clip"):
-        g.link(load, name, erase, name)
-        g.link(load, name, preview, name)
+    for name, (source, output) in (("model", model), ("clip", clip)):
+        g.link(source, output, erase, name)
+        g.link(source, output, preview, name)
         g.link(erase, name, preview, f"erased_{name}")
-    g.link(load, "vae", preview, "vae")
+    g.link(*vae, preview, "vae")
     g.link(erase, "erasure", preview, "erasure")
     g.link(erase, "erasure", save, "erasure")
     if save_format == "checkpoint":
         g.link(erase, "model", save, "model")
         g.link(erase, "clip", save, "clip")
-        g.link(load, "vae", save, "vae")
+        g.link(*vae, save, "vae")
     g.link(erase, "erasure", report, "erasure")
     return g.workflow()
+
+
+def erase_preview_save(ckpt: str, size: int, steps: int, save_format: str, prefix: str) -> dict:
+    g = Graph()
+    load = g.add("ConceptEraserLoadCheckpoint", (40, 160), {"ckpt_name": ckpt})
+    sampling = {"negative": "blurry, low quality", "seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                "scheduler": "normal", "width": size, "height": size}
+    return erase_preview_save_graph(g, (load, "model"), (load, "clip"), (load, "vae"), sampling, save_format, prefix)
 
 
 def chain_two_methods() -> dict:
@@ -188,26 +195,10 @@ def flux_erase_preview_save() -> dict:
                                                "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
                                                "device": "default"})
     vae = g.add("VAELoader", (40, 380), {"vae_name": "ae.safetensors"})
-    erase = g.add("ConceptEraserErase", (420, 160), {
-        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
-        "strength": 1.0})
-    preview = g.add("ConceptEraserPreview", (820, 60), {
-        "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
-                   "a painting in the style of Claude Monet, water lilies",
-        "negative": "", "seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-        "width": 1024, "height": 1024})
-    save = g.add("ConceptEraserSave", (420, 860), {"format": "lora", "folder": "models",
-                                                   "filename_prefix": "concept_eraser/flux_no_van_gogh"})
-    report = g.add("ConceptEraserReport", (1280, 60), {})
-    for name, source in (("model", unet), ("clip", clip)):
-        output = name.upper()
-        g.link(source, output, erase, name)
-        g.link(source, output, preview, name)
-        g.link(erase, name, preview, f"erased_{name}")
-    g.link(vae, "VAE", preview, "vae")
-    for target in (preview, save, report):
-        g.link(erase, "erasure", target, "erasure")
-    return g.workflow()
+    sampling = {"negative": "", "seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                "width": 1024, "height": 1024}
+    return erase_preview_save_graph(g, (unet, "MODEL"), (clip, "CLIP"), (vae, "VAE"), sampling, "lora",
+                                    "concept_eraser/flux_no_van_gogh")
 
 
 def sd3_erase_preview_save() -> dict:
@@ -218,25 +209,10 @@ def sd3_erase_preview_save() -> dict:
     ckpt = g.add("CheckpointLoaderSimple", (40, 60), {"ckpt_name": "sd3.5_large.safetensors"})
     clip = g.add("TripleCLIPLoader", (40, 220), {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
                                                  "clip_name3": "t5xxl_fp16.safetensors"})
-    erase = g.add("ConceptEraserErase", (420, 160), {
-        "method": "uce", "targets": "Van Gogh", "guides": "", "preserve": "Claude Monet\nPablo Picasso",
-        "strength": 1.0})
-    preview = g.add("ConceptEraserPreview", (820, 60), {
-        "prompts": "a painting in the style of Van Gogh, starry night over a village\n"
-                   "a painting in the style of Claude Monet, water lilies",
-        "negative": "blurry, low quality", "seed": 42, "steps": 28, "cfg": 4.5, "sampler_name": "euler",
-        "scheduler": "sgm_uniform", "width": 1024, "height": 1024})
-    save = g.add("ConceptEraserSave", (420, 860), {"format": "patch", "folder": "models",
-                                                   "filename_prefix": "concept_eraser/sd35_no_van_gogh"})
-    report = g.add("ConceptEraserReport", (1280, 60), {})
-    for name, source in (("model", ckpt), ("clip", clip)):
-        g.link(source, name.upper(), erase, name)
-        g.link(source, name.upper(), preview, name)
-        g.link(erase, name, preview, f"erased_{name}")
-    g.link(ckpt, "VAE", preview, "vae")
-    for target in (preview, save, report):
-        g.link(erase, "erasure", target, "erasure")
-    return g.workflow()
+    sampling = {"negative": "blurry, low quality", "seed": 42, "steps": 28, "cfg": 4.5, "sampler_name": "euler",
+                "scheduler": "sgm_uniform", "width": 1024, "height": 1024}
+    return erase_preview_save_graph(g, (ckpt, "MODEL"), (clip, "CLIP"), (ckpt, "VAE"), sampling, "patch",
+                                    "concept_eraser/sd35_no_van_gogh")
 
 
 def examples() -> dict[str, dict]:

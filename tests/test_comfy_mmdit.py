@@ -69,6 +69,14 @@ def load_model(host, family: str):
         return host["nodes"].UNETLoader().load_unet(MODEL_FILES[family], "default")[0]
 
 
+def erased_by_node(host, loaded: dict, *args, **params) -> dict:
+    """`loaded` plus one erase of it through the Erase node and snapshots of its inputs taken before."""
+    before = snapshot(loaded["model"]), snapshot(loaded["clip"].patcher)
+    out = node(host, "ConceptEraserErase").erase(loaded["model"], loaded["clip"], *args, **params)
+    erased, erased_clip, erasure = out["result"]
+    return dict(loaded, before=before, erased=erased, erased_clip=erased_clip, erasure=erasure, ui=out["ui"])
+
+
 @pytest.fixture(scope="module")
 def flux(host):
     return {"model": load_model(host, "flux"), "clip": load_clip("flux")}
@@ -77,11 +85,7 @@ def flux(host):
 @pytest.fixture(scope="module")
 def flux_erased(host, flux):
     """One UCE erase through the node (target and pooled maps), shared by the Flux tests."""
-    before = snapshot(flux["model"]), snapshot(flux["clip"].patcher)
-    out = node(host, "ConceptEraserErase").erase(flux["model"], flux["clip"], "uce", "Van Gogh", "", "Claude Monet",
-                                                 1.0, pooled_edit=True)
-    erased, erased_clip, erasure = out["result"]
-    return dict(flux, before=before, erased=erased, erased_clip=erased_clip, erasure=erasure, ui=out["ui"])
+    return erased_by_node(host, flux, "uce", "Van Gogh", "", "Claude Monet", 1.0, pooled_edit=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +96,8 @@ def sd3(host):
 @pytest.fixture(scope="module")
 def sd3_erased(host, sd3):
     """One ErasePro erase of SD3 through the node (text encoders and context_embedder), shared by the SD3 tests."""
-    before = snapshot(sd3["model"]), snapshot(sd3["clip"].patcher)
-    erased, clip, erasure = node(host, "ConceptEraserErase").erase(
-        sd3["model"], sd3["clip"], "erasepro", "Van Gogh", "a painter", "", 1.0,
-        erasepro_token_policy="prompt_tokens")["result"]
-    return dict(sd3, before=before, erased=erased, erased_clip=clip, erasure=erasure)
+    return erased_by_node(host, sd3, "erasepro", "Van Gogh", "a painter", "", 1.0,
+                          erasepro_token_policy="prompt_tokens")
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import itertools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -57,6 +57,12 @@ class Task:
     targets: tuple[str, ...]  # values erased
     guide: str  # the guide prompt given to the eraser
     anchor: str | None  # the value the guide stands for (transfer), None for a neutral or empty guide
+
+    def concepts(self) -> Concepts:
+        """What the eraser is given: the targets' canonical words, the guide, the attribute's other values kept."""
+        return Concepts.build([concept_word(self.attribute, v) for v in self.targets], [self.guide],
+                              [concept_word(self.attribute, v) for v in ATTRIBUTES[self.attribute]
+                               if v not in self.targets])
 
 
 # Extra rows (every method's row is at its defaults): the paper's ablation, KPOP without its prompt, and KPOP's loss
@@ -237,16 +243,9 @@ class Bench:
     def evaluate(self, task: Task, runs: Sequence[tuple[str, str, dict]], grid_dir: Path | None) -> list[dict]:
         sets = self.task_sets(task)
         before = {name: self.run(self.base, rows, self.seed + i) for i, (name, rows) in enumerate(sets.items())}
-        results = [{
-            "task": task.name, "method": "(none)",
-            "target": before["target"].share(task.attribute, task.targets),
-            "paraphrase": before["paraphrase"].share(task.attribute, task.targets),
-            "accuracy": before["other"].accuracy(),
-        }]
+        results = [unerased_row(task, before)]
         preview = [("un-erased", before["target"].images[:8], None), ("", before["other"].images[:8], None)]
-        concepts = Concepts.build([concept_word(task.attribute, v) for v in task.targets], [task.guide],
-                                  [concept_word(task.attribute, v) for v in ATTRIBUTES[task.attribute]
-                                   if v not in task.targets])
+        concepts = task.concepts()
         for label, method, params in runs:
             start = time.perf_counter()
             patch = erase(self.model, method, concepts, params).patch
@@ -255,17 +254,8 @@ class Bench:
             after = {name: self.run(pipe, rows, self.seed + i) for i, (name, rows) in enumerate(sets.items())}
             white = self.run(pipe, sets["target"], self.seed,
                              self.derived_features(patch, [p for p, _ in sets["target"]]))
-            acc_before = before["other"].accuracy()
-            results.append({
-                "task": task.name, "method": label,
-                "erased": 1 - after["target"].share(task.attribute, task.targets),
-                "transfer": after["target"].share(task.attribute, [task.anchor]) if task.anchor else None,
-                "preserved": after["other"].accuracy() / acc_before if acc_before else float("nan"),
-                "paraphrase": after["paraphrase"].share(task.attribute, task.targets),
-                "white-box": white.share(task.attribute, task.targets),
-                "drift": (after["other"].images - before["other"].images).abs().mean().item(),
-                "seconds": solve,
-            })
+            results.append({**erased_row(task, label, before, after, solve),
+                            "white-box": white.share(task.attribute, task.targets)})
             preview += [(label, after["target"].images[:8], None), ("", after["other"].images[:8], None)]
         if grid_dir is not None:
             slug = task.name.split(":")[0].split(" ")[0].strip('"')
@@ -274,6 +264,28 @@ class Bench:
                       title=f"{task.name.replace('→', '->')}: per method, target prompts (top), "
                             "other prompts (bottom)")
         return results
+
+
+def unerased_row(task: Task, before: Mapping[str, Samples]) -> dict:
+    """The un-erased model's row: how often it shows the target, on canonical and paraphrased prompts, and its
+    accuracy on the other prompts (what `preserved` is relative to)."""
+    return {"task": task.name, "method": "(none)",
+            "target": before["target"].share(task.attribute, task.targets),
+            "paraphrase": before["paraphrase"].share(task.attribute, task.targets),
+            "accuracy": before["other"].accuracy()}
+
+
+def erased_row(task: Task, label: str, before: Mapping[str, Samples], after: Mapping[str, Samples],
+               seconds: float) -> dict:
+    """An erasure's row from the samples of each prompt set (`Bench.task_sets`) before and after it."""
+    acc_before = before["other"].accuracy()
+    return {"task": task.name, "method": label,
+            "erased": 1 - after["target"].share(task.attribute, task.targets),
+            "transfer": after["target"].share(task.attribute, [task.anchor]) if task.anchor else None,
+            "preserved": after["other"].accuracy() / acc_before if acc_before else float("nan"),
+            "paraphrase": after["paraphrase"].share(task.attribute, task.targets),
+            "drift": (after["other"].images - before["other"].images).abs().mean().item(),
+            "seconds": seconds}
 
 
 def pct(share: float | None, digits: int = 0) -> str:

@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 from .. import erase
-from ..concepts import Concepts
 from ..params import parse_assignments
 from . import judge as judge_module
 from . import world
-from .benchmark import ATTRIBUTES, TASKS, Bench, Task, concept_word, pct
+from .benchmark import ATTRIBUTES, TASKS, Bench, Task, erased_row, pct
 from .pipeline import CHECKPOINT, ToyWorldPipeline
 
 METHODS = ("uce", "rece", "space", "erasepro")
@@ -91,11 +90,6 @@ def target_unsaid(task: Task, rows: list[tuple[str, dict]]) -> list[tuple[str, d
     return [(world.describe(**scene(attrs)), attrs) for _, attrs in rows]
 
 
-def _concepts(task: Task) -> Concepts:
-    preserved = [concept_word(task.attribute, v) for v in ATTRIBUTES[task.attribute] if v not in task.targets]
-    return Concepts.build([concept_word(task.attribute, v) for v in task.targets], [task.guide], preserved)
-
-
 def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: dict) -> list[dict]:
     sets = bench.task_sets(task)
     per = max(1, bench.n // len(task.targets))
@@ -111,21 +105,13 @@ def evaluate(bench: Bench, task: Task, runs: list[tuple[str, int]], settings: di
                 "drift": None, "seconds": None})
     for method, expand in runs:
         start = time.perf_counter()
-        result = erase(bench.model, method, _concepts(task), {**settings, "expand": expand})
+        result = erase(bench.model, method, task.concepts(), {**settings, "expand": expand})
         seconds = time.perf_counter() - start
         pipe = ToyWorldPipeline(bench.model, result.patch)
         after = {name: bench.run(pipe, rows, bench.seed + i) for i, (name, rows) in enumerate(sets.items())}
-        accuracy = before["other"].accuracy()
         added = result.report.get("expansion", {}).get("added", [])
-        out.append({
-            "task": task.name, "method": method, "expand": expand, "added": [w["text"] for w in added],
-            "erased": 1 - after["target"].share(task.attribute, task.targets),
-            "preserved": after["other"].accuracy() / accuracy if accuracy else float("nan"),
-            "paraphrase": after["paraphrase"].share(task.attribute, task.targets),
-            "unseen": after["unseen"].share(task.attribute, task.targets),
-            "drift": (after["other"].images - before["other"].images).abs().mean().item(),
-            "seconds": seconds,
-        })
+        out.append({**erased_row(task, method, before, after, seconds), "expand": expand,
+                    "added": [w["text"] for w in added], "unseen": after["unseen"].share(task.attribute, task.targets)})
     return out
 
 
