@@ -168,7 +168,9 @@ def bench_space(model, weights, concepts, args, device, sync, scale, label) -> d
           f"≤ {total['distance_bound']:.1e}, gap {total['duality_gap']:.2e}); μ={mu:.4g} for "
           f"{new['mu_sample_sparsity']:.1%} zeros on the sample (search {fmt(new['mu_search_seconds'] * scale)} of "
           f"it); sparsity {total['sparsity']:.1%} ({widths}); peak {peak * scale / 2**20:.0f} MiB = "
-          f"{peak / w_bytes:.2f}× the fp16 K/V weights; columns {new['columns']}, σ_max(M)/λ = "
+          f"{peak / w_bytes:.2f}× the fp16 K/V weights (the result as stored: "
+          f"{new['storage']['stored_bytes'] / w_bytes:.2f}×, its CSR {new['storage']['sparse_vs_dense']:.2f}×); "
+          f"columns {new['columns']}, σ_max(M)/λ = "
           f"{new['condition']:.3g}; load avg {os.getloadavg()[0]:.2f}", flush=True)
     out = {"label": label, "new_s": t_new * scale, "new_it": total["iterations"], "new_conv": total["converged"],
            "new_dist": total["distance_bound"], "sparsity": total["sparsity"], "by_width": widths,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -45,6 +45,7 @@ def erase(
     asked = concepts
     concepts, expansion = with_expansion(model, concepts, values, progress)
     output = chosen.run(model, concepts, values, progress)
+    sparse = set(output.edits) if chosen.sparse else set()
     output = with_pooled_edit(model, concepts, values, output, progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -52,7 +53,7 @@ def erase(
     unnamed = ErasurePatch(model.arch.family, output.edits)
     # Every method's result is probed the same way (see `probe`): can some input still recreate the targets?
     # The per-layer figures are taken from the same application of the patch.
-    layers = LayerChanges(unnamed)
+    layers = LayerChanges(unnamed, sparse)
     probe = recoverability(model, unnamed, asked.targets, progress=progress, each_edit=layers.add)
     layers.check()
     # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
@@ -76,12 +77,14 @@ def erase(
 
 
 class LayerChanges:
-    """Per edited tensor: relative change ‖W − W_o‖ / ‖W_o‖, the edit's form and, for a sparse edit, the fraction
-    of zeros in the new weights. Refuses a result that is not finite in the model's own dtype (what any host writes
-    or patches in); `check` warns when the erasure is a no-op or leaves matrices all zero."""
+    """Per edited tensor: relative change ‖W − W_o‖ / ‖W_o‖, the edit's form and, for the tensors of a sparse
+    method's result (`sparse`, the keys it edited), the fraction of zeros in the new weights. Refuses a result that
+    is not finite in the model's own dtype (what any host writes or patches in); `check` warns when the erasure is
+    a no-op or leaves matrices all zero."""
 
-    def __init__(self, patch: ErasurePatch):
+    def __init__(self, patch: ErasurePatch, sparse: Collection[str] = ()):
         self.patch = patch
+        self.sparse = sparse
         self.figures: dict[str, dict[str, float]] = {}
         self.zeroed: list[str] = []
 
@@ -94,8 +97,8 @@ class LayerChanges:
             "relative_change": (new - original).norm().item() / base if base else 0.0,
             "form": "+".join(s.kind for s in stages),
         }
-        if stages[-1].kind == "sparse":
-            self.figures[key]["zeros"] = 1.0 - stages[-1].nnz / new.numel()
+        if key in self.sparse:
+            self.figures[key]["zeros"] = 1.0 - torch.count_nonzero(new).item() / new.numel()
         if base and not new.any():
             self.zeroed.append(key)
 

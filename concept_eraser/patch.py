@@ -9,6 +9,7 @@ composes two patches (erasing again on an erased model).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Union
@@ -118,6 +119,12 @@ class SparseEdit:
         return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values,
                 "size": self.size}
 
+    def smaller(self) -> "SparseEdit | DenseEdit":
+        """This CSR, or the same matrix dense when that takes no more bytes: CSR costs a value and a column index
+        per non-zero, so in fp16 with int16 columns it is larger than the dense matrix below ~50 % zeros."""
+        dense_bytes = math.prod(self.shape) * self.values.element_size()
+        return self if edit_nbytes(self) < dense_bytes else DenseEdit(self.dense())
+
 
 @dataclass(frozen=True)
 class DeltaEdit:
@@ -142,6 +149,11 @@ class DeltaEdit:
 
 Edit = Union[DenseEdit, LowRankEdit, SparseEdit, DeltaEdit]
 EDIT_KINDS = {"dense": DenseEdit, "low_rank": LowRankEdit, "sparse": SparseEdit, "delta": DeltaEdit}
+
+
+def edit_nbytes(edit: Edit) -> int:
+    """Bytes of the tensors an edit stores (a patch file holds these plus its header)."""
+    return sum(t.numel() * t.element_size() for t in edit.tensors().values())
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -214,7 +226,7 @@ class ErasurePatch:
         return torch.cat([s.up for s in stages], 1), torch.cat([s.down for s in stages], 0)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.edits.values() for s in st for t in s.tensors().values())
+        return sum(edit_nbytes(s) for stages in self.edits.values() for s in stages)
 
 
 def provenance_step(method: str, params: Mapping, concepts: Mapping, source: Mapping, architecture: str) -> dict:

@@ -82,7 +82,8 @@ def report_text(report: Report, results: Mapping[str, Any] | None = None, streng
 
 
 def sparsity_by_key(report: Report) -> dict[str, float]:
-    """The fraction of zeros in the new weights of every sparse edit (the report's `layers` record it)."""
+    """The fraction of zeros in the new weights of every tensor a sparse method (SPACE) edited, stored sparse or
+    dense (the report's `layers` record it)."""
     return {key: v["zeros"] for key, v in report.get("layers", {}).items() if "zeros" in v}
 
 

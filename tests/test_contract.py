@@ -124,6 +124,20 @@ def test_written_weights_are_finite_in_the_models_dtype(models, results, method,
         assert torch.isfinite(new.float()).all(), key
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_report_gives_zeros_for_a_sparse_methods_tensors_only(models, results, method, dtype):
+    """SPACE's result is sparse whether each matrix is stored as CSR or dense (the smaller): its zeros are in the
+    report; no other method's dense or low-rank edit has a zeros figure."""
+    result = results[dtype, method][0]
+    for key, figures in result.report["layers"].items():
+        if METHODS[method].sparse:
+            new = result.patch.apply_to(key, models[dtype].weight(key))
+            assert figures["zeros"] == pytest.approx((new == 0).double().mean().item()) and figures["zeros"] > 0.1
+        else:
+            assert "zeros" not in figures, key
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_bad_parameters_are_refused_by_name_before_any_work(models, method):
     model = models["fp32"]

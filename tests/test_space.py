@@ -1,6 +1,7 @@
 """SPACE checked against independent solvers: each row of W is a Lasso (scikit-learn's coordinate
 descent), μ = 0 is UCE's closed form (numpy), the duality gap bounds the true distance to the optimum; and the
-sparse patch: exact round trip, storage figures, LoRA refusal, the command line."""
+result as stored (CSR when that is smaller, else dense): exact round trips, storage figures, LoRA refusal, the
+command line."""
 
 import json
 import warnings
@@ -17,13 +18,15 @@ from concept_eraser import (
     InvalidParameterError,
     erase,
     load_patch,
+    save_checkpoint,
     save_lora,
     save_patch,
 )
 from concept_eraser.cli import main
 from concept_eraser.errors import ConvergenceWarning
 from concept_eraser.methods.space import dual_start, fista_l1, newton_l1, reduce_operands
-from concept_eraser.patch import SparseEdit
+from concept_eraser.patch import DenseEdit, SparseEdit, check_written_finite
+from concept_eraser.report import headline, sparsity_by_key
 
 
 def problem(rng, d=16, out=6, n_e=2, n_p=3, s_e=1.0, s_p=0.7, scale=1.0):
@@ -193,12 +196,56 @@ def test_sparse_patch_round_trips_and_reports_its_storage(sdxl, tmp_path):
         assert torch.equal(loaded.apply_to(key, W), result.patch.apply_to(key, W))
     storage = report["storage"]
     stored = sum(t.numel() * t.element_size() for (e,) in edits.values() for t in e.tensors().values())
-    assert storage["sparse_bytes"] == stored == result.patch.nbytes()
+    assert storage["sparse_bytes"] == storage["stored_bytes"] == stored == result.patch.nbytes()
     assert storage["dense_bytes"] == sum(sdxl.weight(k).numel() * 2 for k in sdxl.arch.map_keys())
     assert 0 < storage["compressed_bytes"] < storage["sparse_bytes"]
     assert stored < path.stat().st_size < stored + 200_000  # the file holds the non-zeros (plus its header)
 
     assert not result.patch.is_low_rank()
+    with pytest.raises(InvalidParameterError, match="not low-rank"):
+        save_lora(result.patch, tmp_path / "lora.safetensors")
+
+
+def test_at_the_default_sparsity_the_result_is_stored_dense_exactly(sdxl, tmp_path, monkeypatch):
+    """At ~40 % zeros CSR (a value and an int16 column per non-zero, 4 bytes in fp16) is larger than the dense
+    matrix: each result is stored dense, as the solver wrote it; the report still gives its zeros and the paper's
+    storage figures (the CSR's size, which is larger); patch and checkpoint files round-trip."""
+    written = {}
+
+    def record(key, new):  # what SPACE writes, in the model's dtype, before it picks a form to store it in
+        written[key] = new.clone()
+        check_written_finite(key, new)
+
+    monkeypatch.setattr("concept_eraser.methods.space.check_written_finite", record)
+    result = erase(sdxl, "space", CONCEPTS)
+    report = result.report["space"]
+    assert abs(report["total"]["sparsity"] - 0.4) <= 0.05 and report["total"]["converged"]
+    edits = result.patch.edits
+    assert written.keys() == edits.keys() and len(edits) == 140
+    layers = result.report["layers"]
+    for key, (edit,) in edits.items():
+        assert isinstance(edit, DenseEdit) and edit.new.dtype == torch.float16
+        assert torch.equal(edit.apply(sdxl.weight(key)), written[key])
+        zeros = (written[key] == 0).double().mean().item()
+        assert 0.2 < zeros < 0.6 and layers[key]["form"] == "dense"
+        assert layers[key]["zeros"] == pytest.approx(zeros) == report["matrices"][key]["sparsity"]
+    assert len(sparsity_by_key(result.report)) == 140
+    mean = sum(layers[k]["zeros"] for k in edits) / len(edits)
+    assert f"sparsity: {mean:.1%} zeros" in "\n".join(headline(result.report))
+
+    storage = report["storage"]
+    dense = sum(w.numel() * 2 for w in written.values())
+    assert storage["dense_bytes"] == storage["stored_bytes"] == result.patch.nbytes() == dense
+    # the CSR it did not store: int32 row pointers, an int16 column and an fp16 value per non-zero, the shapes
+    csr = sum(4 * (w.shape[0] + 1) + 4 * int((w != 0).sum()) + 16 for w in written.values())
+    assert storage["sparse_bytes"] == csr > dense and 0 < storage["compressed_bytes"] < csr
+
+    path = save_patch(result.patch, tmp_path / "space.safetensors")
+    assert dense < path.stat().st_size < dense + 200_000  # no larger than the dense matrices (plus its header)
+    loaded = load_patch(path)
+    saved = CheckpointModel(save_checkpoint(sdxl, result.patch, tmp_path / "erased.safetensors"))
+    for key, new in written.items():
+        assert torch.equal(loaded.apply_to(key, sdxl.weight(key)), new) and torch.equal(saved.weight(key), new)
     with pytest.raises(InvalidParameterError, match="not low-rank"):
         save_lora(result.patch, tmp_path / "lora.safetensors")
 

@@ -34,6 +34,9 @@ class ErasureMethod:
     title: ClassVar[str]
     summary: ClassVar[str]  # one line: what it is for (tooltips, README table)
     params: ClassVar[tuple[Param, ...]]  # the method's own, then COMMON_PARAMS (added here)
+    # its result is sparse by design (SPACE): the report gives the zeros of every tensor it edits, in whichever
+    # form each is stored (a CSR only when that is smaller)
+    sparse: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -49,9 +49,9 @@ recomputed by a float64 product before a stop is certified.
 
 Computation. The matrices are solved in chunks of whole matrices of one width (at most 4 M entries on CPU,
 16 M on CUDA, and 1/64 of all K/V entries), read from the model one chunk at a time; element-wise work and
-float64 copies go a block of 256 k entries at a time, and each matrix's result is stored sparse in the model's
-dtype at once. Memory is the sparse result plus ~45 bytes per chunk entry: on SDXL the peak above the loaded
-model was 1.87× the fp16 K/V weights at 39 % zeros, 1.22× of it the result (CSR costs 4 bytes per non-zero).
+float64 copies go a block of 256 k entries at a time, and each matrix's result is stored in the model's dtype at
+once, in the smaller of its two forms (below). Memory is the result (at most the K/V weights' own size) plus ~45
+bytes per chunk entry; the measured peak on SDXL is in the README's Benchmarks.
 
 Variables → paper symbols: ``mu`` μ (sparsity weight), ``lam`` the ridge weight of UCE's Eq. 2,
 ``erase_scale`` / ``preserve_scale`` the weights of its erase / preserve sums, ``U``/``V``/``M`` as above.
@@ -72,14 +72,16 @@ default, chosen on ToyWorld (48 samples per set, preserved on the four tasks): 0
 on SDXL — kept 53 / 33 / 27 / 29 %, 0.5 kept 96 / 81 / 83 / 92 %, 0.4 kept 100 / 90 / 96 / 98 % while erasing no
 less than UCE (100 / 81 / 60 / 73 % against 100 / 65 / 38 / 73 %); ``sparsity=0.8`` gives the paper's sparsity.
 
-CSR costs a value and a column index (int16) per non-zero, so below ~50 % sparsity it is larger than
-the dense matrix (the paper notes the same); checkpoints are written dense either way, and patch files hold the
-change W − W_o (float32, so a patch stays a change on another checkpoint): the storage figures are the sparse form's.
-
-The result is a sparse W per matrix (`SparseEdit`: only the non-zeros are stored). The report gives
-per matrix and in total the sparsity (also per width), the objective F before and after, the passes, Newton
-steps, the duality gap and distance bound, plus the storage of the edited matrices dense, sparse (CSR, as
-stored) and deflated (the paper's ZIP "storage" column). Not low-rank: it cannot be saved as a LoRA.
+The result is a sparse W per matrix, stored as its CSR (`SparseEdit`: only the non-zeros) when that takes fewer
+bytes than the dense matrix, else dense (`DenseEdit`): CSR costs a value and a column index (int16) per non-zero,
+so it is the larger below ~50 % zeros in fp16 (~33 % in fp32; the paper notes the same), and at the default 40 %
+an fp16 model's matrices are stored dense. Checkpoints are written dense either way, and `--format patch` files
+hold the change W − W_o (float32, so a patch stays a change on another checkpoint). The report gives per matrix
+and in total the sparsity (also per width; the per-tensor zeros of `layers` too, whatever the form), the
+objective F before and after, the passes, Newton steps, the duality gap and distance bound, plus the storage of
+the edited matrices (the paper's figures, whatever form is stored): dense (the model's dtype), sparse (CSR) and
+that CSR deflated (the paper's ZIP "storage" column), and the bytes actually stored. Not low-rank: it cannot be
+saved as a LoRA.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ from ..editable import EditableModel, Progress
 from ..errors import ConvergenceWarning
 from ..linalg import uce_factors
 from ..params import Param, Values
-from ..patch import SparseEdit, check_written_finite
+from ..patch import Edit, SparseEdit, check_written_finite, edit_nbytes
 from ..safetensors_io import tensor_bytes
 from .base import ErasureMethod, MethodOutput
 from .uce import SOLVE_DTYPES, UCE_PARAMS, gather_columns
@@ -531,21 +533,29 @@ def auto_mu(W_s: torch.Tensor, ops: Operands, lam: float, uce, sparsity: float) 
     return mu, reached
 
 
-def storage_sizes(edits: Mapping[str, SparseEdit], itemsize: int) -> dict[str, Any]:
-    """Bytes of the edited matrices: dense (``itemsize`` per entry), sparse (the CSR tensors as stored)
-    and that CSR deflated (ZIP's compression), the paper's storage figures. Deflate level 1: on weight
-    data it compresses within 1 % of level 6 at several times the speed (SDXL's CSR is ~200 MB)."""
-    dense = sum(math.prod(e.shape) for e in edits.values()) * itemsize
-    sparse, packer, compressed = 0, zlib.compressobj(1), 0
-    for edit in edits.values():
-        for tensor in edit.tensors().values():
+class StorageSizes:
+    """Bytes of the edited matrices, counted one matrix at a time as it is stored (both forms of every matrix
+    are never kept): dense (the model's dtype), sparse (its CSR) and that CSR deflated (ZIP's compression), the
+    paper's storage figures whatever form is stored, and what is stored (the smaller of the two). Deflate level
+    1: on weight data it compresses within 1 % of level 6 at several times the speed (SDXL's CSR is ~200 MB)."""
+
+    def __init__(self):
+        self.dense = self.sparse = self.compressed = self.stored = 0
+        self.packer = zlib.compressobj(1)
+
+    def add(self, csr: SparseEdit, stored: Edit) -> None:
+        self.dense += math.prod(csr.shape) * csr.values.element_size()
+        self.stored += edit_nbytes(stored)
+        for tensor in csr.tensors().values():
             data = tensor_bytes(tensor)
-            sparse += len(data)
-            compressed += len(packer.compress(data))
-    compressed += len(packer.flush())
-    return {"dense_bytes": dense, "sparse_bytes": sparse, "compressed_bytes": compressed,
-            "sparse_vs_dense": round(sparse / dense, 4) if dense else 0.0,
-            "compressed_vs_dense": round(compressed / dense, 4) if dense else 0.0}
+            self.sparse += len(data)
+            self.compressed += len(self.packer.compress(data))
+
+    def figures(self) -> dict[str, Any]:
+        compressed, dense = self.compressed + len(self.packer.flush()), self.dense
+        return {"dense_bytes": dense, "sparse_bytes": self.sparse, "compressed_bytes": compressed,
+                "stored_bytes": self.stored, "sparse_vs_dense": round(self.sparse / dense, 4) if dense else 0.0,
+                "compressed_vs_dense": round(compressed / dense, 4) if dense else 0.0}
 
 
 class SPACE(ErasureMethod):
@@ -554,6 +564,7 @@ class SPACE(ErasureMethod):
     summary = ("Sparse cross-attention erasure: UCE's loss plus an L1 penalty on the weights, solved to a certified "
                "optimum; sparse K/V, stronger on SDXL")
     params = SPACE_PARAMS
+    sparse = True
 
     def run(
         self, model: EditableModel, concepts: Concepts, values: Values, progress: Progress
@@ -568,8 +579,8 @@ class SPACE(ErasureMethod):
         if values.start == "uce":
             uce = uce_factors(columns.erase, columns.guide, columns.preserve, lam, s_e, s_p)  # float64
 
-        # The weights are read one chunk at a time and each result is stored sparse in the model's dtype at
-        # once: memory is the result plus a few chunk-sized buffers, not a copy of every K/V.
+        # The weights are read one chunk at a time and each result is stored in the model's dtype at once (CSR
+        # or dense, the smaller): memory is the result plus a few chunk-sized buffers, not a copy of every K/V.
         keys = model.arch.map_keys()
         layout = {}  # key → (shape, dtype)
         for key in keys:
@@ -591,7 +602,7 @@ class SPACE(ErasureMethod):
                                min(CHUNK_ENTRIES.get(model.device.type, CHUNK_ENTRIES["cpu"]),
                                    total_entries // CHUNK_SHARE))
 
-        edits, matrices, groups = {}, {}, {}
+        edits, matrices, groups, storage = {}, {}, {}, StorageSizes()
         gap, norm2, steps, passes, converged = 0.0, 0.0, 0, 0, True
         for done, keys in enumerate(chunks):
             width = layout[keys[0]][0][0]
@@ -617,18 +628,20 @@ class SPACE(ErasureMethod):
                 new = result.weights[rows].to(model_dtype)
                 check_written_finite(key, new)
                 norm2 += torch.linalg.vector_norm(new.float(), dtype=torch.float64).item() ** 2  # fp8 has no norm
-                edit = SparseEdit.from_dense(new)
+                csr = SparseEdit.from_dense(new)
                 del new
-                edits[key] = edit
+                edits[key] = csr.smaller()
+                storage.add(csr, edits[key])
                 matrices[key] = {
-                    "sparsity": 1.0 - edit.nnz / math.prod(shape),
+                    "sparsity": 1.0 - csr.nnz / math.prod(shape),
                     "objective": objective[rows].sum().item(),
                     "objective_start": objective_start[rows].sum().item(),
                 }
                 group = groups.setdefault(width, {"width": width, "matrices": 0, "zeros": 0, "entries": 0})
                 group["matrices"] += 1
-                group["zeros"] += math.prod(shape) - edit.nnz
+                group["zeros"] += math.prod(shape) - csr.nnz
                 group["entries"] += math.prod(shape)
+                del csr
             del W_o, result
         progress(len(chunks), len(chunks), "SPACE done")
         distance = math.sqrt(gap / lam / norm2) if norm2 > 0 else 0.0
@@ -639,10 +652,9 @@ class SPACE(ErasureMethod):
                 "optimum: raise iterations (or tol)", ConvergenceWarning)
 
         by_width = {str(g["width"]): round(g["zeros"] / g["entries"], 4) for g in groups.values()}
-        entries = sum(math.prod(e.shape) for e in edits.values())
-        storage = storage_sizes(edits, next(iter(layout.values()))[1].itemsize)
+        storage = storage.figures()
         totals = {
-            "sparsity": 1.0 - sum(e.nnz for e in edits.values()) / entries,
+            "sparsity": sum(g["zeros"] for g in groups.values()) / sum(g["entries"] for g in groups.values()),
             "sparsity_by_width": by_width,
             "objective": sum(m["objective"] for m in matrices.values()),
             "objective_start": sum(m["objective_start"] for m in matrices.values()),
@@ -661,7 +673,7 @@ class SPACE(ErasureMethod):
                                    "rank": len(ops.eig)}}},
             {"mu": mu, "sparsity": round(totals["sparsity"], 4), "sparsity_by_width": by_width,
              "iterations": passes, "converged": converged, "distance_bound": float(f"{distance:.2e}"),
-             "storage": {k: storage[k] for k in ("dense_bytes", "sparse_bytes", "compressed_bytes")}},
+             "storage": {k: storage[k] for k in ("dense_bytes", "sparse_bytes", "compressed_bytes", "stored_bytes")}},
         )
 
 
