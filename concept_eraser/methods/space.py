@@ -534,10 +534,10 @@ def auto_mu(W_s: torch.Tensor, ops: Operands, lam: float, uce, sparsity: float) 
 
 
 class StorageSizes:
-    """Bytes of the edited matrices, counted one matrix at a time as it is stored (both forms of every matrix
-    are never kept): dense (the model's dtype), sparse (its CSR) and that CSR deflated (ZIP's compression), the
-    paper's storage figures whatever form is stored, and what is stored (the smaller of the two). Deflate level
-    1: on weight data it compresses within 1 % of level 6 at several times the speed (SDXL's CSR is ~200 MB)."""
+    """Bytes of the edited matrices, counted one matrix at a time as it is stored (only the stored form of each
+    is kept): dense (the model's dtype), sparse (its CSR) and that CSR deflated (ZIP's compression), the paper's
+    storage figures whatever form is stored, and what is stored (the smaller of the two). Deflate level 1: on
+    weight data it compresses within 1 % of level 6 at several times the speed (SDXL's CSR is ~200 MB)."""
 
     def __init__(self):
         self.dense = self.sparse = self.compressed = self.stored = 0
