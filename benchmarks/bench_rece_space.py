@@ -159,7 +159,8 @@ def bench_space(model, weights, concepts, args, device, sync, scale, label) -> d
         lambda: gather_columns(model, concepts, resolve(space.params, {}, "space")), device)
     print(f"  features encoded in {fmt(t_enc)} (peak {peak_enc / 2**20:.0f} MiB), not counted "
           f"below; load avg {os.getloadavg()[0]:.2f}", flush=True)
-    t_new, peak, new = run_space(model, concepts, {"iterations": args.iterations}, device, sync)
+    t_new, peak, new = run_space(model, concepts, {"iterations": args.iterations, "sparsity": args.sparsity},
+                                  device, sync)
     total = new["total"]
     mu = new["mu"]
     widths = ", ".join(f"{w}: {s:.1%}" for w, s in total["sparsity_by_width"].items())
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
                    help="FISTA's second run (default 1000 on CUDA, 100 on CPU, 20 with --quick)")
     p.add_argument("--no-fista", action="store_true", help="SPACE: Newton only (FISTA at equal work is slow on CPU)")
     p.add_argument("--iterations", type=int, default=500, help="SPACE's iteration cap (passes; the default is 500)")
+    p.add_argument("--sparsity", type=float, default=0.4,
+                   help="SPACE's target sparsity (the default is 0.4; the paper's regime 0.8)")
     p.add_argument("--subset", type=int, default=10, help="--quick: SDXL matrices built per width")
     args = p.parse_args(argv)
     args.fista_iterations = args.fista_iterations or (20 if args.quick else 1000 if args.device == "cuda" else 100)
