@@ -28,6 +28,7 @@ torch.cuda.max_memory_allocated), by `harness.measure_peak`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -95,13 +96,15 @@ def bench_toyworld(steps: int) -> dict:
             "trained_parameters": summary["trained_parameters"], "peak_bytes": peak}
 
 
-def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str, per_trajectory: int) -> dict:
+def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str, per_trajectory: int,
+               preserve_empty: bool) -> dict:
     """KPOP's training loop on the SD1.5-shaped U-Net; a first step (warm-up: CUDA kernels, allocator) is not
     counted. Returns mean seconds per step for making z_t (sampling + the frozen targets) and for the update."""
     model = ShapedModel(denoiser)
     device = denoiser.device
     values = resolve_auto(resolve(get_method("kpop").params, {"steps": steps, "ddim_steps": ddim_steps, "train": train,
-                                                               "latents_per_trajectory": per_trajectory}, "kpop"),
+                                                               "latents_per_trajectory": per_trajectory,
+                                                               "preserve_empty": preserve_empty}, "kpop"),
                           "sd1")
     keys = trainable_keys(list(denoiser.parameters()), train)
     sync = make_sync(device)
@@ -125,7 +128,8 @@ def bench_sd15(denoiser: ModuleDenoiser, steps: int, ddim_steps: int, train: str
 
     peak, _, _, _ = measure_peak(run, device)
     sampling, update = (sum(times[k]) / steps for k in ("sampling", "update"))
-    return {"train": train, "k": per_trajectory, "trained": sum(denoiser.parameters()[k].numel() for k in keys),
+    return {"train": train, "k": per_trajectory, "preserve_empty": preserve_empty,
+            "trained": sum(denoiser.parameters()[k].numel() for k in keys),
             "sampling": sampling, "update": update, "step": sampling + update, "peak": peak}
 
 
@@ -139,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--trains", nargs="+", default=["kv", "xattn", "noxattn"], choices=("kv", "xattn", "noxattn"))
     p.add_argument("--latents-per-trajectory", nargs="+", type=int, default=[1],
                    help="KPOP's latents_per_trajectory values to compare (1: the paper)")
+    p.add_argument("--preserve-empty", nargs="+", default=["on"], choices=("on", "off"),
+                   help="KPOP's preserve_empty values to compare (on: the default; off: the paper's loss)")
     p.add_argument("--quick", action="store_true", help="ToyWorld only, 5 steps")
     args = p.parse_args(argv)
     device, hardware = setup_device(p, args)
@@ -156,16 +162,18 @@ def main(argv=None) -> int:
     print(f"\nSD1.5-shaped U-Net ({'fp16' if cuda else 'fp32'}, random weights, built in "
           f"{time.perf_counter() - start:.1f} s), {args.resolution}², batch 1, prompt k = 10 (770 tokens) in the "
           f"middle block, {steps} steps timed after one warm-up step, z_t from {ddim}-step DDIM; seconds per step:")
-    print(f"  {'train':8s} {'k':>3s} {'trained':>12s} {'z_t':>8s} {'update':>8s} {'step':>8s} {'1000 steps':>11s} "
-          f"{'peak GiB':>9s}")
+    print(f"  {'train':8s} {'k':>3s} {'empty':>5s} {'trained':>12s} {'z_t':>8s} {'update':>8s} {'step':>8s} "
+          f"{'1000 steps':>11s} {'peak GiB':>9s}")
     for train in args.trains:
-        for k in args.latents_per_trajectory:
-            r = bench_sd15(denoiser, steps, ddim, train, k)
+        for k, empty in itertools.product(args.latents_per_trajectory, args.preserve_empty):
+            r = bench_sd15(denoiser, steps, ddim, train, k, empty == "on")
             rows.append(r)
-            print(f"  {r['train']:8s} {r['k']:3d} {r['trained']:12,d} {r['sampling']:8.3f} {r['update']:8.3f} "
-                  f"{r['step']:8.3f} {r['step'] * 1000 / 60:9.1f} m {r['peak'] / 2 ** 30:9.2f}", flush=True)
+            print(f"  {r['train']:8s} {r['k']:3d} {empty:>5s} {r['trained']:12,d} {r['sampling']:8.3f} "
+                  f"{r['update']:8.3f} {r['step']:8.3f} {r['step'] * 1000 / 60:9.1f} m {r['peak'] / 2 ** 30:9.2f}",
+                  flush=True)
     print("  k: latents_per_trajectory (z_t per sampling run); z_t: the frozen model's sampling (~ddim_steps/2 "
-          "guided passes per run; with k, ~ddim_steps·k/(k+1) per k steps) and its targets; update: the transfer "
+          "guided passes per run; with k, ~ddim_steps·k/(k+1) per k steps) and its targets; empty: preserve_empty (the "
+          "empty prompt held: one more frozen output and one more trained pass per step); update: the transfer "
           "and removal steps; peak: above the process's memory before the run (incl. the U-Net's frozen copy of "
           "inference-mode weights where a host has them, not here).")
     write_json(args.json, "kpop", device, hardware, toyworld=toyworld, sd15=rows)
