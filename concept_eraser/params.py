@@ -16,6 +16,11 @@ from .errors import InvalidParameterError
 AUTO_BOOL = ("auto", "true", "false")  # what UIs offer for a nullable boolean (None = auto)
 
 
+def auto_bool_choice(value: bool | None) -> str:
+    """The `AUTO_BOOL` entry a UI shows for a nullable boolean's value (None = auto)."""
+    return AUTO_BOOL[0] if value is None else AUTO_BOOL[1] if value else AUTO_BOOL[2]
+
+
 @dataclass(frozen=True)
 class Param:
     name: str

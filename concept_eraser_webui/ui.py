@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from concept_eraser.errors import EraserError
 from concept_eraser.methods import METHODS
-from concept_eraser.params import AUTO_BOOL, Param
+from concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
 from concept_eraser.report import layer_plot
 
 from .inputs import FORMATS, RequestError, parse_erase, parse_save
@@ -42,8 +42,7 @@ def widget_spec(method: str, p: Param) -> tuple[str, dict]:
     """(gradio component name, keyword arguments) for one declared parameter."""
     common = {"label": p.name, "info": p.help, "elem_id": f"{ELEM}_{method}_{p.name}"}
     if p.kind is bool and p.nullable:  # a checkbox cannot say "auto"
-        return "Dropdown", {**common, "choices": list(AUTO_BOOL),
-                            "value": "auto" if p.default is None else str(p.default).lower()}
+        return "Dropdown", {**common, "choices": list(AUTO_BOOL), "value": auto_bool_choice(p.default)}
     if p.kind is bool:
         return "Checkbox", {**common, "value": bool(p.default)}
     if p.choices:

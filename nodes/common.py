@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.models.arch import ArchSpec
-from ..concept_eraser.params import AUTO_BOOL, Param
+from ..concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
 from ..concept_eraser.patch import ErasurePatch
 
 try:  # options every method offers (declared once in the solver); absent in older solver versions
@@ -98,7 +98,7 @@ def widget(p: Param) -> tuple[str, dict]:
         tooltip += "; 'auto' = the rule described"
     tooltip += ")"
     if p.kind is bool and p.nullable:  # a BOOLEAN cannot say "auto"
-        return list(AUTO_BOOL), {"default": "auto" if default is None else str(default).lower(), "tooltip": tooltip}
+        return list(AUTO_BOOL), {"default": auto_bool_choice(default), "tooltip": tooltip}
     if p.kind is bool:
         return "BOOLEAN", {"default": bool(default), "tooltip": tooltip}
     if p.choices:
