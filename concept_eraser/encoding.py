@@ -71,9 +71,9 @@ class CheckpointTextEncoder:
     layer-normed output; SD2 the penultimate layer, normed; SDXL CLIP-L penultimate ⊕ bigG
     penultimate, not normed; Flux T5's last layer (final RMSNorm); SD3 [CLIP-L ⊕ CLIP-G penultimate,
     zero-padded to 4096 | T5] along the tokens (`EncoderSpec.segment`). Pooled: the encoders whose `pooled` is
-    set, concatenated. Only the blocks whose outputs are read are built, on `device`, in
-    float32 (cast there from the checkpoint's dtype: fp16 passes move CLIP's features by ~1e-3,
-    more than the hosts' float32 agree with each other). Every prompt is encoded once: a run's
+    set, concatenated. Only the blocks whose outputs are read are held, on `device` as stored, and run in
+    float32 (each weight cast as it is used: fp16 passes move CLIP's features by ~1e-3, more than the
+    hosts' float32 agree with each other). Every prompt is encoded once: a run's
     prompts go in one batch, and later requests (the probe's targets) are answered from it."""
 
     def __init__(self, arch: ArchSpec, keys: list[str], load: Callable[[str], torch.Tensor], device="cpu"):

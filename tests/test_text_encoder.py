@@ -66,6 +66,26 @@ def test_only_the_blocks_read_are_built_and_loaded(tiny_checkpoints):
     assert any(k.startswith(f"{clip_g.prefix}transformer.resblocks.{clip_g.layers - 1}.") for k in read)
 
 
+def test_the_encoder_reads_the_stored_weights_and_never_writes_them(tiny_checkpoints):
+    """No float32 copy of the encoder: its tensors are the model's own (fp16 here), cast as each layer runs; an
+    edit (ErasePro's `set_weight`) replaces the tensor held and leaves the model's untouched."""
+    from concept_eraser.models.layerwise import LayerwiseEncoder
+
+    model = CheckpointModel(tiny_checkpoints["sd1"])
+    spec = model.arch.encoders[0]
+    stored = {k: model.weight(k) for k in model.keys() if k.startswith(spec.prefix)}
+    encoder = LayerwiseEncoder(spec, list(stored), stored.__getitem__)
+    key = f"{spec.prefix}encoder.layers.0.self_attn.k_proj.weight"
+    held = encoder.layers[0].self_attn.k_proj.weight
+    assert held.dtype == torch.float16 and held.data_ptr() == stored[key].data_ptr()
+    before = encoder.encode(["a cat"])[0]
+    assert before.dtype == torch.float32
+    original = stored[key].clone()
+    encoder.set_weight(key, torch.zeros_like(stored[key], dtype=torch.float32))
+    assert torch.equal(stored[key], original)
+    assert not torch.equal(encoder.encode(["a cat"])[0], before)
+
+
 def test_every_prompt_is_encoded_once_per_run(tiny_checkpoints):
     model = CheckpointModel(tiny_checkpoints["sd1"])
     seen = []

@@ -43,8 +43,8 @@ def blocks_reaching_unet(spec: EncoderSpec) -> int:
 
 
 class LayerwiseEncoder:
-    """One text encoder rebuilt from the model's weights with only the blocks that reach the U-Net,
-    directly on `device` in `dtype` (each tensor is moved in the checkpoint's dtype, then cast there)."""
+    """One text encoder rebuilt from the model's weights with only the blocks that reach the U-Net, holding them
+    on `device` as the checkpoint stores them (no copy when they are already there) and running in `dtype`."""
 
     def __init__(self, spec: EncoderSpec, keys: Sequence[str], load: Callable[[str], torch.Tensor],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -53,10 +53,9 @@ class LayerwiseEncoder:
         self.dtype = dtype
         depth = blocks_reaching_unet(spec)
         needed = [k for k in keys if k.startswith(spec.prefix) and block_index(spec, k) < depth]
-        # Our own copy (weights are edited in place later; `load` may return the model's live or
-        # memory-mapped tensor), cast tensor by tensor so that two whole copies never coexist.
-        state = hf_state_dict(spec, needed, lambda key: load(key).to(self.device).to(dtype, copy=True))
-        self.transformer = build_text_model(spec, state, depth, self.device, dtype)
+        # `load` may return the model's live or memory-mapped tensors: they are only read (`set_weight` replaces).
+        state = hf_state_dict(spec, needed, lambda key: load(key).to(self.device))
+        self.transformer = build_text_model(spec, state, depth, self.device)
         del state
         self.layers = self.transformer.encoder.layers
         # hidden_states[hidden_layer] is the output of this many blocks
@@ -75,11 +74,13 @@ class LayerwiseEncoder:
             return (f"{self.spec.prefix}transformer.resblocks.{layer}.attn.in_proj_weight",)
         return tuple(f"{self.spec.prefix}encoder.layers.{layer}.self_attn.{p}_proj.weight" for p in "qkv")
 
-    @torch.no_grad()
     def set_weight(self, key: str, value: torch.Tensor) -> None:
-        """Replace a tensor given under its checkpoint key (a fused in_proj is split like on loading)."""
+        """Use `value` for a tensor given under its checkpoint key (a fused in_proj is split like on loading). The
+        tensor held is replaced, never written into: it may be the model's own."""
         for name, tensor in hf_state_dict(self.spec, [key], lambda _: value).items():
-            self.transformer.get_parameter(name).copy_(tensor)
+            module, _, attr = name.rpartition(".")
+            setattr(self.transformer.get_submodule(module), attr,
+                    torch.nn.Parameter(tensor.to(self.device), requires_grad=False))
 
     def tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, tuple[int, ...]]:
         tokens = [self.tokenize(p) for p in prompts]
@@ -87,7 +88,7 @@ class LayerwiseEncoder:
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.embeddings(ids)
+        return self.transformer.embeddings(ids, self.dtype)
 
     @torch.no_grad()
     def attention_input(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
