@@ -73,8 +73,10 @@ class RecoveryProbe:
         c = self._columns(w.device)
         target = w_o @ c  # W_o c: what the concept produced before the edit
         delta = w - w_o
-        self.gram += (w.T @ w).double()
-        self.cross += (w.T @ target).double()
+        # float32 products added into the float64 sums as they are: the addition widens them, with no float64 copy
+        # of each d × d product first
+        self.gram += w.T @ w
+        self.cross += w.T @ target
         self.target_sq += target.double().pow(2).sum(0)
         self.direct_sq += (delta @ c).double().pow(2).sum(0)
         # whole-matrix norms in the compute dtype (a float64 copy of every matrix costs more than its Gram)
