@@ -338,6 +338,25 @@ def test_one_sampling_run_serves_several_steps(toyworld, monkeypatch):
     assert len(runs) == 2
 
 
+def test_each_step_trains_every_concept_once_by_default(toyworld):
+    """batch auto = one sample per concept, the concepts in turn: three concepts, three samples per step, one of
+    each (a random wording of it); a batch of 2 takes them in turn across steps."""
+    from concept_eraser.methods import get_method, kpop
+    from concept_eraser.params import resolve
+
+    concepts = Concepts.build(["circle", "cross", "ring"])
+    den = toyworld.denoiser()
+    for batch, expected in ((None, [["circle", "cross", "ring"]] * 2), (2, [["circle", "cross"], ["ring", "circle"]])):
+        values = resolve(get_method("kpop").params, {**QUICK, "wordings": "a {}; the {}", "batch": batch}, "kpop")
+        trainer = kpop.Trainer(den, toyworld, concepts, values, trainable_keys(den.parameters(), "kv"))
+        rows = {toyworld.text_encoder.encode([p]).features[0]: p for pair in trainer.pairs for p in pair}
+        for want in expected:
+            context = trainer.sample_batch().context
+            words = [next(p for f, p in rows.items() if torch.equal(f, c)).split()[-1] for c in context]
+            assert words == want
+    assert erase(toyworld, "kpop", concepts, QUICK).patch.steps[0]["results"]["batch"] == 3
+
+
 def test_training_wordings():
     from concept_eraser.methods.kpop import training_wordings
 

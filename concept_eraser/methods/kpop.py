@@ -111,8 +111,10 @@ KPOP_PARAMS = (
     Param("preserve_empty", bool, True, "hold the empty prompt's output in the removal step (‖ε'(z_t, \"\") − "
           "ε(z_t, \"\")‖², weight 1): classifier-free guidance subtracts it, so a change it shares with the "
           "target's output cancels at sampling; off = the paper"),
-    Param("batch", int, 1, "samples per step", min=1, max=64),
-    Param("seed", int, 0, "seed of the prompt initialisation, noise, timesteps and concept order", min=0,
+    Param("batch", int, None, "samples per step, taking the concepts to erase in turn (each with a random one of "
+          "its wordings); auto = one per concept, so each of N concepts gets the training one concept gets (the "
+          "paper: one concept, batch 1)", min=1, max=64, nullable=True),
+    Param("seed", int, 0, "seed of the prompt initialisation, noise, timesteps and wording picks", min=0,
           max=2 ** 31 - 1),
     Param("resolution", int, 0, "image size in pixels of the training latents; 0 = the model's native size",
           min=0, max=4096, step=64),
@@ -248,6 +250,7 @@ class KPOP(ErasureMethod):
         peak = torch.cuda.max_memory_allocated(denoiser.device) if denoiser.device.type == "cuda" else None
         summary = {
             **{name: getattr(values, name) for name in AUTO_SETTINGS["toyworld"]},
+            "batch": trainer.batch,
             "training_wordings": len(trainer.pairs),
             "trained_tensors": len(keys),
             "trained_parameters": sum(current[k].numel() for k in keys),
@@ -270,7 +273,12 @@ class Trainer:
                  keys: list[str]):
         self.denoiser, self.values = denoiser, values
         self.gen = torch.Generator().manual_seed(values.seed)
-        self.pairs = training_wordings(concepts.targets, concepts.guides, values.wordings)
+        # (target, guide) wordings of each concept; a step's samples take the concepts in turn
+        self.concept_pairs = [training_wordings([target], [guide], values.wordings)
+                              for target, guide in zip(concepts.targets, concepts.guides)]
+        self.pairs = list(dict.fromkeys(pair for pairs in self.concept_pairs for pair in pairs))
+        self.drawn = 0  # samples drawn so far: the next one's concept is drawn % len(concept_pairs)
+        self.batch = values.batch or len(self.concept_pairs)  # auto: one sample per concept
         preserved = concepts.preserve if values.preserve_weight else ()
         prompts = list(dict.fromkeys([p for pair in self.pairs for p in pair] + [""] + list(preserved)))
         encoded = model.text_encoder.encode(prompts)
@@ -280,7 +288,7 @@ class Trainer:
         self.features = encoded.features.to(device).clone()
         self.pooled = None if encoded.pooled is None else encoded.pooled.to(device).clone()
         self.target_rows = [row[target] for target, _ in self.pairs]
-        self.guide_rows = [row[guide] for _, guide in self.pairs]
+        self.concept_rows = [[(row[target], row[guide]) for target, guide in pairs] for pairs in self.concept_pairs]
         self.preserve_rows = [row[p] for p in preserved]
         self.uncond_row = row[""]
         self.pending: list[TrainBatch] = []  # batches drawn from the last sampling run, not yet trained on
@@ -312,12 +320,14 @@ class Trainer:
 
     def _sample_trajectory(self) -> list[TrainBatch]:
         v, den = self.values, self.denoiser
-        n = v["batch"]
-        pick = torch.randint(len(self.target_rows), (n,), generator=self.gen).tolist()
+        n = self.batch
+        concepts = [self.concept_rows[(self.drawn + i) % len(self.concept_rows)] for i in range(n)]
+        self.drawn += n
+        pick = [rows[int(torch.randint(len(rows), (1,), generator=self.gen))] for rows in concepts]
         stops = torch.randint(v["ddim_steps"], (v["latents_per_trajectory"],), generator=self.gen).tolist()
         noise = torch.randn(n, *den.latent_shape, generator=self.gen)
-        c_e, pooled = self._rows([self.target_rows[i] for i in pick])
-        c_n, pooled_n = self._rows([self.guide_rows[i] for i in pick])
+        c_e, pooled = self._rows([target for target, _ in pick])
+        c_n, pooled_n = self._rows([guide for _, guide in pick])
         uncond, pooled_u = self._rows([self.uncond_row])
         latents = partial_ddim(den, c_e, uncond, noise, stops, v["ddim_steps"], v["start_guidance"], pooled,
                                pooled_u)
