@@ -19,7 +19,9 @@ Choices where the paper is vague: the prompt has k × (text window) tokens (the 
 additive: one window), separate tensors for K and V (the authors' code), initialised as Gaussian noise
 with the standard deviation of the target's text features ("initially no alignment with any textual
 input", §5.5); trainable weights are kept in float32 whatever the model's dtype. `use_prompt=false` is
-the paper's ablation: the same training without the prompt (plain fine-tuning towards ε*). Steps, learning
+the paper's ablation: the same training without the prompt (plain fine-tuning towards ε*). Several concepts (the
+paper erases one): each step takes one sample of each, so each gets the training one concept gets (README: on
+ToyWorld's three shapes a random concept per step erased 8–90 % by seed, this 67–88 %). Steps, learning
 rates, sampler steps and wordings left on auto are the paper's SD1.4 values on Stable Diffusion and values
 measured on ToyWorld, whose 1 M-parameter U-Net the paper's settings barely move (`AUTO_SETTINGS`).
 """
