@@ -47,6 +47,7 @@ import torch
 from .concepts import Concepts, same_prompt
 from .editable import EditableModel, Progress
 from .errors import InvalidParameterError
+from .linalg import gram_sum
 from .models.arch import EncoderSpec
 from .params import Param, Values
 from .tokenizer import WordTokenizer, clip_tokenizer, tokenizer_for
@@ -183,10 +184,7 @@ def _features(model: EditableModel, texts: Sequence[str], progress: Progress) ->
 
 def _metric_root(model: EditableModel) -> torch.Tensor:
     """G^½ for G = Σ_l W_lᵀ W_l over every cross-attention K/V: ‖G^½ c‖ = the K/V outputs' joint norm."""
-    gram = None
-    for key in model.arch.map_keys():
-        w = model.weight(key).double()
-        gram = w.T @ w if gram is None else gram + w.T @ w
+    gram = gram_sum((model.weight(key) for key in model.arch.map_keys()), model.device)
     values, vectors = torch.linalg.eigh(gram)
     return ((vectors * values.clamp_min(0).sqrt()) @ vectors.T).float().cpu()
 

@@ -13,12 +13,40 @@ the same context width d, and the update has rank ≤ n_e: ``up = W_o A`` (d_out
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from .errors import NonFiniteResultError
 from .patch import DenseEdit, Edit, LowRankEdit, check_finite, compute_dtype
+
+
+# Σ WᵀW is symmetric: formed by row blocks of this width on and above the diagonal, about half the products of
+# a full WᵀW (SDXL's 140 K/V matrices, float32 on a 2-core CPU: 18 s → 8 s; README, Benchmarks)
+GRAM_BLOCK = 256
+
+
+def add_gram(upper: torch.Tensor, w: torch.Tensor) -> None:
+    """upper += WᵀW on and above the diagonal blocks (`symmetric(upper)` completes it); the products are formed
+    in w's dtype and added into upper's."""
+    for start in range(0, w.shape[1], GRAM_BLOCK):
+        upper[start:start + GRAM_BLOCK, start:] += w[:, start:start + GRAM_BLOCK].T @ w[:, start:]
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix with `upper`'s upper triangle."""
+    return upper.triu() + upper.triu(1).T
+
+
+def gram_sum(weights: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """G = Σ WᵀW over `weights` (matrices of one input width), formed in float64 on `device`."""
+    upper = None
+    for w in weights:
+        w = w.to(device, torch.float64)
+        if upper is None:
+            upper = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device)
+        add_gram(upper, w)
+    return symmetric(upper)
 
 
 def solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 
 from .editable import EditableModel, Progress, no_progress
 from .encoding import TextEncoder
-from .linalg import solve_spd
+from .linalg import add_gram, solve_spd, symmetric
 from .patch import ErasurePatch
 
 DEFAULT_LAM_R = 0.1
@@ -48,7 +48,8 @@ DEFAULT_LAM_R = 0.1
 
 class RecoveryProbe:
     """One pass over the K/V matrices accumulates everything the derivation and the figures need:
-    G = Σ W_iᵀ W_i (d × d), R = Σ W_iᵀ W_{o,i} C (d × n), and per column ‖𝒲_o c‖² and ‖(𝒲 − 𝒲_o) c‖².
+    G = Σ W_iᵀ W_i (d × d, summed as its upper triangle), R = Σ W_iᵀ W_{o,i} C (d × n), and per column
+    ‖𝒲_o c‖² and ‖(𝒲 − 𝒲_o) c‖².
 
     Products are formed in `compute_dtype` (float32: fast, ample for the figures) and summed in
     float64; the solve is in float64.
@@ -59,7 +60,7 @@ class RecoveryProbe:
         self.features = features
         self.compute_dtype = compute_dtype
         acc = dict(dtype=torch.float64, device=features.device)
-        self.gram = torch.zeros(d, d, **acc)
+        self.gram_upper = torch.zeros(d, d, **acc)
         self.cross = torch.zeros(d, n, **acc)
         self.target_sq = torch.zeros(n, **acc)
         self.direct_sq = torch.zeros(n, **acc)
@@ -75,7 +76,7 @@ class RecoveryProbe:
         delta = w - w_o
         # float32 products added into the float64 sums as they are: the addition widens them, with no float64 copy
         # of each d × d product first
-        self.gram += w.T @ w
+        add_gram(self.gram_upper, w)
         self.cross += w.T @ target
         self.target_sq += target.double().pow(2).sum(0)
         self.direct_sq += (delta @ c).double().pow(2).sum(0)
@@ -97,12 +98,17 @@ class RecoveryProbe:
         moved = transform - torch.eye(transform.shape[0], dtype=gram_o.dtype, device=gram_o.device)
         cross_gram = transform.T @ gram_o  # Σ W_iᵀ W_{o,i}
         change = moved.T @ gram_o @ moved  # Σ (W_i − W_{o,i})ᵀ (W_i − W_{o,i})
-        probe.gram = (cross_gram @ transform).double()
+        probe.gram_upper = (cross_gram @ transform).double()  # whole: only its upper triangle is read
         probe.cross = (cross_gram @ c).double()
         probe.target_sq = (c * (gram_o @ c)).sum(0).double()
         probe.direct_sq = (c * (change @ c)).sum(0).double()
         probe.change_sq, probe.original_sq = change.trace().double(), gram_o.trace().double()
         return probe
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """G = Σ W_iᵀ W_i (float64)."""
+        return symmetric(self.gram_upper)
 
     @property
     def weight_change(self) -> float:
@@ -111,17 +117,18 @@ class RecoveryProbe:
 
     def derive(self, lam_r: float) -> torch.Tensor:
         """C' = (λ_r I + G)⁻¹ R: RECE's derived features for every column (d × n, float64)."""
-        d = self.gram.shape[0]
-        return solve_spd(self.gram + lam_r * torch.eye(d, dtype=self.gram.dtype, device=self.gram.device), self.cross)
+        gram = self.gram
+        return solve_spd(gram + lam_r * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), self.cross)
 
     def measure(self, derived: torch.Tensor, groups: Mapping[str, Sequence[int]]) -> dict[str, dict[str, float]]:
         """The figures of the module docstring for each named group of columns, from the accumulated sums:
         ‖W c' − W_o c‖² = c'ᵀ G c' − 2 c'ᵀ R_c + ‖W_o c‖², summed over matrices."""
         out = {}
+        gram = self.gram
         for name, cols in groups.items():
             cols = list(cols)
             c_new, cross = derived[:, cols], self.cross[:, cols]
-            produced_sq = (c_new * (self.gram @ c_new)).sum()  # ‖𝒲 C'‖²
+            produced_sq = (c_new * (gram @ c_new)).sum()  # ‖𝒲 C'‖²
             inner = (c_new * cross).sum()  # ⟨𝒲 C', 𝒲_o C⟩
             target_sq = self.target_sq[cols].sum()
             residual_sq = (produced_sq - 2 * inner + target_sq).clamp_min(0)

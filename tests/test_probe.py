@@ -11,6 +11,7 @@ import torch
 
 from concept_eraser import CheckpointModel, Concepts, erase
 from concept_eraser.cli import main
+from concept_eraser.linalg import GRAM_BLOCK, gram_sum
 from concept_eraser.probe import RecoveryProbe
 
 
@@ -30,9 +31,10 @@ def accumulate(edited, originals, features):
     return probe
 
 
+@pytest.mark.parametrize("d", [6, GRAM_BLOCK + 44])  # one block of the Gram sum, and two with a ragged edge
 @pytest.mark.parametrize("lam_r", [1e-3, 0.1, 10.0])
-def test_derived_embedding_is_the_regularised_least_squares_solution(rng, lam_r):
-    edited, originals, C = random_problem(rng)
+def test_derived_embedding_is_the_regularised_least_squares_solution(rng, lam_r, d):
+    edited, originals, C = random_problem(rng, d=d)
     derived = accumulate(edited, originals, C).derive(lam_r)
     # min ‖[𝒲; √λ_r I] c' − [𝒲_o c; 0]‖² column by column, solved directly.
     d = C.shape[0]
@@ -45,6 +47,19 @@ def test_derived_embedding_is_the_regularised_least_squares_solution(rng, lam_r)
     loss = sum((w @ c - w_o @ C).pow(2).sum() for w, w_o in zip(edited, originals)) + lam_r * c.pow(2).sum()
     loss.backward()
     assert c.grad.norm() < 1e-9 * (1 + C.norm())
+
+
+@pytest.mark.parametrize("d", [3, GRAM_BLOCK, 2 * GRAM_BLOCK + 1])
+def test_gram_sums_equal_numpy(rng, d):
+    """Σ WᵀW, formed by row blocks on and above the diagonal, equals numpy's full products (float64 and the
+    probe's float32 products) at every width relative to the block."""
+    edited, originals, C = random_problem(rng, d=d, outs=(5, 300, 77))
+    reference = sum(w.numpy().T @ w.numpy() for w in edited)
+    np.testing.assert_allclose(gram_sum(edited, torch.device("cpu")).numpy(), reference, rtol=1e-12, atol=1e-10)
+    probe = RecoveryProbe(C)  # float32 products
+    for w, w_o in zip(edited, originals):
+        probe.add(w, w_o)
+    np.testing.assert_allclose(probe.gram.numpy(), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def test_figures_match_their_definitions(rng):

@@ -9,7 +9,8 @@ import torch
 
 from concept_eraser import Cancelled, CheckpointModel, Concepts, InvalidParameterError, erase
 from concept_eraser.cli import main
-from concept_eraser.methods.rece import original_gram, select_epoch
+from concept_eraser.linalg import gram_sum
+from concept_eraser.methods.rece import select_epoch
 from concept_eraser.probe import RecoveryProbe
 from concept_eraser.tiny import make_tiny_checkpoint
 from concept_eraser.toyworld import benchmark, judge
@@ -77,7 +78,7 @@ def test_the_derivation_is_float64_where_a_float32_gram_is_not(sd1_float32):
     Y = torch.cat([w @ features for w in weights] + [torch.zeros(d, 12, dtype=torch.float64)])
     reference = torch.linalg.lstsq(X, Y, driver="gelsd").solution
 
-    ours = RecoveryProbe.from_right_map(features, original_gram(weights, torch.device("cpu")), transform).derive(lam_r)
+    ours = RecoveryProbe.from_right_map(features, gram_sum(weights, torch.device("cpu")), transform).derive(lam_r)
     single = RecoveryProbe(features.float())
     for w in weights:
         single.add(w @ transform, w)

@@ -58,7 +58,7 @@ import torch
 from ..concepts import Concepts
 from ..editable import EditableModel, Progress
 from ..errors import InvalidParameterError
-from ..linalg import right_update_edits, uce_factors
+from ..linalg import gram_sum, right_update_edits, uce_factors
 from ..params import Param, Values
 from ..probe import RecoveryProbe
 from .base import ErasureMethod, MethodOutput
@@ -101,15 +101,6 @@ RECE_PARAMS = (
     replace(_UCE["preserve_empty"], help="always preserve the empty prompt (RECE's scripts do)"),
     _UCE["solve_dtype"],
 )
-
-
-def original_gram(weights: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """G_o = Σ W_oᵀ W_o over the K/V matrices, formed in float64 on `device`."""
-    gram = None
-    for w in weights:
-        w = w.to(device, torch.float64)
-        gram = w.T @ w if gram is None else gram.addmm_(w.T, w)
-    return gram
 
 
 def relative_change(gram_o: torch.Tensor, moved: torch.Tensor, columns: torch.Tensor) -> float:
@@ -176,7 +167,7 @@ class RECE(ErasureMethod):
             done += 1
             progress(done, steps, message)
 
-        gram_o = original_gram((model.weight(key) for key in keys), device)
+        gram_o = gram_sum((model.weight(key) for key in keys), device)
         tick("Gram matrix of the K/V")
         eye = torch.eye(gram_o.shape[0], dtype=torch.float64, device=device)
         preserve = every.preserve.to(torch.float64)
