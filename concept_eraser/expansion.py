@@ -140,7 +140,7 @@ def _word_ids(spec: EncoderSpec, text: str) -> list[int]:
 
 def _spellable(spec: EncoderSpec, text: str) -> bool:
     """Whether every word of `text` is in the vocabulary (always for CLIP's byte-level BPE)."""
-    return spec.tokenizer != "word" or 2 not in _word_ids(spec, text)  # 2: WordTokenizer's unknown word
+    return spec.tokenizer != "word" or all(w in spec.vocab for w in WordTokenizer.split(text))
 
 
 def _nearest_by_embedding(model: EditableModel, spec: EncoderSpec, vocab: list[tuple[str, int]],
@@ -161,7 +161,8 @@ def _nearest_by_embedding(model: EditableModel, spec: EncoderSpec, vocab: list[t
 
 
 def _fingerprint(model: EditableModel) -> str:
-    probe = model.text_encoder.encode(["", "a photo of a cat"]).features
+    words = " ".join(w for w, _ in _vocabulary(model.arch.encoders[0])[:4])  # in every vocabulary: no unknown word
+    probe = model.text_encoder.encode(["", words]).features
     return hashlib.sha256(probe.float().cpu().numpy().round(4).tobytes()).hexdigest()
 
 
