@@ -26,9 +26,9 @@ prompt through CLIP's causal attention; T5, which has no BOS, all of its positio
 the same for every prompt, so it carries no concept, and its large norm (SDXL's penultimate features) would
 swamp the figures.
 
-Cost: one pass over the K/V weights with one d × d Gram product per matrix (d = 768 / 1024 / 2048)
-and a d × d Cholesky solve; a fraction of a second on a GPU, seconds on a CPU for SD1.x, tens of
-seconds on a CPU for SDXL's 140 matrices. The features are those of the model's text encoder
+Cost: one pass over the K/V weights with one d × d Gram product per matrix (d = 768 / 1024 / 2048; its upper
+triangle only, `linalg.add_gram`) and a d × d Cholesky solve; a fraction of a second on a GPU, seconds on a CPU
+for SD1.x, about ten seconds on a 2-core CPU for SDXL's 140 matrices. The features are those of the model's text encoder
 before any edit; a method that also edits the text encoder (ErasePro) is probed on its K/V edit only.
 """
 
