@@ -107,6 +107,21 @@ class CheckpointTextEncoder:
             self._known[p] = (features[i], tuple(lengths[specs[0].segment][i] for specs in self.segments),
                               None if pooled_all is None else pooled_all[i])
 
+    def encode_through_eos(self, prompts: Sequence[str]) -> EncodedPrompts:
+        """The first segment's features up to each prompt's EOS, with only as many token positions run as the
+        longest prompt has (CLIP attends causally: the values `encode` gives there; SD1.5, 600 short prompts:
+        ~8 positions of 77), no other segment and no pooled embedding. For the concept expansion, which reads a
+        prompt's last word and EOS. Not remembered: `encode` still runs whole windows."""
+        specs = self.segments[0]
+        if specs[0].tokenizer == "t5":  # T5 attends both ways: every position counts
+            return self.encode(prompts)
+        encoders = {spec.name: encoder for spec, encoder in zip(self.arch.encoders, self.encoders)}
+        lengths = encoders[specs[0].name].tokens(prompts)[1]
+        positions = max(lengths, default=1)
+        part = torch.cat([encoders[s.name].encode(prompts, positions)[0].float() for s in specs], dim=-1)
+        features = torch.nn.functional.pad(part, (0, self.arch.context_dim - part.shape[-1]))
+        return EncodedPrompts(tuple(prompts), features, tuple(lengths), segments=(Segment(0, positions, lengths),))
+
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         prompts = tuple(prompts)
         new = [p for p in dict.fromkeys(prompts) if p not in self._known]

@@ -173,10 +173,13 @@ def _features(model: EditableModel, texts: Sequence[str], progress: Progress) ->
     _CACHE[key] = cache
     while len(_CACHE) > _CACHE_ENCODERS:
         _CACHE.popitem(last=False)
-    missing = [t for t in dict.fromkeys(texts) if t not in cache]
+    # shortest first: a batch of similar lengths runs fewer positions (the checkpoint's own encoder runs only up to
+    # the longest EOS of a batch; a host's runs its whole window)
+    missing = sorted((t for t in dict.fromkeys(texts) if t not in cache), key=lambda t: (len(t), t))
+    encode = getattr(model.text_encoder, "encode_through_eos", model.text_encoder.encode)
     for start in range(0, len(missing), BATCH):
         progress(start, len(missing), "expansion: encoding wordings")
-        encoded = model.text_encoder.encode(missing[start:start + BATCH])
+        encoded = encode(missing[start:start + BATCH])
         for i, text in enumerate(encoded.prompts):
             end = encoded.lengths[i] - 1
             cache[text] = encoded.features[i, [max(end - 1, 0), end]].float().cpu()

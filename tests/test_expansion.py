@@ -1,7 +1,9 @@
 """Concept expansion: finds the wordings ToyWorld was trained with, never adds one nearer a kept concept
-(checked with the K/V products themselves), is deterministic, honours vetoes, and reaches every method."""
+(checked with the K/V products themselves), is deterministic, honours vetoes, gives a host's whole-window encoder's
+result, and reaches every method."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -92,6 +94,24 @@ def test_deterministic_and_vetoes_are_honoured(toy_model):
     other = expand(toy_model, concepts, 5, exclude=[vetoed.upper()])
     assert vetoed not in other.concepts.targets and [w.text for w in other.vetoed] == [vetoed]
     assert [w.text for w in other.added] == [w.text for w in first.added[1:]] + [other.added[-1].text]
+
+
+def test_a_host_encoder_running_whole_windows_finds_the_same_wordings(toy_model):
+    """A host's text encoder offers `encode` only (whole windows); the checkpoint's own runs up to each batch's
+    longest EOS. The same wordings and scores come out, to the rounding of the products."""
+    class HostEncoder:
+        def __init__(self, encoder):
+            self.encode = encoder.encode
+
+    host = types.SimpleNamespace(arch=toy_model.arch, device=toy_model.device, weight=toy_model.weight,
+                                 text_encoder=HostEncoder(toy_model.text_encoder))
+    for attribute, value in (("shape", "circle"), ("colour", "red")):
+        expansion_module._CACHE.clear()  # the same encoder: its cached features would answer the host
+        ours = expand(toy_model, task(attribute, value), 6)
+        expansion_module._CACHE.clear()
+        theirs = expand(host, task(attribute, value), 6)
+        assert [w.text for w in theirs.added] == [w.text for w in ours.added]
+        assert [w.distance for w in theirs.added] == pytest.approx([w.distance for w in ours.added], rel=1e-5)
 
 
 def test_every_method_offers_it_and_erase_reports_it(toy_model):

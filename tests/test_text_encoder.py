@@ -1,5 +1,5 @@
 """The solver's own CLIP code against transformers' (an independent implementation): the tokenizer id for id,
-the text tower's features and pooled output in float32; only the blocks whose outputs are read are built and
+the text tower's features and pooled output in float32 (also when run only up to each prompt's EOS); only the blocks whose outputs are read are built and
 loaded; each prompt is encoded once; the report's per-layer changes are those of the saved weights."""
 
 import pytest
@@ -43,6 +43,12 @@ def test_features_and_pooled_equal_transformers_forward(tiny_checkpoints, family
             projection = tensors[spec.prefix + "text_projection"].float()
             pooled = out.last_hidden_state[torch.arange(len(PROMPTS)), eos] @ projection
     torch.testing.assert_close(ours.features, torch.cat(contexts, -1), rtol=1e-5, atol=1e-5)
+    # the expansion's encoding runs only up to the longest prompt's EOS: the same features there
+    short = model.text_encoder.encode_through_eos(PROMPTS)
+    assert short.features.shape[1] == max(short.lengths) < ours.features.shape[1] and short.pooled is None
+    for i, length in enumerate(short.lengths):
+        torch.testing.assert_close(short.features[i, :length], torch.cat(contexts, -1)[i, :length], rtol=1e-5,
+                                   atol=1e-5)
     if pooled is None:
         assert ours.pooled is None
     else:

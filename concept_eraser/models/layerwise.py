@@ -110,16 +110,19 @@ class LayerwiseEncoder:
         return pooled_embedding(self.transformer.final_layer_norm(hidden), lengths, self.projection)
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context features [n, 77, width], pooled [n, projection] or None) with the current weights."""
+    def encode(self, prompts: Sequence[str], positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context features [n, 77, width], pooled [n, projection] or None) with the current weights. `positions`:
+        only the first that many tokens are run (CLIP attends causally, so their features are those of the whole
+        window), and no pooled embedding."""
         ids, lengths = self.tokens(prompts)
-        hidden = self.embed(ids)
+        hidden = self.embed(ids[:, :positions])
         context = self.context(hidden) if self.context_depth == 0 else None
-        for i in range(self.depth):
+        depth = self.depth if positions is None else self.context_depth
+        for i in range(depth):
             hidden = self.run_layer(i, hidden)
             if i + 1 == self.context_depth:
                 context = self.context(hidden)
-        return context, self.pooled(hidden, lengths) if self.spec.pooled else None
+        return context, self.pooled(hidden, lengths) if self.spec.pooled and positions is None else None
 
 
 class T5LayerwiseEncoder:
