@@ -1,6 +1,7 @@
 """The solver's own CLIP code against transformers' (an independent implementation): the tokenizer id for id,
-the text tower's features and pooled output in float32 (also when run only up to each prompt's EOS); only the blocks whose outputs are read are built and
-loaded; each prompt is encoded once; the report's per-layer changes are those of the saved weights."""
+the text tower's features and pooled output in float32 (also when run only up to each prompt's EOS); only the
+blocks whose outputs are read are built and loaded; each prompt is encoded once; the report's per-layer changes
+are those of the saved weights."""
 
 import pytest
 import torch
