@@ -22,7 +22,7 @@ from .patch import DenseEdit, Edit, LowRankEdit, check_finite, compute_dtype
 
 
 # Σ WᵀW is symmetric: formed by row blocks of this width on and above the diagonal, about half the products of
-# a full WᵀW (SDXL's 140 K/V matrices, float32 on a 2-core CPU: 18 s → 8 s; README, Benchmarks)
+# a full WᵀW (the SDXL probe's 140 K/V matrices, float32, 2-core CPU, under cProfile: 19 s → 9.5 s; README)
 GRAM_BLOCK = 256
 
 
