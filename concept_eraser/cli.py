@@ -41,7 +41,7 @@ def _method_help() -> str:
     for method in METHODS.values():
         lines.append(f"{method.name}: {method.summary}")
         for p in method.params:
-            default = "rule in help" if p.default is None else p.default
+            default = "auto" if p.default is None else "empty" if p.default == "" else p.default
             lines.append(f"    {p.name} (default {default}; {p.describe_range()}): {p.help}")
     return "\n".join(lines)
 

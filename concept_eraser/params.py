@@ -39,6 +39,8 @@ class Param:
             return "one of " + ", ".join(self.choices)
         if self.kind is bool:
             return "true or false"
+        if self.kind is str:
+            return "text"
         low = "" if self.min is None else (f"> {self.min}" if self.min_exclusive else f">= {self.min}")
         high = "" if self.max is None else f"<= {self.max}"
         bounds = " and ".join(b for b in (low, high) if b)
@@ -64,7 +66,8 @@ class Param:
             raise InvalidParameterError(self.name, f"{value!r} is not {self.describe_range()}")
         if self.kind is str:
             if not isinstance(value, str):
-                raise InvalidParameterError(self.name, f"{value!r} is not text ({self.describe_range()})")
+                choices = f" ({self.describe_range()})" if self.choices else ""
+                raise InvalidParameterError(self.name, f"{value!r} is not text{choices}")
             text = value.strip()
             if self.choices and text not in self.choices:
                 raise InvalidParameterError(self.name, f"{text!r} is not {self.describe_range()}")

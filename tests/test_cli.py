@@ -208,6 +208,14 @@ def test_kpop_writes_a_patch_and_its_learned_prompt(tmp_path, capsys):
     assert run(["apply", CHECKPOINT, patch, "--out", tmp_path / "erased.safetensors"], capsys)[0] == 0
 
 
+def test_help_states_each_parameters_default_and_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["erase", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the usage, not the epilog
+    assert "expand_exclude (default empty; text)" in shown
+    assert "pooled_edit (default auto; true or false)" in shown and "lam (default 0.5; a number > 0" in shown
+
+
 def test_overwrite_replaces_an_existing_output(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"old")

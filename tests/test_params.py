@@ -37,6 +37,15 @@ def test_a_choice_must_be_text():
         resolve(METHODS["uce"].params, {"token_policy": 1}, "uce")
 
 
+@pytest.mark.parametrize("name,param", [(n, p) for n, p in PARAMS if p.kind is str and not p.choices],
+                         ids=lambda v: getattr(v, "name", v))
+def test_free_text_is_described_as_text(name, param):
+    # the description is what the command line's help, ComfyUI's tooltip and the WebUI's info show
+    assert param.describe_range() == "text"
+    with pytest.raises(InvalidParameterError, match=r"^.*3 is not text$"):
+        resolve(METHODS[name].params, {param.name: 3}, name)
+
+
 def test_numbers_still_come_as_numbers_or_text():
     assert resolve(METHODS["uce"].params, {"lam": "0.25"}, "uce").lam == 0.25
     assert resolve(METHODS["uce"].params, {"lam": 2}, "uce").lam == 2.0
