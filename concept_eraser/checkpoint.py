@@ -138,9 +138,10 @@ class CheckpointModel:
                 with torch.device("meta"):
                     net = LDMUNet(config_from_shapes({n: self.reader.infos[k].shape for n, k in tensors.items()},
                                                      self.arch.family))
-            except (KeyError, ValueError, StopIteration) as exc:
+            except (KeyError, ValueError) as exc:
+                missing = f"no tensor {exc}" if isinstance(exc, KeyError) else exc
                 raise UnsupportedModelError(f"{self.path.name}: its U-Net cannot be rebuilt for training "
-                                            f"(incomplete or unusual layout: {exc or 'tensors are missing'})") from None
+                                            f"(incomplete or unusual layout: {missing})") from None
             # ComfyUI reads a v-prediction file with a `ztsnr` key as a zero-terminal-SNR model (and writes one)
             zsnr = prediction == "v" and "ztsnr" in self.reader.infos
             alphas, factor, x0_clip = sd_alphas_cumprod(zero_terminal_snr=zsnr), 8, None

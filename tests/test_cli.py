@@ -121,7 +121,8 @@ BAD_INPUTS = {
     "kpop bad choice": (["erase", "{sd1}", "--erase", "x", "--method", "kpop", "--set", "injection=prepend"],
                         "injection", "one of concat, additive"),
     "kpop without a full U-Net": (["erase", "{sd1}", "--erase", "x", "--method", "kpop"], "model",
-                                  "U-Net cannot be rebuilt for training"),
+                                  "U-Net cannot be rebuilt for training (incomplete or unusual layout: no tensor "
+                                  "*.ff.net.2.weight)"),
     "prompt from a closed-form method": (["erase", "{sd1}", "--erase", "x", "--save-prompt", "{dir}/p.safetensors"],
                                          "--save-prompt", "learns no prompt"),
     # output paths against each other and the input, before any work (--overwrite does not allow them)

@@ -187,6 +187,7 @@ def test_sparse_patch_round_trips_and_reports_its_storage(sdxl, tmp_path):
         dense = edit.apply(sdxl.weight(key))
         assert dense.dtype == torch.float16
         assert report["matrices"][key]["sparsity"] == pytest.approx((dense == 0).double().mean().item())
+        assert 0 < report["matrices"][key]["iterations"] <= total["iterations"]  # its chunk's solve; total: the most
         assert edit.col_indices.dtype == torch.int16 and edit.nnz == int((dense != 0).sum())
 
     path = save_patch(result.patch, tmp_path / "space.safetensors")

@@ -636,6 +636,9 @@ class SPACE(ErasureMethod):
                     "sparsity": 1.0 - csr.nnz / math.prod(shape),
                     "objective": objective[rows].sum().item(),
                     "objective_start": objective_start[rows].sum().item(),
+                    # the solve of this matrix's chunk (one width, solved together)
+                    "iterations": result.iterations,
+                    "newton_steps": result.newton_steps,
                 }
                 group = groups.setdefault(width, {"width": width, "matrices": 0, "zeros": 0, "entries": 0})
                 group["matrices"] += 1

@@ -83,6 +83,13 @@ def _depth(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _first_shape(shapes: Mapping[str, tuple[int, ...]], suffix: str) -> tuple[int, ...]:
+    for key, shape in shapes.items():
+        if key.endswith(suffix):
+            return shape
+    raise ValueError(f"no tensor *{suffix}")
+
+
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> LDMConfig:
     """Derive the config from the U-Net's key names and shapes (prefix already stripped). `family` is
     "sd1" / "sd2" / "sdxl" / "toyworld" and decides only what shapes cannot tell: the attention heads
@@ -113,8 +120,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], family: str) -> LD
     to_k = [shape for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")]
     if not to_k:
         raise ValueError("the U-Net has no cross-attention")
-    proj_in = next(shape for key, shape in shapes.items() if key.endswith(".proj_in.weight"))
-    ff_out = next(shape for key, shape in shapes.items() if key.endswith(".ff.net.2.weight"))
+    proj_in, ff_out = _first_shape(shapes, ".proj_in.weight"), _first_shape(shapes, ".ff.net.2.weight")
     adm = shapes.get("label_emb.0.0.weight")
     return LDMConfig(
         in_channels=conv_in[1],
