@@ -79,8 +79,10 @@ def solve(solver, W_o, U, V, lam, mu, iterations, tol, start=None, restart=True)
 
 @pytest.mark.parametrize("solver,restart", [("newton", True), ("fista", True), ("fista", False)])
 @pytest.mark.parametrize("lam,mu", [(0.5, 0.2), (0.1, 1.0)])
-def test_matches_an_independent_lasso_solver(rng, solver, restart, lam, mu):
-    W_o, U, V = problem(rng)
+@pytest.mark.parametrize("columns", [(2, 3), (8, 9)], ids=["few columns", "more columns than d/2"])
+def test_matches_an_independent_lasso_solver(rng, solver, restart, lam, mu, columns):
+    # d = 16: 5 columns take FISTA's two products through Ũ, 17 (k = 16) its one product with Ũ Ũᵀ
+    W_o, U, V = problem(rng, n_e=columns[0], n_p=columns[1])
     result = solve(solver, W_o, U, V, lam, mu, 20_000, 1e-9, restart=restart)
     assert result.converged and result.distance <= 1e-9
     reference = lasso_reference(W_o, U, V, lam, mu)

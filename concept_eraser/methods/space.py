@@ -411,21 +411,31 @@ def fista_l1(
 ) -> SolveResult:
     """The paper's solver: FISTA (Eqs. 7–9) on ‖W Ũ − W_o Ṽ‖² + λ‖W − W_o‖² + μ‖W‖₁ from W_0 = `start` (used
     as a work buffer), with O'Donoghue & Candès' adaptive restart when `restart`; every CHECK_EVERY iterations
-    the restart test and the certificate (the same stopping rule as Newton's)."""
+    the restart test and the certificate (the same stopping rule as Newton's). The gradient's product over the
+    weights is (Y Ũ − W_o Ṽ) Ũᵀ, two n × d × k products, or (Y Ũ Ũᵀ − W_o Ṽ Ũᵀ) with Ũ Ũᵀ (d × d) formed once, one
+    n × d × d product: whichever costs less for this width (the second when k > d/2)."""
     dtype = W_o.dtype
     U = ops.U.to(dtype)
     sigma = lam + ops.eig.max().item() if len(ops.eig) else lam  # σ_max(M); L = 2σ
     step, tau = 1.0 / sigma, mu / (2.0 * sigma)  # ∇f/L = (Y M − B)/σ;  threshold μ/L
     WoV = mm64(W_o, ops.V)
-    WoV_w = WoV.to(dtype)
-    small = W_o.new_empty(W_o.shape[0], U.shape[1])
+    dense = 2 * U.shape[1] > U.shape[0]
+    if dense:
+        UUt, target = (ops.U @ ops.U.T).to(dtype), (WoV @ ops.U.T).to(dtype)  # Ũ Ũᵀ and W_o Ṽ Ũᵀ
+        product = torch.empty_like(W_o)
+    else:
+        target, product = WoV.to(dtype), W_o.new_empty(W_o.shape[0], U.shape[1])
     W_prev, Y = start, start.clone()
     W, Z = torch.empty_like(Y), torch.empty_like(Y)
     t, gap, distance, converged, k = 1.0, math.inf, math.inf, False, 0
     for k in range(1, iterations + 1):
-        torch.addmm(WoV_w, Y, U, beta=-1.0, out=small)  # Y Ũ − W_o Ṽ
         torch.lerp(W_o, Y, 1.0 - step * lam, out=Z)  # Y − λ (Y − W_o)/σ
-        Z.addmm_(small, U.T, alpha=-step)  # − (Y Ũ − W_o Ṽ) Ũᵀ/σ
+        if dense:
+            torch.addmm(target, Y, UUt, beta=-1.0, out=product)  # Y Ũ Ũᵀ − W_o Ṽ Ũᵀ
+            Z.add_(product, alpha=-step)
+        else:
+            torch.addmm(target, Y, U, beta=-1.0, out=product)  # Y Ũ − W_o Ṽ
+            Z.addmm_(product, U.T, alpha=-step)  # − (Y Ũ − W_o Ṽ) Ũᵀ/σ
         torch.clamp(Z, -tau, tau, out=W)
         torch.sub(Z, W, out=W)  # W_k = S_τ(Z)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
