@@ -67,7 +67,7 @@ TEMPLATES = ("a {}", "the {}", "a photo of {}", "a picture of {}", "a painting o
              "art by {}", "{} style")
 POOL = 256  # vocabulary words per target word encoded, chosen by input token embedding (large vocabularies)
 NEIGHBOURS = 8  # nearest words per target word used to build phrases and templates
-BATCH = 128
+BATCH = 16  # prompts per encoder call, and a progress (cancel) point: a host's encoder runs one whole window each
 _CACHE: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # fingerprint → wording → [2, d] features
 _CACHE_ENCODERS = 4
 

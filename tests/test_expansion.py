@@ -96,6 +96,15 @@ def test_deterministic_and_vetoes_are_honoured(toy_model):
     assert [w.text for w in other.added] == [w.text for w in first.added[1:]] + [other.added[-1].text]
 
 
+def test_encoding_reports_progress_every_few_prompts(toy_model):
+    """Every progress call is a host's cancel point: ComfyUI encodes one whole window per prompt (about a second on
+    a CPU), so the ~100–600 candidates must not run between two calls."""
+    expansion_module._CACHE.clear()
+    calls = []
+    expand(toy_model, task("shape", "circle", ("square",)), 5, progress=lambda done, total, _: calls.append(done))
+    assert len(calls) > 3 and max(b - a for a, b in zip(calls, calls[1:])) <= 16
+
+
 def test_a_host_encoder_running_whole_windows_finds_the_same_wordings(toy_model):
     """A host's text encoder offers `encode` only (whole windows); the checkpoint's own runs up to each batch's
     longest EOS. The same wordings and scores come out, to the rounding of the products."""
