@@ -58,6 +58,9 @@ def erase(
     layers.check()
     # the source's fingerprint lets every host refuse this patch on another checkpoint (`patch.check_fits`)
     source = dict(model.source(), fingerprint=source_fingerprint(model.arch, model.weight))
+    earlier = model.prior_steps()
+    if earlier:  # solved on their result: this step alone fits the source only with them applied
+        source["after"] = [f"{s.get('method')}: {', '.join(s.get('concepts', {}).get('erase', []))}" for s in earlier]
     step = provenance_step(chosen.name, values, concepts.as_dict(), source, model.arch.family)
     step["results"] = {**output.summary, "probe": brief(probe)}
     patch = ErasurePatch(model.arch.family, output.edits, (step,))

@@ -330,7 +330,12 @@ def check_fits(patch: ErasurePatch, arch: ArchSpec, weight: Callable[[str], torc
     want = torch.tensor(expected, dtype=torch.float64)
     distance = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
     if distance > FINGERPRINT_TOLERANCE:
+        after = source.get("after") or []
+        made_for, that_model = source.get("name", "unnamed"), "that model"
+        if after:
+            made_for += f" after {len(after)} earlier erasure{'s' * (len(after) > 1)} ({'; '.join(map(str, after))})"
+            that_model += " with them applied"
         raise InvalidParameterError(
-            field, f"the patch was made for another checkpoint, {source.get('name', 'unnamed')} (its cross-attention "
-            f"weights differ from this model's by {distance:.1%} in the source fingerprint); connect that model, or "
-            f"{force_hint} to apply it anyway as a change to this model's weights")
+            field, f"the patch was made for another checkpoint, {made_for} (its cross-attention weights differ from "
+            f"this model's by {distance:.1%} in the source fingerprint); connect {that_model}, or {force_hint} to "
+            "apply it anyway as a change to this model's weights")

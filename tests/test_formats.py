@@ -68,6 +68,22 @@ def test_a_patch_for_another_checkpoint_is_refused_unless_forced(sd1_erasure, tm
     assert main(["apply", str(model.path), str(patch), "--out", str(tmp_path / "same.safetensors")]) == 0
 
 
+def test_a_patch_of_a_later_erasure_says_which_erasures_it_was_made_after(sd1_erasure, tmp_path, capsys):
+    """Erasing again on an erased file records the earlier erasures; that step's patch alone does not fit the
+    original checkpoint, and the refusal says why (the source's name alone would be the same file)."""
+    model, _ = sd1_erasure
+    first = tmp_path / "first.safetensors"
+    assert main(["erase", str(model.path), "--erase", "Van Gogh", "--out", str(first)]) == 0
+    second = tmp_path / "second.safetensors"
+    assert main(["erase", str(first), "--erase", "a cat", "--format", "patch", "--out", str(second)]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(model.path), str(second), "--out", str(tmp_path / "refused.safetensors")]) == 2
+    message = capsys.readouterr().err
+    assert "made for another checkpoint, first.safetensors after 1 earlier erasure (uce: Van Gogh)" in message
+    assert "connect that model with them applied" in message
+    assert main(["apply", str(first), str(second), "--out", str(tmp_path / "fits.safetensors")]) == 0
+
+
 def test_forced_dense_patch_is_a_change_not_a_replacement(sd1_erasure, tmp_path):
     """A dense edit is stored as its change to the weights it was solved on: forced onto another checkpoint it
     adds that change (W' + new − W), it does not copy the first model's weights."""
