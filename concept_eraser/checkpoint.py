@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -17,7 +18,7 @@ from .encoding import CheckpointTextEncoder
 from .errors import EraserError, InvalidParameterError, UnsupportedModelError
 from .models.arch import ENCODER_PREFIXES, FAMILIES, UNET_PREFIX, ArchSpec, detect, is_text_encoder_key
 from .models.text_encoders import hf_state_dict
-from .patch import ErasurePatch, check_written_finite, edit_from_parts
+from .patch import FINGERPRINT_SIZE, ErasurePatch, check_written_finite, edit_from_parts
 from .safetensors_io import LazyTensor, SafetensorsReader, read_metadata_json, write_safetensors
 
 # What an erasure can be saved as (`save_erasure`); learned_prompt is KPOP's prompt, not the erasure itself.
@@ -197,6 +198,13 @@ def step_problem(step) -> str | None:
             return f"has concepts.{name} that is not a list of texts"
     if not isinstance(step.get("applied", {}).get("to", {}), dict):
         return "has an applied.to that is not a JSON object"
+    source = step.get("source", {})
+    fingerprint = source.get("fingerprint", [])
+    if not (isinstance(fingerprint, list) and len(fingerprint) in (0, FINGERPRINT_SIZE) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in fingerprint)):
+        return f"has a source.fingerprint that is not a list of {FINGERPRINT_SIZE} finite numbers"
+    if not isinstance(source.get("after", []), list):
+        return "has a source.after that is not a list"
     probe = step.get("results", {}).get("probe", {})
     if not isinstance(probe, dict) or not all(
             isinstance(f, dict) and all(isinstance(f.get(k), (int, float)) for k in ("residual", "cosine"))
@@ -299,6 +307,11 @@ def load_patch(path, field: str = "patch") -> ErasurePatch:
             except ValueError as exc:
                 raise InvalidParameterError(field, f"stage {i} of {key}: {exc}") from None
         edits[key] = tuple(stages)
+    unlisted = [names for (stage, key), names in parts.items()
+                if key not in index or not stage.isdigit() or int(stage) >= len(index[key])]
+    if unlisted:
+        raise InvalidParameterError(field, f"it holds {next(iter(unlisted[0].values()))}, which its edit index "
+                                    "does not list")
     architecture = meta.get(META_PREFIX + "architecture", "")
     return ErasurePatch(architecture, edits, read_steps(meta, field))
 

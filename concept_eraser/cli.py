@@ -117,6 +117,12 @@ def encoder_files(args) -> dict[str, str]:
     return {option: file for option, file in given.items() if file}
 
 
+def input_files(args, **more: str) -> dict[str, str]:
+    """field → file of every input given: the model, `more`, the text-encoder files and T5's tokenizer."""
+    tokenizer = {"--t5-tokenizer": args.t5_tokenizer} if getattr(args, "t5_tokenizer", None) else {}
+    return {"model": args.model, **more, **encoder_files(args), **tokenizer}
+
+
 def open_model(args, path: str, device="cpu", text: bool = True) -> CheckpointModel:
     """The model file with the text-encoder files its options give (errors about a file name its option); `text`
     False: a Flux / SD3 file may come without them (`apply`, `inspect`)."""
@@ -175,8 +181,7 @@ def check_distinct(inputs: dict[str, str], outputs: dict[str, str | None]) -> No
 
 def cmd_erase(args) -> int:
     # Check everything cheap before any heavy work, so bad input fails at once and writes nothing.
-    check_distinct({"model": args.model, **encoder_files(args)}, {"--out": args.out, "--report": args.report,
-                                                                  "--save-prompt": args.save_prompt})
+    check_distinct(input_files(args), {"--out": args.out, "--report": args.report, "--save-prompt": args.save_prompt})
     whole = os.path.getsize(args.model) if args.format == "checkpoint" and os.path.isfile(args.model) else 0
     out = check_writable(args.out, args.overwrite, "--out", size=whole)
     if args.report:
@@ -234,8 +239,8 @@ def describe_file(path: str, field: str = "file", args=None) -> dict:
             info["kind"] = fmt
             info["architecture"] = meta.get(META_PREFIX + "architecture")
             info["tensors"] = len(reader.keys())
-            if fmt == "patch":
-                info["edits"] = read_metadata_json(meta, META_PREFIX + "edits", {}, field)
+            if fmt == "patch":  # read whole, so that inspect refuses what apply would refuse
+                info["edits"] = {key: [s.kind for s in stages] for key, stages in load_patch(path, field).edits.items()}
         elif fmt == "learned_prompt":
             concepts = read_metadata_json(meta, META_PREFIX + "concepts", {}, field)
             problem = step_problem({"concepts": concepts})
@@ -294,7 +299,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    check_distinct({"model": args.model, "patch": args.patch, **encoder_files(args)}, {"--out": args.out})
+    check_distinct(input_files(args, patch=args.patch), {"--out": args.out})
     whole = os.path.getsize(args.model) if os.path.isfile(args.model) else 0
     out = check_writable(args.out, args.overwrite, "--out", size=whole)
     model = open_model(args, args.model, text=False)

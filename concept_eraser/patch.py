@@ -329,7 +329,7 @@ def check_fits(patch: ErasurePatch, arch: ArchSpec, weight: Callable[[str], torc
     got = torch.tensor(source_fingerprint(arch, weight), dtype=torch.float64)
     want = torch.tensor(expected, dtype=torch.float64)
     distance = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-    if distance > FINGERPRINT_TOLERANCE:
+    if not distance <= FINGERPRINT_TOLERANCE:  # NaN (weights that are not finite) is no match either
         after = source.get("after") or []
         made_for, that_model = source.get("name", "unnamed"), "that model"
         if after:

@@ -239,7 +239,7 @@ def _remove_if_stale(entry: Path) -> int | None:
         size = entry.stat().st_size
         os.unlink(entry)
         return size
-    fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a named pipe would block opening
     try:
         info = os.fstat(fd)
         # A writer locks its file right after creating it: an empty file seconds old may be one in that instant.
@@ -314,7 +314,7 @@ def _publish(partial: Path, path: Path, overwrite: bool, field: str) -> None:
 
 
 def _write_error(field: str, path: Path, exc: OSError) -> InvalidParameterError:
-    return InvalidParameterError(field, f"could not write {path}: {exc.strerror or exc}; nothing was written")
+    return InvalidParameterError(field, f"could not write {path}: {exc.strerror or exc}; nothing was written to it")
 
 
 def write_safetensors(

@@ -2,6 +2,7 @@
 nothing written."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,6 +95,10 @@ def damaged_patches(folder, tensors, meta):
         "kind": (tensors, {"concept_eraser.edits": json.dumps({key: ["magic"]})}),
         "steps": (tensors, {"concept_eraser.steps": '{"method": "uce"}'}),
         "concepts": (tensors, {"concept_eraser.steps": '[{"concepts": {"erase": 5}}]'}),
+        "extra": ({**tensors, "0.delta::model.diffusion_model.foo.weight": torch.zeros(2, 2)}, {}),
+        "fingerprint": (tensors, {"concept_eraser.steps": '[{"source": {"fingerprint": "abc"}}]'}),
+        "nan-fingerprint": (tensors, {"concept_eraser.steps": '[{"source": {"fingerprint": ' + str([math.nan] * 8)
+                                      .replace("nan", "NaN") + "}}]"}),
     }
     for name, (t, m) in damaged.items():
         save_file(t, str(folder / f"patch-{name}.safetensors"), {**meta, **m})
@@ -163,6 +168,16 @@ BAD_INPUTS = {
                                "not a list of edit kinds"),
     "patch unknown kind": (["apply", "{sd1}", "{dir}/patch-kind.safetensors"], "patch", "unknown edit kind 'magic'"),
     "patch steps not a list": (["apply", "{sd1}", "{dir}/patch-steps.safetensors"], "patch", "not a JSON list"),
+    "patch part not in its index": (["apply", "{sd1}", "{dir}/patch-extra.safetensors"], "patch",
+                                    "0.delta::model.diffusion_model.foo.weight, which its edit index does not list"),
+    "patch fingerprint not numbers": (["apply", "{sd1}", "{dir}/patch-fingerprint.safetensors"], "patch",
+                                      "source.fingerprint that is not a list of 8 finite numbers"),
+    "patch fingerprint NaN": (["apply", "{sd1}", "{dir}/patch-nan-fingerprint.safetensors"], "patch",
+                              "source.fingerprint that is not a list of 8 finite numbers"),
+    "inspect NaN in a patch": (["inspect", "{dir}/patch-nan.safetensors"], "file", "up contains NaN or Inf"),
+    "report over the T5 tokenizer": (["erase", "{sd1}", "--erase", "x", "--t5-tokenizer", "{dir}/tokenizer.json",
+                                      "--report", "{dir}/tokenizer.json", "--overwrite"], "--report",
+                                     "is the input --t5-tokenizer"),
     "inspect steps not a list": (["inspect", "{dir}/patch-steps.safetensors"], "file", "not a JSON list"),
     "inspect step concepts": (["inspect", "{dir}/patch-concepts.safetensors"], "file",
                               "concepts.erase that is not a list"),

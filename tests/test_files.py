@@ -18,7 +18,7 @@ from concept_eraser import CheckpointModel, Concepts, erase, save_checkpoint, sa
 from concept_eraser.cli import main
 from concept_eraser.denoiser import training_size
 from concept_eraser.errors import InvalidParameterError
-from concept_eraser.safetensors_io import PARTIAL_PREFIX, LazyTensor, file_sha256, write_safetensors
+from concept_eraser.safetensors_io import PARTIAL_PREFIX, PARTIAL_SUFFIX, LazyTensor, file_sha256, write_safetensors
 from concept_eraser.tiny import make_tiny_checkpoint, tiny_state_dict
 from concept_eraser.tokenizer import WordTokenizer
 
@@ -138,6 +138,14 @@ def test_a_partial_file_of_a_killed_run_is_removed_by_the_next(tiny_checkpoints,
     err = capsys.readouterr().err
     assert f"warning: removed {tmp_path / left[0]}" in err and "killed while writing" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_named_pipe_named_like_a_partial_file_is_left_alone(tmp_path):
+    """Looking for partial files of killed runs must not open a pipe for reading: that blocks until a writer comes."""
+    pipe = tmp_path / f"{PARTIAL_PREFIX}deadbeef{PARTIAL_SUFFIX}"
+    os.mkfifo(pipe)
+    write_safetensors(tmp_path / "out.safetensors", {"w": torch.zeros(2)})
+    assert pipe.exists() and (tmp_path / "out.safetensors").exists()
 
 
 def test_fp8_checkpoints_are_solved_in_float32_and_written_back_in_fp8(tmp_path):
