@@ -116,6 +116,21 @@ def test_other_transformer_layouts_are_refused_by_name():
         detect({k: tuple(v.shape) for k, v in tiny_mmdit_parts("flux_dev")["t5xxl"].items()})
 
 
+@pytest.mark.parametrize("denoiser,encoder", [
+    (("positional_encoding", "register_tokens", "cond_seq_linear.weight"), "pile_t5xl"),  # AuraFlow
+    (("layers.0.attention.qkv.weight", "cap_embedder.1.weight"), "qwen3_4b"),  # Lumina 2
+])
+def test_an_all_in_one_file_of_another_transformer_is_refused_naming_what_was_found(denoiser, encoder):
+    """ComfyUI stores every denoiser under model.diffusion_model.: one without a U-Net's keys is not taken for a
+    U-Net lacking its text encoder."""
+    shapes = {UNET_PREFIX + k: (4, 4) for k in denoiser} | {
+        f"text_encoders.{encoder}.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4)}
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            f"found a denoiser under '{UNET_PREFIX}' that is neither a U-Net nor a Flux.1 / SD3 transformer "
+            f"(first keys: {UNET_PREFIX}{denoiser[0]}, ") + f".*, with text encoders {encoder}$"):
+        detect(shapes)
+
+
 def test_encoder_files_are_checked_when_mounted(files, tmp_path):
     allinone = files[("flux_dev", "all_in_one")]["model"]
     separate = files[("flux_dev", "separate")]

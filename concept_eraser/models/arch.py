@@ -548,6 +548,7 @@ TRANSFORMER_MARKERS = [
     ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
     ("double_blocks.", "a Flux transformer of an unknown layout"),
 ]
+UNET_MARKERS = ("input_blocks.", ".attn2.to_k")  # in the keys of every U-Net family's denoiser
 OTHER_MARKERS = [
     ("lora_unet_", "a LoRA file"),
     ("lora_up.weight", "a LoRA file"),
@@ -578,9 +579,19 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     if family is not None:
         return family.build(shapes, metadata, text)
     transformer = _found(keys, TRANSFORMER_MARKERS)
-    if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
+    denoiser = [k for k in keys if k.startswith(UNET_PREFIX)]
+    if transformer or not denoiser:
         found = (transformer or _found(keys, OTHER_MARKERS)
                  or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})")
+    elif not any(marker in k for k in denoiser for marker in UNET_MARKERS):
+        # ComfyUI stores every denoiser under this prefix: AuraFlow, Lumina, HunyuanDiT ... as well as U-Nets
+        encoders = sorted({k.split(".")[1] for k in keys if k.startswith("text_encoders.")})
+        found = (f"a denoiser under '{UNET_PREFIX}' that is neither a U-Net nor a Flux.1 / SD3 transformer "
+                 f"(first keys: {', '.join(denoiser[:3])})"
+                 + (f", with text encoders {', '.join(encoders)}" if encoders else ""))
+    else:
+        found = None
+    if found:
         raise UnsupportedModelError(f"not a checkpoint of a supported model (SD1.x, SD2.x, SDXL, Flux.1, SD3): "
                                     f"found {found}")
     family = next((f for f in FAMILIES if f.claims(keys, metadata)), None)
