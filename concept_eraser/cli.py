@@ -30,7 +30,7 @@ from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError, NonFiniteResultError
 from .expansion import describe_expansion
 from .methods import METHODS, get_method
-from .models.arch import ENCODER_OPTIONS
+from .models.arch import ENCODER_OPTIONS, is_text_encoder_key
 from .params import parse_assignments, resolve
 from .patch import ErasurePatch, check_fits
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json, write_json
@@ -297,6 +297,12 @@ def cmd_apply(args) -> int:
     model = open_model(args, args.model, text=False)
     with blame("patch"):
         patch = load_patch(args.patch)
+        outside = next((k for k in patch.edits if is_text_encoder_key(k) and k not in model.reader), None)
+        if outside:  # ErasePro on a Flux / SD3 file whose encoders are files of their own: no file to write them to
+            raise InvalidParameterError(
+                "patch", f"the patch edits {outside}, a text encoder, which this model file does not hold: `apply` "
+                "writes the model file alone (text encoders in files of their own are only read); erase again with "
+                "--format lora, a LoRA that ComfyUI's LoRA loader applies to the model and its CLIP")
         check_fits(patch, model.arch, model.weight,
                    lambda key: model.reader.infos[key].shape if key in model.reader else None, args.force, "patch",
                    "pass --force")
