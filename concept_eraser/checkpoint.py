@@ -68,11 +68,16 @@ class CheckpointModel:
         shapes = {k: i.shape for k, i in self.reader.infos.items()}
         for prefix, reader in self.mounted.items():
             shapes |= {prefix + k: i.shape for k, i in reader.infos.items()}
-        self.arch: ArchSpec = detect(shapes, self.reader.metadata, text=text or bool(text_encoders))
-        for slot in text_encoders or {}:
+        fields = {slot: (encoder_fields or {}).get(slot, slot) for slot in text_encoders or {}}
+        try:
+            self.arch: ArchSpec = detect(shapes, self.reader.metadata, text=text or bool(text_encoders))
+        except UnsupportedModelError as exc:
+            if exc.slot in fields:  # the fault is in an encoder file given, not in the model file
+                raise InvalidParameterError(fields[exc.slot], str(exc)) from None
+            raise
+        for slot, field in fields.items():
             if not any(e.prefix.startswith(ENCODER_PREFIXES[slot]) for e in self.arch.encoders):
-                raise InvalidParameterError((encoder_fields or {}).get(slot, slot),
-                                            f"{self.arch.title} reads no {slot} text encoder; leave it out")
+                raise InvalidParameterError(field, f"{self.arch.title} reads no {slot} text encoder; leave it out")
         self._text_encoder: CheckpointTextEncoder | None = None
         # The provenance digest reads the whole file (SDXL: 2-7 s): a background thread reads it while the
         # method works, instead of on its path. Daemon: a process that never asks for it need not wait.

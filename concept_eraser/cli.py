@@ -30,6 +30,7 @@ from .concepts import Concepts
 from .errors import EraserError, InvalidParameterError, NonFiniteResultError
 from .expansion import describe_expansion
 from .methods import METHODS, get_method
+from .models.arch import ENCODER_OPTIONS, is_text_encoder_key
 from .params import parse_assignments, resolve
 from .patch import ErasurePatch, check_fits
 from .safetensors_io import SafetensorsReader, check_writable, read_metadata_json, write_json
@@ -96,10 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Text-encoder files given beside a diffusion-model-only Flux / SD3 file: option → slot (`CheckpointModel`).
-ENCODER_OPTIONS = {"--clip-l": "clip_l", "--clip-g": "clip_g", "--t5": "t5xxl"}
-
-
 def add_text_encoder_options(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
     group = parser.add_argument_group("text encoders in files of their own (Flux.1, SD3; as ComfyUI's "
                                       "models/text_encoders holds them)")
@@ -113,7 +110,7 @@ def add_text_encoder_options(parser: argparse.ArgumentParser, tokenizer: bool = 
 
 def encoder_files(args) -> dict[str, str]:
     """option → file of the text-encoder options given."""
-    given = {option: getattr(args, option[2:].replace("-", "_"), None) for option in ENCODER_OPTIONS}
+    given = {option: getattr(args, option[2:].replace("-", "_"), None) for option in ENCODER_OPTIONS.values()}
     return {option: file for option, file in given.items() if file}
 
 
@@ -126,10 +123,10 @@ def input_files(args, **more: str) -> dict[str, str]:
 def open_model(args, path: str, device="cpu", text: bool = True) -> CheckpointModel:
     """The model file with the text-encoder files its options give (errors about a file name its option); `text`
     False: a Flux / SD3 file may come without them (`apply`, `inspect`)."""
-    given = {ENCODER_OPTIONS[option]: file for option, file in encoder_files(args).items()}
-    fields = {slot: option for option, slot in ENCODER_OPTIONS.items()}
+    slots = {option: slot for slot, option in ENCODER_OPTIONS.items()}
+    given = {slots[option]: file for option, file in encoder_files(args).items()}
     with blame("model"):
-        model = CheckpointModel(path, device, text_encoders=given, encoder_fields=fields, text=text)
+        model = CheckpointModel(path, device, text_encoders=given, encoder_fields=ENCODER_OPTIONS, text=text)
     if getattr(args, "t5_tokenizer", None):
         use_t5_tokenizer(args.t5_tokenizer, "--t5-tokenizer")
     elif hasattr(args, "t5_tokenizer") and any(e.tokenizer == "t5" for e in model.arch.encoders):
@@ -305,6 +302,12 @@ def cmd_apply(args) -> int:
     model = open_model(args, args.model, text=False)
     with blame("patch"):
         patch = load_patch(args.patch)
+        outside = next((k for k in patch.edits if is_text_encoder_key(k) and k not in model.reader), None)
+        if outside:  # ErasePro on a Flux / SD3 file whose encoders are files of their own: no file to write them to
+            raise InvalidParameterError(
+                "patch", f"the patch edits {outside}, a text encoder, which this model file does not hold: `apply` "
+                "writes the model file alone (text encoders in files of their own are only read); erase again with "
+                "--format lora, a LoRA that ComfyUI's LoRA loader applies to the model and its CLIP")
         check_fits(patch, model.arch, model.weight,
                    lambda key: model.reader.infos[key].shape if key in model.reader else None, args.force, "patch",
                    "pass --force")

@@ -16,7 +16,12 @@ class InvalidParameterError(EraserError, ValueError):
 
 
 class UnsupportedModelError(EraserError):
-    """The checkpoint's key layout is not one the solver can edit."""
+    """The checkpoint's key layout is not one the solver can edit. `slot`: the text-encoder slot at fault
+    ("clip_l", "clip_g", "t5xxl"), where one is, so a host can name the file it took that encoder from."""
+
+    def __init__(self, message: str, slot: str | None = None):
+        self.slot = slot
+        super().__init__(message)
 
 
 class UnsafeFileError(EraserError):

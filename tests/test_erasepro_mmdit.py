@@ -141,6 +141,15 @@ def test_cli_erases_a_flux_file_with_erasepro(t5_tokenizer, tmp_path, capsys):  
     assert main([str(a) for a in args + encoders + ["--out", tmp_path / "whole.safetensors"]]) == 2
     assert "a text encoder given in a file of its own" in capsys.readouterr().err
     assert not (tmp_path / "whole.safetensors").exists()
+    # a patch of those edits: `apply` writes the model file alone, so it says what to make instead
+    patch = tmp_path / "patch.safetensors"
+    assert main([str(a) for a in args + encoders + ["--format", "patch", "--out", patch]]) == 0
+    capsys.readouterr()
+    assert main([str(a) for a in ["apply", separate["model"], patch, "--out", tmp_path / "whole.safetensors"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: patch: the patch edits {ENCODER_PREFIXES['t5xxl']}") and "`apply` writes the " \
+        "model file alone" in err and "erase again with --format lora, a LoRA that ComfyUI's LoRA loader" in err, err
+    assert not (tmp_path / "whole.safetensors").exists()
 
 
 def assert_comfyui_maps_the_text_encoder_modules(lora_path, paths):

@@ -44,11 +44,13 @@ def files(tmp_path_factory):
             for family in MMDIT_FAMILIES for layout in ("all_in_one", "separate")}
 
 
-def shapes_of(family, layout="separate", drop=(), swap=None):
-    """The shapes CheckpointModel sees for a tiny model: encoders mounted under the all-in-one names."""
+def shapes_of(family, layout="separate", drop=(), swap=None, swap_back=None):
+    """The shapes CheckpointModel sees for a tiny model: encoders mounted under the all-in-one names; `swap`
+    (to, from): one slot given the other's encoder (and `swap_back` too: the two exchanged)."""
     parts = tiny_mmdit_parts(family)
-    if swap:
-        parts[swap[0]] = parts[swap[1]]
+    given = dict(parts)
+    for to, source in filter(None, (swap, swap_back)):
+        parts[to] = given[source]
     shapes = {}
     for slot, tensors in parts.items():
         if slot in drop:
@@ -76,13 +78,18 @@ def test_detects_each_family_in_each_layout_with_the_files_own_key_names(layout,
 
 
 @pytest.mark.parametrize("family,change,message", [
-    ("flux_dev", {"drop": ("t5xxl",)}, r"t5xxl text encoder \(txt_in\) is missing.*--t5"),
-    ("flux_dev", {"drop": ("clip_l", "t5xxl")}, "is missing"),
+    ("flux_dev", {"drop": ("t5xxl",)}, r"the t5xxl \(txt_in\) text encoder is missing.*--t5\)"),
+    ("flux_dev", {"drop": ("clip_l", "t5xxl")},
+     r"the t5xxl \(txt_in\) and clip_l \(vector_in\) text encoders are missing.*--t5, --clip-l\)"),
     ("flux_dev", {"swap": ("t5xxl", "clip_l")}, r"t5xxl slot holds a CLIP text model \(64 wide\), not T5"),
     ("flux_dev", {"swap": ("clip_l", "t5xxl")}, r"clip_l slot holds a T5 encoder \(192 wide\), not CLIP"),
     ("sd3", {"swap": ("clip_l", "clip_g")}, "96 .clip_l. and 96 .clip_g. wide, but y_embedder reads 160"),
-    ("sd3", {"drop": ("clip_l", "clip_g", "t5xxl")}, r"Stable Diffusion 3: the clip_l text encoder .* is missing"),
-    ("sd3", {"drop": ("t5xxl",)}, "t5xxl text encoder .context_embedder. is missing"),
+    ("sd3", {"drop": ("clip_l", "clip_g", "t5xxl")}, r"Stable Diffusion 3: the clip_l \(.*\), clip_g \(.*\) and "
+     r"t5xxl \(context_embedder\) text encoders are missing: .* give each .*--clip-l, --clip-g, --t5\)"),
+    ("sd3", {"swap": ("clip_l", "clip_g"), "swap_back": ("clip_g", "clip_l")},
+     r"clip_l text encoder \(3 layers × 96\) is larger than the clip_g one \(3 × 64\): they look swapped.*"
+     r"--clip-l / --clip-g"),
+    ("sd3", {"drop": ("t5xxl",)}, "the t5xxl .context_embedder. text encoder is missing"),
 ])
 def test_wrong_or_missing_text_encoders_are_refused_naming_what_was_found(family, change, message):
     with pytest.raises(UnsupportedModelError, match=message):
@@ -114,6 +121,21 @@ def test_other_transformer_layouts_are_refused_by_name():
         detect(flux | {"txt_in.scale_weight": (), "scaled_fp8": (0,)})
     with pytest.raises(UnsupportedModelError, match="a T5 text encoder only"):
         detect({k: tuple(v.shape) for k, v in tiny_mmdit_parts("flux_dev")["t5xxl"].items()})
+
+
+@pytest.mark.parametrize("denoiser,encoder", [
+    (("positional_encoding", "register_tokens", "cond_seq_linear.weight"), "pile_t5xl"),  # AuraFlow
+    (("layers.0.attention.qkv.weight", "cap_embedder.1.weight"), "qwen3_4b"),  # Lumina 2
+])
+def test_an_all_in_one_file_of_another_transformer_is_refused_naming_what_was_found(denoiser, encoder):
+    """ComfyUI stores every denoiser under model.diffusion_model.: one without a U-Net's keys is not taken for a
+    U-Net lacking its text encoder."""
+    shapes = {UNET_PREFIX + k: (4, 4) for k in denoiser} | {
+        f"text_encoders.{encoder}.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4)}
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            f"found a denoiser under '{UNET_PREFIX}' that is neither a U-Net nor a Flux.1 / SD3 transformer "
+            f"(first keys: {UNET_PREFIX}{denoiser[0]}, ") + f".*, with text encoders {encoder}$"):
+        detect(shapes)
 
 
 def test_encoder_files_are_checked_when_mounted(files, tmp_path):
@@ -235,13 +257,31 @@ def test_cli_erases_an_all_in_one_sd3_checkpoint_keeping_its_names(files, t5_tok
     assert "model.diffusion_model.y_embedder.mlp.0.weight  64×160  reads pooled" in capsys.readouterr().out
 
 
+def test_cli_refuses_sd3s_clip_encoders_swapped_naming_the_options(files, t5_tokenizer, tmp_path, capsys):
+    """Widths alone cannot tell: CLIP-L ⊕ CLIP-G is as wide as CLIP-G ⊕ CLIP-L, and a CLIP-L file may carry a
+    text_projection.weight as CLIP-G's does."""
+    paths = files[("sd3", "separate")]
+    clip_l = tmp_path / "clip_l_with_projection.safetensors"
+    with safe_open(str(paths["clip_l"]), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors | {"text_projection.weight": torch.eye(64, dtype=torch.float16)}, str(clip_l))
+    out = tmp_path / "out.safetensors"
+    assert run_cli("erase", paths["model"], "--t5", paths["t5xxl"], "--clip-l", paths["clip_g"], "--clip-g", clip_l,
+                   "--t5-tokenizer", t5_tokenizer, "--erase", "cat", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --clip-l: Stable Diffusion 3: the clip_l text encoder (3 layers × 96) is larger "
+                          "than the clip_g one (3 × 64): they look swapped"), err
+    assert "(command line: --clip-l / --clip-g)" in err and not out.exists()
+
+
 @pytest.mark.parametrize("extra,field,message", [
     ([], "--t5-tokenizer", "Flux.1 reads prompts through T5: give T5's tokenizer.json"),
     (["--t5-tokenizer", "{missing}"], "--t5-tokenizer", "is not a file"),
     (["--t5-tokenizer", "{model}"], "--t5-tokenizer", "is not a tokenizer.json"),
-    (["--t5", "{t5}"], "model", "clip_l text encoder .vector_in. is missing"),
+    (["--t5", "{t5}"], "model", "the clip_l .vector_in. text encoder is missing"),
     (["--t5", "{t5}", "--clip-l", "{clip}", "--clip-g", "{clip}"], "--clip-g", "Flux.1 reads no clip_g text encoder"),
-    (["--t5", "{clip}", "--clip-l", "{clip}"], "model", "t5xxl slot holds a CLIP text model"),
+    (["--t5", "{clip}", "--clip-l", "{clip}"], "--t5", "t5xxl slot holds a CLIP text model"),
+    (["--t5", "{t5}", "--clip-l", "{t5}"], "--clip-l", "clip_l slot holds a T5 encoder"),
     (["--method", "kpop", "--t5-tokenizer", "{tok}"], "method", "kpop cannot edit Flux.1"),
 ])
 def test_cli_refuses_bad_flux_input_naming_the_field(files, t5_tokenizer, tmp_path, capsys, extra, field, message):

@@ -72,10 +72,10 @@ def test_every_method_runs_through_the_toyworld_adapter(toy_model, method):
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
-@pytest.mark.parametrize("method", ["uce", "rece", "erasepro"])
+@pytest.mark.parametrize("method", ["uce", "rece", "space", "erasepro"])
 def test_a_short_benchmark_at_the_defaults_erases_and_keeps_the_rest(the_judge, one_thread, method):
     """Each closed-form method at its defaults, judged on circle → square (8 samples per set, 8 steps). Measured:
-    preserved 100 % (UCE, ErasePro), 88 % (RECE); RECE's former defaults (5 epochs, the last returned, its UCE
+    preserved 100 % (UCE, SPACE, ErasePro), 88 % (RECE); RECE's former defaults (5 epochs, the last returned, its UCE
     step at λ 0.1) kept 0 %, and 5 epochs from the official UCE step 25 %."""
     bench = benchmark.Bench(CHECKPOINT, the_judge, samples=8, seed=0, steps=8)
     results = bench.evaluate(benchmark.TASKS[0], benchmark.runs_for([method]), grid_dir=None)

@@ -148,7 +148,8 @@ def test_the_shipped_model_is_toyworld_flux_with_one_word_level_encoder():
 def test_uce_on_toyworld_flux_erases_circles_and_keeps_the_other_shapes():
     """circle → square with UCE editing both maps (txt_in and, `pooled_edit`, vector_in), judged on 8 circle prompts
     and 8 triangle/ring prompts, 10 Euler steps. Measured: circles 7/8 → 0/8 (all squares), the others 8/8 → 8/8;
-    txt_in alone (UCE's default) turned only half of the circles into squares: the pooled path carries the rest."""
+    txt_in alone (`pooled_edit=false`) turned only half of the circles into squares: the pooled path carries the
+    rest."""
     from concept_eraser import erase
     from concept_eraser.checkpoint import CheckpointModel
     from concept_eraser.concepts import Concepts

@@ -30,10 +30,11 @@ denoiser's CONTEXT map (`txt_in`, `context_embedder`), reads the context assembl
 SD3's [CLIP-L ⊕ CLIP-G | T5] along the tokens, each segment's columns at its own tokenizer's positions. The
 CLIP encoders are edited as for SD wherever their output is read: Flux's CLIP-L only through its pooled output
 (all its blocks), SD3's CLIP-L and CLIP-G through both. POOLED maps (`vector_in`, `y_embedder`, SDXL's
-`label_emb`) are not edited: their input follows the edited encoders (exactly where the pooled EOS position
-pairs target with guide: prompts of one length). T5 has no absolute position embedding, so at its first block a
-token's feature is the same wherever it stands: pairs that send one token (EOS) to different anchors — a guide
-shorter or longer than its target beside a preserved prompt — cannot all be met there (a residual warning);
+`label_emb`) are not edited here: their input follows the edited encoders (exactly where the pooled EOS position
+pairs target with guide: prompts of one length); `pooled_edit` (auto: on for Flux and SD3) edits them after. T5
+has no absolute position embedding, so at its first block a token's feature is the same wherever it stands: pairs
+that send one token (EOS) to different anchors — a guide shorter or longer than its target beside a preserved
+prompt — cannot all be met there (a residual warning);
 from block 2 on attention mixes in the context. Memory on the device for T5-XXL (computed for Flux dev, 512
 tokens, one target and the empty prompt, all_tokens: 1024 columns): the embedding as stored (0.26 GB in fp16),
 one block in float32 (0.77 GB), the anchors' q/k/v inputs of all 24 blocks (0.4 GB), the low-rank edits (3 ups

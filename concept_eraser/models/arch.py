@@ -56,6 +56,8 @@ UNET_PREFIX = "model.diffusion_model."
 # Where text encoders given in files of their own are mounted: the names ComfyUI's all-in-one checkpoints use.
 ENCODER_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                     "t5xxl": "text_encoders.t5xxl.transformer."}
+# The command-line options that give those files (named in messages, also of hosts without them).
+ENCODER_OPTIONS = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5"}
 TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")  # SD1/2, SDXL, Flux/SD3
 # Tensors beside a denoiser stored without a prefix: text encoders, VAEs.
 NOT_DENOISER_PREFIXES = TEXT_ENCODER_PREFIXES + ("vae.", "first_stage_model.")
@@ -347,6 +349,11 @@ def _t5_encoder(keys, shapes, prefix: str, window: int, segment: int, lora_prefi
                        segment=segment)
 
 
+def _listed(items: Sequence[str], conjunction: str = "and") -> str:
+    """"a", "a and b", "a, b and c"."""
+    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}" if len(items) > 1 else items[0]
+
+
 def _slot_content(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> tuple[str, int] | None:
     """What a text-encoder slot holds: ("t5" | "clip", width), ("other", 0), or None when it is empty."""
     under = [k for k in shapes if k.startswith(prefix)]
@@ -392,21 +399,26 @@ class TransformerFamily(Family):
     def check_slots(cls, shapes: Mapping[str, tuple[int, ...]], widths: Mapping[str, int]) -> None:
         """Each text encoder the family needs is present, of the right kind and width (`widths`: slot → the
         width its map reads, where one map reads it alone)."""
+        found = {slot: _slot_content(shapes, ENCODER_PREFIXES[slot]) for slot in cls.SLOTS}
+        missing = [slot for slot, content in found.items() if content is None]
+        if missing:  # all of them in one message: a diffusion-model-only file given alone lacks every one
+            several = len(missing) > 1
+            raise UnsupportedModelError(
+                f"{cls.title}: the {_listed([f'{s} ({cls.SLOTS[s][1]})' for s in missing])} text "
+                f"encoder{'s are' if several else ' is'} missing: the file has no "
+                f"{_listed([ENCODER_PREFIXES[s] + '*' for s in missing], 'or')} tensors; give "
+                f"{'each' if several else 'it'} as a file of its own (command line: "
+                f"{', '.join(ENCODER_OPTIONS[s] for s in missing)})")
         for slot, (kind, role) in cls.SLOTS.items():
-            found = _slot_content(shapes, ENCODER_PREFIXES[slot])
-            if found is None:
-                raise UnsupportedModelError(
-                    f"{cls.title}: the {slot} text encoder ({role}) is missing: the file has no "
-                    f"{ENCODER_PREFIXES[slot]}* tensors; give it as a file of its own (command line: "
-                    f"--{slot.replace('_', '-').replace('t5xxl', 't5')})")
-            got, width = found
+            got, width = found[slot]
             if got != kind:
                 what = {"t5": f"a T5 encoder ({width} wide)", "clip": f"a CLIP text model ({width} wide)",
                         "other": "no text encoder this program knows"}[got]
-                raise UnsupportedModelError(f"{cls.title}: the {slot} slot holds {what}, not {kind.upper()} ({role})")
+                raise UnsupportedModelError(f"{cls.title}: the {slot} slot holds {what}, not {kind.upper()} ({role})",
+                                            slot)
             if slot in widths and width != widths[slot]:
                 raise UnsupportedModelError(f"{cls.title}: the {slot} text encoder is {width} wide, but {role} reads "
-                                            f"{widths[slot]} values: wrong text encoder")
+                                            f"{widths[slot]} values: wrong text encoder", slot)
 
     @classmethod
     def build(cls, shapes, metadata, text: bool = True):
@@ -484,6 +496,11 @@ class SD3(TransformerFamily):
         cls.check_slots(shapes, {"t5xxl": shapes[prefix + cls.CONTEXT_KEY][1]})
         clip_l = _hf_encoder(keys, shapes, ENCODER_PREFIXES["clip_l"], "clip_l", -2, False, "eos", "lora_te1_")
         clip_g = _hf_encoder(keys, shapes, ENCODER_PREFIXES["clip_g"], "clip_g", -2, False, "zero", "lora_te2_")
+        if clip_l.width > clip_g.width or clip_l.layers > clip_g.layers:  # CLIP-L: 12 × 768, CLIP-G: 32 × 1280
+            raise UnsupportedModelError(
+                f"{cls.title}: the clip_l text encoder ({clip_l.layers} layers × {clip_l.width}) is larger than the "
+                f"clip_g one ({clip_g.layers} × {clip_g.width}): they look swapped; give CLIP-L as clip_l and CLIP-G "
+                f"as clip_g (command line: {ENCODER_OPTIONS['clip_l']} / {ENCODER_OPTIONS['clip_g']})", "clip_l")
         pooled = shapes[prefix + cls.POOLED_KEY][1]
         if clip_l.width + clip_g.width != pooled or clip_l.width + clip_g.width > shapes[prefix + cls.CONTEXT_KEY][1]:
             raise UnsupportedModelError(
@@ -492,7 +509,7 @@ class SD3(TransformerFamily):
         projection = ENCODER_PREFIXES["clip_g"] + "text_projection.weight"
         if projection not in shapes:
             raise UnsupportedModelError(f"{cls.title}: the clip_g text encoder has no {projection}, which its pooled "
-                                        "output needs")
+                                        "output needs", "clip_g")
         return (replace(clip_l, pooled=True, projection="none"),
                 replace(clip_g, pooled=True, projection="hf", quick_gelu=False),
                 _t5_encoder(keys, shapes, ENCODER_PREFIXES["t5xxl"], cls.T5_WINDOW, 1, "lora_te3_"))
@@ -548,6 +565,7 @@ TRANSFORMER_MARKERS = [
     ("joint_blocks.", "a Stable Diffusion 3 transformer of an unknown layout"),
     ("double_blocks.", "a Flux transformer of an unknown layout"),
 ]
+UNET_MARKERS = ("input_blocks.", ".attn2.to_k")  # in the keys of every U-Net family's denoiser
 OTHER_MARKERS = [
     ("lora_unet_", "a LoRA file"),
     ("lora_up.weight", "a LoRA file"),
@@ -578,9 +596,19 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     if family is not None:
         return family.build(shapes, metadata, text)
     transformer = _found(keys, TRANSFORMER_MARKERS)
-    if transformer or not any(k.startswith(UNET_PREFIX) for k in keys):
+    denoiser = [k for k in keys if k.startswith(UNET_PREFIX)]
+    if transformer or not denoiser:
         found = (transformer or _found(keys, OTHER_MARKERS)
                  or f"no U-Net under '{UNET_PREFIX}' (first keys: {', '.join(keys[:3]) or 'none'})")
+    elif not any(marker in k for k in denoiser for marker in UNET_MARKERS):
+        # ComfyUI stores every denoiser under this prefix: AuraFlow, Lumina, HunyuanDiT ... as well as U-Nets
+        encoders = sorted({k.split(".")[1] for k in keys if k.startswith("text_encoders.")})
+        found = (f"a denoiser under '{UNET_PREFIX}' that is neither a U-Net nor a Flux.1 / SD3 transformer "
+                 f"(first keys: {', '.join(denoiser[:3])})"
+                 + (f", with text encoders {', '.join(encoders)}" if encoders else ""))
+    else:
+        found = None
+    if found:
         raise UnsupportedModelError(f"not a checkpoint of a supported model (SD1.x, SD2.x, SDXL, Flux.1, SD3): "
                                     f"found {found}")
     family = next((f for f in FAMILIES if f.claims(keys, metadata)), None)
