@@ -203,6 +203,14 @@ def step_problem(step) -> str | None:
             return f"has concepts.{name} that is not a list of texts"
     if not isinstance(step.get("applied", {}).get("to", {}), dict):
         return "has an applied.to that is not a JSON object"
+    applied = step.get("applied", {})
+    texts = {"source.name": step.get("source", {}).get("name", ""), "applied.to.name": applied.get("to", {}).get(
+        "name", "")}
+    for name, value in texts.items():
+        if not isinstance(value, str):
+            return f"has a {name} that is not a JSON text"
+    if not isinstance(applied.get("forced", False), bool):
+        return "has an applied.forced that is not true or false"
     source = step.get("source", {})
     fingerprint = source.get("fingerprint", [])
     if not (isinstance(fingerprint, list) and len(fingerprint) in (0, FINGERPRINT_SIZE) and all(

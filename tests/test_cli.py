@@ -95,6 +95,7 @@ def damaged_patches(folder, tensors, meta):
         "kind": (tensors, {"concept_eraser.edits": json.dumps({key: ["magic"]})}),
         "steps": (tensors, {"concept_eraser.steps": '{"method": "uce"}'}),
         "concepts": (tensors, {"concept_eraser.steps": '[{"concepts": {"erase": 5}}]'}),
+        "forced": (tensors, {"concept_eraser.steps": '[{"applied": {"to": {"name": "m"}, "forced": "yes"}}]'}),
         "extra": ({**tensors, "0.delta::model.diffusion_model.foo.weight": torch.zeros(2, 2)}, {}),
         "fingerprint": (tensors, {"concept_eraser.steps": '[{"source": {"fingerprint": "abc"}}]'}),
         "nan-fingerprint": (tensors, {"concept_eraser.steps": '[{"source": {"fingerprint": ' + str([math.nan] * 8)
@@ -174,6 +175,8 @@ BAD_INPUTS = {
                                       "source.fingerprint that is not a list of 8 finite numbers"),
     "patch fingerprint NaN": (["apply", "{sd1}", "{dir}/patch-nan-fingerprint.safetensors"], "patch",
                               "source.fingerprint that is not a list of 8 finite numbers"),
+    "step field of the wrong type": (["inspect", "{dir}/patch-forced.safetensors"], "file",
+                                     "applied.forced that is not true or false"),
     "inspect NaN in a patch": (["inspect", "{dir}/patch-nan.safetensors"], "file", "up contains NaN or Inf"),
     "report over the T5 tokenizer": (["erase", "{sd1}", "--erase", "x", "--t5-tokenizer", "{dir}/tokenizer.json",
                                       "--report", "{dir}/tokenizer.json", "--overwrite"], "--report",
