@@ -315,6 +315,20 @@ def test_model_loaded_callback_for_our_object_drops_the_state(a1111):
     assert not service.session.active and snapshot(live) == reloaded
 
 
+def test_a_vae_reload_keeps_the_erasure(a1111):
+    """A1111's sd_vae.reload_vae_weights (the SD VAE setting, txt2img's override_settings) ends with the
+    model-loaded callback for the same object, its U-Net and text encoder untouched: still erased."""
+    _webui, service, model, _path, _state = a1111
+    live = A1111Model(model)
+    original = snapshot(live)
+    service.erase(parse_erase(REQUEST))
+    erased = snapshot(live)
+    service.on_model_loaded(model)
+    status = service.status()
+    assert len(status["erasures"]) == 1 and "notice" not in status and snapshot(live) == erased
+    assert service.restore()["restored_tensors"] > 0 and snapshot(live) == original
+
+
 def test_a_checkpoint_switch_says_the_erasures_were_dropped_in_the_status_and_the_log(a1111, caplog):
     """A1111 loads another checkpoint into the same object, then calls on_model_loaded: the erasures are gone
     with the old weights. The status (route and tab) says so until the next erasure; so does the console, as
