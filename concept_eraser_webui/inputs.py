@@ -52,14 +52,15 @@ def _object(body: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
     return body
 
 
-def lines(value: Any, field: str) -> list[str]:
-    """Text with one entry per line, or a list of strings."""
+def lines(value: Any, field: str, keep_empty: bool = False) -> list[str]:
+    """Text with one entry per line (blank lines are skipped), or a list of strings (empty ones too, with
+    `keep_empty`: a guide "" is the empty prompt, as the command line's --guide "")."""
     if value is None:
         return []
     if isinstance(value, str):
         return [line.strip() for line in value.splitlines() if line.strip()]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value if v.strip()]
+        return [v.strip() for v in value if keep_empty or v.strip()]
     raise RequestError(field, "must be text (one entry per line) or a list of strings")
 
 
@@ -73,7 +74,7 @@ def parse_erase(body: Any) -> EraseRequest:
     except InvalidParameterError as exc:
         raise RequestError("method", exc.detail) from None
     targets = lines(body.get("erase"), "erase")
-    guides = lines(body.get("guide"), "guide")
+    guides = lines(body.get("guide"), "guide", keep_empty=True)
     preserve = lines(body.get("preserve"), "preserve")
     if not targets:
         raise RequestError("erase", "give at least one concept to erase")

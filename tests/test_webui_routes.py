@@ -126,3 +126,14 @@ def test_parsers_accept_text_or_lists():
     assert request.concepts.targets == ("a", "b") and request.concepts.guides == ("g", "g")
     assert request.concepts.preserve == ("p",) and request.method == "uce"
     assert parse_save({"format": "lora", "name": "x.safetensors"}).name == "x"
+
+
+def test_an_empty_guide_in_a_list_is_the_empty_prompt():
+    """As the command line's --guide "": one guide per concept, the first the empty prompt."""
+    request = parse_erase({"erase": ["van gogh", "monet"], "guide": ["", "a photo"]})
+    assert request.concepts.guides == ("", "a photo")
+    assert parse_erase({"erase": ["a", "b"], "guide": [""]}).concepts.guides == ("", "")
+    assert parse_erase({"erase": ["a", "b"], "guide": "\n"}).concepts.guides == ("", "")  # the tab's empty box
+    with pytest.raises(RequestError) as info:
+        parse_erase({"erase": ["a", "b"], "guide": ["", "x", "y"]})
+    assert info.value.field == "guide"
