@@ -137,9 +137,11 @@ class Tab:
             text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
             text += "".join(f"; WARNING: {w}" for w in warned)
+            if result.get("notice"):
+                text += f"; before it: {result['notice']}"
             # the same text and plot as ComfyUI's Erasure Report node (`concept_eraser.report`)
             shown = (result["text"], layer_plot(self.service.session.records[-1].report))
-            return shown, message_html(text, "info" if warned else "ok")
+            return shown, message_html(text, "info" if warned or result.get("notice") else "ok")
 
         shown, message = self._guard(run, id_task)
         text, plot = shown if shown is not None else ("", None)

@@ -80,6 +80,19 @@ def test_erase_restore_and_status_line(tab):
     assert "nothing to restore" in tab.restore("")[1]
 
 
+def test_erasures_dropped_by_a_checkpoint_switch_are_said_by_the_next_erase(tab):
+    """The notice of dropped erasures is in the status until the next erasure clears it: when that erasure is
+    the next action, its message says it instead."""
+    tab.erase("", "van gogh", "", "", "UCE", *values_for("uce"))
+    other, state = tiny_sd1_file(tab.webui.ckpt_dir, "other.safetensors", seed=1)
+    tab.service.on_model_loaded(load_fake_a1111(tab.webui, other, state))  # as A1111 calls it
+    status, message, _report, _plot = tab.erase("", "monet", "", "", "UCE", *values_for("uce"))
+    assert "UCE erased monet" in message and "; before it: other.safetensors" in message and "dropped" in message
+    assert "✓" not in message and status.startswith("1 erasure(s) active on other.safetensors")
+    _status, message, _report, _plot = tab.erase("", "picasso", "", "", "UCE", *values_for("uce"))
+    assert "dropped" not in message and "✓" in message
+
+
 def test_an_unconverged_space_run_says_so_in_the_message(tab):
     _status, message, report, _plot = tab.erase("", "van gogh", "", "", "space", *values_for("space", iterations=2))
     assert "SPACE erased van gogh" in message and "WARNING: SPACE stopped at iterations=2" in message
