@@ -39,6 +39,7 @@ class SaveRequest:
 ERASE_FIELDS = ("method", "erase", "guide", "preserve", "params")
 SAVE_FIELDS = ("format", "name", "overwrite")
 _BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
+NAME_MAX = 255  # bytes in a file name on the usual file systems (ext4, NTFS, APFS)
 
 
 def _object(body: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
@@ -105,6 +106,10 @@ def parse_save(body: Any) -> SaveRequest:
         name = name[: -len(".safetensors")]
     if _BAD_NAME.search(name) or name in (".", "..") or name.startswith("."):
         raise RequestError("name", f"{name!r} is not a plain file name (no folders, no \\ / : * ? \" < > |)")
+    size = len(name.encode())
+    if size + len(".safetensors") > NAME_MAX:  # its .yaml companion is shorter
+        raise RequestError("name", f"is too long ({size} bytes in UTF-8): at most {NAME_MAX - len('.safetensors')}, "
+                           "as a file name takes 255 with .safetensors")
     overwrite = body.get("overwrite", False)
     if not isinstance(overwrite, bool):
         raise RequestError("overwrite", "must be true or false")
