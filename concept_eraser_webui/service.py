@@ -173,8 +173,9 @@ class Service:
             folder = self.host.lora_dir() if request.format == "lora" else self.host.patch_dir()
             folder.mkdir(parents=True, exist_ok=True)
             out = _target(folder, request)
-            save_erasure(request.format, out, patch, host_arch(live.tensors), artifacts=last.artifacts,
-                         report=last.report, overwrite=request.overwrite)
+            # dense edits as changes to the original weights (the backups), like the other hosts' patches
+            save_erasure(request.format, out, patch, host_arch(live.tensors), solved_on=self.session.backups.get,
+                         artifacts=last.artifacts, report=last.report, overwrite=request.overwrite)
             if request.format != "lora":
                 return {"format": request.format, "path": str(out)}
             self.host.refresh_loras()

@@ -23,7 +23,7 @@ from concept_eraser.checkpoint import CheckpointModel, load_patch
 from concept_eraser.encoding import CheckpointTextEncoder
 from concept_eraser.errors import Cancelled, InvalidParameterError
 from concept_eraser.models.arch import UNET_PREFIX
-from concept_eraser.patch import ErasurePatch
+from concept_eraser.patch import DeltaEdit, ErasurePatch
 from concept_eraser.safetensors_io import SafetensorsReader
 from concept_eraser.tiny import tiny_state_dict
 from concept_eraser_webui.host import FORGE_STALE_LORA_HASH, A1111Model, ForgeModel, Host, detect_host
@@ -458,11 +458,20 @@ def test_save_checkpoint_writes_the_patched_file_into_the_checkpoint_folder(a111
 
 
 def test_save_patch_and_lora(a1111):
-    webui, service, _model, _path, _state = a1111
+    webui, service, model, _path, _state = a1111
     service.erase(parse_erase(REQUEST))  # all 77 token columns: full-rank edits of these tiny matrices
+    service.erase(parse_erase({**REQUEST, "erase": "picasso"}))  # two stacked erasures, composed
     patch = service.save(SaveRequest("patch", "p", False))
     loaded = load_patch(patch["path"])
     assert isinstance(loaded, ErasurePatch) and set(loaded.edits) == set(service.session.patch.edits)
+    # changes from the original weights, as the command line and ComfyUI write them: applied to the original
+    # weights they give the erased ones
+    live = A1111Model(model)
+    for key, stages in loaded.edits.items():
+        assert [type(s) for s in stages] == [DeltaEdit], key
+        original = service.session.backups[key]
+        erased = live.tensors.read(key)
+        assert torch.allclose(loaded.apply_to(key, original).to(erased.dtype), erased, atol=1e-6), key
     with pytest.raises(InvalidParameterError) as info:
         service.save(SaveRequest("lora", "dense", False))
     assert info.value.field == "format"
