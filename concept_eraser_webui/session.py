@@ -30,6 +30,7 @@ from concept_eraser import erase as solve
 from concept_eraser.concepts import Concepts
 from concept_eraser.editable import EditableModel, Progress
 from concept_eraser.errors import Cancelled, EraserError
+from concept_eraser.methods import METHODS
 from concept_eraser.patch import ErasurePatch, check_finite
 
 from .live import LiveTensors, digest
@@ -338,6 +339,6 @@ def status_text(status: Mapping[str, Any]) -> str:
         guides = sorted(set(e["guide"]))
         to = f" → {', '.join(repr(g) for g in guides)}" if guides and guides != [""] else ""
         keep = f", keeping {', '.join(e['preserve'])}" if e["preserve"] else ""
-        parts.append(f"{i}. {e['method'].upper()}: {targets}{to}{keep}")
+        parts.append(f"{i}. {METHODS[e['method']].title}: {targets}{to}{keep}")
     return (f"{len(status['erasures'])} erasure(s) active on {name}, {status['changed_tensors']} tensors changed in "
             f"memory (Restore puts the originals back): " + "; ".join(parts) + file_note)

@@ -141,8 +141,9 @@ def test_method_choice_shows_only_that_methods_parameters_and_help():
 def test_the_tab_offers_display_names_and_erases_with_them(tab):
     _status, message, report, _ = tab.erase("", "van gogh", "", "", METHODS["uce"].title, *values_for("uce"))
     assert "UCE erased van gogh" in message and "\nmethod: uce " in report
-    _status, message, report, _ = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
+    status, message, report, _ = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
     assert "ErasePro erased monet" in message and "\nmethod: erasepro " in report
+    assert "1. UCE: van gogh; 2. ErasePro: monet" in status  # display names in the status line too
 
 
 def test_a_fast_erasure_reports_milliseconds():
