@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from concept_eraser.errors import EraserError
 from concept_eraser.methods import METHODS
 from concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
-from concept_eraser.report import layer_plot
+from concept_eraser.report import duration, layer_plot
 
 from .inputs import FORMATS, RequestError, parse_erase, parse_save
 from .preview import TXT2IMG_SETTINGS
@@ -66,11 +66,6 @@ def message_html(text: str, kind: str = "info") -> str:
         return ""
     icon = {"error": "⚠", "ok": "✓", "info": ""}[kind]
     return f'<div class="{ELEM}-message {ELEM}-{kind}">{icon} {html.escape(text)}</div>'
-
-
-def duration(seconds: float) -> str:
-    """"0.04 s" reads as nothing: milliseconds below a second."""
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def method_name(choice: str) -> str:

@@ -11,7 +11,8 @@ from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_fil
 from concept_eraser.methods import METHODS
 from concept_eraser_webui.host import Host
 from concept_eraser_webui.service import Service
-from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, duration, method_help, param_layout, widget_spec
+from concept_eraser.report import duration, report_text
+from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, method_help, param_layout, widget_spec
 
 
 @pytest.fixture
@@ -149,6 +150,8 @@ def test_the_tab_offers_display_names_and_erases_with_them(tab):
 def test_a_fast_erasure_reports_milliseconds():
     assert duration(0.0123) == "12 ms" and duration(0.9994) == "999 ms"
     assert duration(1.0) == "1.0 s" and duration(83.26) == "83.3 s"
+    report = {"method": "uce", "concepts": {"erase": ["van gogh"]}, "seconds": 0.0123, "layers": {}}
+    assert "in 12 ms;" in report_text(report) and "solve time: 12 ms on" in report_text(report)  # the Report box
 
 
 def test_lam_true_is_refused_in_the_tab(tab):
