@@ -169,7 +169,8 @@ class Tab:
                                                    "overwrite": bool(overwrite)}))
             extra = f"; use it as {result['prompt']}" if result.get("prompt") else ""
             if result["format"] == "checkpoint":
-                extra = f"; it is in the checkpoint list as {result['title']}"
+                # the WebUI lists it, but its checkpoint dropdown shows the new list only after a page reload or 🔄
+                extra = f"; press 🔄 next to the checkpoint list to see it there as {result['title']}"
             return None, message_html(f"saved {result['path']}{extra}", "ok")
 
         _unused, message = self._guard(run)

@@ -127,6 +127,8 @@ def test_save_uses_a_default_name_and_never_overwrites(tab):
     status, message = tab.save("patch", "", False)
     assert "⚠ name:" in message and "Overwrite" in message
     assert "saved" in tab.save("patch", "", True)[1]
+    _status, message = tab.save("checkpoint", "erased", False)  # A1111 lists it; its dropdown needs 🔄
+    assert "saved" in message and "press 🔄 next to the checkpoint list to see it there as erased" in message
 
 
 def test_method_choice_shows_only_that_methods_parameters_and_help():
