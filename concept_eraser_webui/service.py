@@ -192,14 +192,16 @@ class Service:
             raise RequestError("name", "that is the loaded checkpoint's own file; choose another name")
         config = source.with_suffix(".yaml")  # A1111 reads a checkpoint's own config from <name>.yaml beside it
         out_config = out.with_suffix(".yaml")
-        if config.exists() and out_config.exists() and not request.overwrite:
-            raise RequestError("name", f"{out_config.name} already exists in {folder}; choose another name or tick "
-                               "Overwrite", 409)
+        if out_config.exists() and not request.overwrite:
+            raise RequestError("name", f"{out_config.name} already exists in {folder} (the WebUI would read it as the "
+                               "new checkpoint's config); choose another name or tick Overwrite", 409)
         model = CheckpointModel(source)
         save_checkpoint(model, patch_for_file(patch, model.reader.keys()), out, overwrite=request.overwrite,
                         extra_meta={"concept_eraser.host": self.host.title})
         if config.exists():
             shutil.copyfile(config, out_config)
+        elif out_config.exists():  # overwritten: the old file's config is not the new one's
+            out_config.unlink()
         self.host.refresh_checkpoints()
         info = self.host.find_checkpoint(out)
         return {"format": "checkpoint", "path": str(out), "title": getattr(info, "title", out.name)}

@@ -457,6 +457,21 @@ def test_save_checkpoint_writes_the_patched_file_into_the_checkpoint_folder(a111
     assert info.value.field == "name" and "own file" in info.value.message
 
 
+def test_save_checkpoint_never_pairs_it_with_a_stale_config(a1111):
+    """A1111 reads <name>.yaml beside a checkpoint as its config: one left there from another file must not
+    become the new checkpoint's (here the loaded checkpoint has no config of its own)."""
+    webui, service, _model, _path, _state = a1111
+    service.erase(parse_erase(REQUEST))
+    stale = webui.ckpt_dir / "erased.yaml"
+    stale.write_text("model: {stale: true}\n")
+    with pytest.raises(RequestError) as info:
+        service.save(SaveRequest("checkpoint", "erased", False))
+    assert (info.value.field, info.value.status) == ("name", 409) and "erased.yaml" in info.value.message
+    assert not (webui.ckpt_dir / "erased.safetensors").exists() and stale.read_text() == "model: {stale: true}\n"
+    service.save(SaveRequest("checkpoint", "erased", True))  # Overwrite replaces the pair
+    assert (webui.ckpt_dir / "erased.safetensors").exists() and not stale.exists()
+
+
 def test_save_patch_and_lora(a1111):
     webui, service, model, _path, _state = a1111
     service.erase(parse_erase(REQUEST))  # all 77 token columns: full-rank edits of these tiny matrices
