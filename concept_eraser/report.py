@@ -18,6 +18,11 @@ from .models.arch import UNET_PREFIX, is_text_encoder_key, natural_key
 Report = Mapping[str, Any]
 
 
+def duration(seconds: float) -> str:
+    """"0.04 s" reads as nothing: milliseconds below a second."""
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def headline(report: Report, results: Mapping[str, Any] | None = None, strength: float = 1.0) -> list[str]:
     """What a user checks first after an erase, as lines: what was erased how fast, whether the solver
     converged, the sparsity of a sparse edit, how recoverable each target is, then every warning."""
@@ -25,7 +30,7 @@ def headline(report: Report, results: Mapping[str, Any] | None = None, strength:
     layers = r.get("layers", {})
     changes = [v["relative_change"] for v in layers.values()]
     out = [f"{r.get('method')}: erased {', '.join(r.get('concepts', {}).get('erase', []))} in "
-           f"{r.get('seconds', 0.0):.2f} s; {len(layers)} tensors changed"
+           f"{duration(r.get('seconds', 0.0))}; {len(layers)} tensors changed"
            + (f" (mean relative change {sum(changes) / len(changes):.3g})" if changes else "")
            + f", strength {strength:g}"]
     if "converged" in results:
@@ -55,7 +60,7 @@ def report_text(report: Report, results: Mapping[str, Any] | None = None, streng
         f"guides: {', '.join(g or '(empty prompt)' for g in concepts.get('guide', []))}",
         f"preserved: {', '.join(concepts.get('preserve', [])) or '(none)'}",
         f"parameters: {json.dumps(r.get('params', {}), default=str)}",
-        f"solve time: {r.get('seconds', 0):.2f} s on {r.get('source', {}).get('name', '?')}",
+        f"solve time: {duration(r.get('seconds', 0.0))} on {r.get('source', {}).get('name', '?')}",
         (f"edited tensors: {len(layers)} (denoiser {sum(not is_text_encoder_key(k) for k in layers)}, "
          f"text encoder {sum(is_text_encoder_key(k) for k in layers)})"),
     ]

@@ -39,6 +39,7 @@ class SaveRequest:
 ERASE_FIELDS = ("method", "erase", "guide", "preserve", "params")
 SAVE_FIELDS = ("format", "name", "overwrite")
 _BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
+NAME_MAX = 255  # bytes in a file name on the usual file systems (ext4, NTFS, APFS)
 
 
 def _object(body: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
@@ -52,14 +53,15 @@ def _object(body: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
     return body
 
 
-def lines(value: Any, field: str) -> list[str]:
-    """Text with one entry per line, or a list of strings."""
+def lines(value: Any, field: str, keep_empty: bool = False) -> list[str]:
+    """Text with one entry per line (blank lines are skipped), or a list of strings (empty ones too, with
+    `keep_empty`: a guide "" is the empty prompt, as the command line's --guide "")."""
     if value is None:
         return []
     if isinstance(value, str):
         return [line.strip() for line in value.splitlines() if line.strip()]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value if v.strip()]
+        return [v.strip() for v in value if keep_empty or v.strip()]
     raise RequestError(field, "must be text (one entry per line) or a list of strings")
 
 
@@ -73,7 +75,7 @@ def parse_erase(body: Any) -> EraseRequest:
     except InvalidParameterError as exc:
         raise RequestError("method", exc.detail) from None
     targets = lines(body.get("erase"), "erase")
-    guides = lines(body.get("guide"), "guide")
+    guides = lines(body.get("guide"), "guide", keep_empty=True)
     preserve = lines(body.get("preserve"), "preserve")
     if not targets:
         raise RequestError("erase", "give at least one concept to erase")
@@ -104,6 +106,10 @@ def parse_save(body: Any) -> SaveRequest:
         name = name[: -len(".safetensors")]
     if _BAD_NAME.search(name) or name in (".", "..") or name.startswith("."):
         raise RequestError("name", f"{name!r} is not a plain file name (no folders, no \\ / : * ? \" < > |)")
+    size = len(name.encode())
+    if size + len(".safetensors") > NAME_MAX:  # its .yaml companion is shorter
+        raise RequestError("name", f"is too long ({size} bytes in UTF-8): at most {NAME_MAX - len('.safetensors')}, "
+                           "as a file name takes 255 with .safetensors")
     overwrite = body.get("overwrite", False)
     if not isinstance(overwrite, bool):
         raise RequestError("overwrite", "must be true or false")

@@ -71,11 +71,16 @@ class Service:
     def erase(self, request: EraseRequest, id_task: str | None = None) -> dict:
         with self.host.job("Concept Eraser: erase", id_task) as state:
             live = self.host.live(load=True)
-            record = self.session.erase(live, request.method, request.concepts, request.params,
-                                        self.host.progress(state), lambda: self.host.interrupted(state),
-                                        self.host.live_for)
+            with self.session.lock:
+                # erasures dropped before this one: said with its result (the erasure clears the status' notice)
+                self.session.reconcile(live, self.host.live_for)
+                dropped = self.session.notice
+                record = self.session.erase(live, request.method, request.concepts, request.params,
+                                            self.host.progress(state), lambda: self.host.interrupted(state),
+                                            self.host.live_for)
             return {"erased": record_summary(record), "report": _report_brief(record.report),
-                    "text": report_text(record.report, record.step.get("results")), "status": self.status(live)}
+                    "text": report_text(record.report, record.step.get("results")), "status": self.status(live),
+                    **({"notice": dropped} if dropped else {})}
 
     def restore(self, id_task: str | None = None) -> dict:
         with self.host.job("Concept Eraser: restore", id_task):
@@ -168,8 +173,9 @@ class Service:
             folder = self.host.lora_dir() if request.format == "lora" else self.host.patch_dir()
             folder.mkdir(parents=True, exist_ok=True)
             out = _target(folder, request)
-            save_erasure(request.format, out, patch, host_arch(live.tensors), artifacts=last.artifacts,
-                         report=last.report, overwrite=request.overwrite)
+            # dense edits as changes to the original weights (the backups), like the other hosts' patches
+            save_erasure(request.format, out, patch, host_arch(live.tensors), solved_on=self.session.backups.get,
+                         artifacts=last.artifacts, report=last.report, overwrite=request.overwrite)
             if request.format != "lora":
                 return {"format": request.format, "path": str(out)}
             self.host.refresh_loras()
@@ -186,14 +192,16 @@ class Service:
             raise RequestError("name", "that is the loaded checkpoint's own file; choose another name")
         config = source.with_suffix(".yaml")  # A1111 reads a checkpoint's own config from <name>.yaml beside it
         out_config = out.with_suffix(".yaml")
-        if config.exists() and out_config.exists() and not request.overwrite:
-            raise RequestError("name", f"{out_config.name} already exists in {folder}; choose another name or tick "
-                               "Overwrite", 409)
+        if out_config.exists() and not request.overwrite:
+            raise RequestError("name", f"{out_config.name} already exists in {folder} (the WebUI would read it as the "
+                               "new checkpoint's config); choose another name or tick Overwrite", 409)
         model = CheckpointModel(source)
         save_checkpoint(model, patch_for_file(patch, model.reader.keys()), out, overwrite=request.overwrite,
                         extra_meta={"concept_eraser.host": self.host.title})
         if config.exists():
             shutil.copyfile(config, out_config)
+        elif out_config.exists():  # overwritten: the old file's config is not the new one's
+            out_config.unlink()
         self.host.refresh_checkpoints()
         info = self.host.find_checkpoint(out)
         return {"format": "checkpoint", "path": str(out), "title": getattr(info, "title", out.name)}

@@ -5,7 +5,8 @@ erasures included, so erasures stack), then writes the new values into the live 
 CPU copy of every tensor the first time it changes: Restore copies those back, bit for bit.
 
 The state belongs to one model object holding one checkpoint (file + hash). When the WebUI loads
-other weights into that object, the edit is gone with them and the state is dropped without writing.
+other weights into that object, the edit is gone with them and the state is dropped without writing
+(not when the tensors still hold what was written: A1111 reports a new VAE as a loaded model too).
 When it makes another model object current while ours stays in memory (A1111 keeps several with
 "Maximum number of checkpoints loaded at the same time" > 1), ours is first restored, so that
 switching back gives the checkpoint as it is on disk. Tensors are checked against exact fingerprints
@@ -29,6 +30,7 @@ from concept_eraser import erase as solve
 from concept_eraser.concepts import Concepts
 from concept_eraser.editable import EditableModel, Progress
 from concept_eraser.errors import Cancelled, EraserError
+from concept_eraser.methods import METHODS
 from concept_eraser.patch import ErasurePatch, check_finite
 
 from .live import LiveTensors, digest
@@ -143,16 +145,21 @@ class ErasureSession:
 
     def model_loaded(self, obj, live_for: Callable[[Any], LiveModel | None]) -> str | None:
         """The host just loaded weights into `obj`. If that is our model object, its erasure is gone with
-        its old weights; otherwise another model became current, and ours (if still in memory) is restored."""
+        its old weights, unless its tensors still hold what was written (A1111 calls this after loading only
+        another VAE); otherwise another model became current, and ours (if still in memory) is restored."""
         with self.lock:
             if not self.active:
                 return None
             ours = self.model_object()
             where = self.checkpoint.title if self.checkpoint else "the previous checkpoint"
             try:
-                loaded = live_for(obj).checkpoint.title
-            except Exception:  # noqa: BLE001 - only for the message
-                loaded = "another checkpoint"
+                live = live_for(obj)
+                loaded = live.checkpoint.title
+            except Exception:  # noqa: BLE001 - cannot look at it: its weights are not ours
+                live, loaded = None, "another checkpoint"
+            if (ours is obj and live is not None and live.checkpoint.matches(self.checkpoint)
+                    and self._holds_written(live)):
+                return None  # A1111 also calls this after reloading only the VAE: the erased weights are in place
             if ours is None or ours is obj:
                 return self._drop(f"{loaded} was loaded into the model that held the erasures on {where}: "
                                   "erasures dropped (the weights are the new file's)")
@@ -176,17 +183,22 @@ class ErasureSession:
         """Restore originals into `live` if every edited tensor still holds exactly what was written.
         False (and nothing written) when it does not, or when the model cannot be read any more (A1111
         moves a model it discards to the "meta" device)."""
-        try:
-            live.settle()
-            for key, expected in self.written.items():
-                if key not in live.tensors or digest(live.tensors.read(key)) != expected:
-                    return False
-        except Exception:  # noqa: BLE001 - an unreadable model has nothing to restore
+        if not self._holds_written(live):
             return False
         for key, original in self.backups.items():
             live.tensors.write(key, original)
         live.after_write()
         return True
+
+    def _holds_written(self, live: LiveModel) -> bool:
+        """Whether every edited tensor of `live` still holds exactly what the last erasure wrote (False when the
+        model cannot be read any more: A1111 moves a model it discards to the "meta" device)."""
+        try:
+            live.settle()
+            return all(key in live.tensors and digest(live.tensors.read(key)) == expected
+                       for key, expected in self.written.items())
+        except Exception:  # noqa: BLE001 - an unreadable model holds nothing of ours
+            return False
 
     # ---- erase ---------------------------------------------------------------------------------
     def erase(self, live: LiveModel, method: str, concepts: Concepts, params: Mapping[str, Any] | None,
@@ -327,6 +339,6 @@ def status_text(status: Mapping[str, Any]) -> str:
         guides = sorted(set(e["guide"]))
         to = f" → {', '.join(repr(g) for g in guides)}" if guides and guides != [""] else ""
         keep = f", keeping {', '.join(e['preserve'])}" if e["preserve"] else ""
-        parts.append(f"{i}. {e['method'].upper()}: {targets}{to}{keep}")
+        parts.append(f"{i}. {METHODS[e['method']].title}: {targets}{to}{keep}")
     return (f"{len(status['erasures'])} erasure(s) active on {name}, {status['changed_tensors']} tensors changed in "
             f"memory (Restore puts the originals back): " + "; ".join(parts) + file_note)

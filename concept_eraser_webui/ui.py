@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from concept_eraser.errors import EraserError
 from concept_eraser.methods import METHODS
 from concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
-from concept_eraser.report import layer_plot
+from concept_eraser.report import duration, layer_plot
 
 from .inputs import FORMATS, RequestError, parse_erase, parse_save
 from .preview import TXT2IMG_SETTINGS
@@ -66,11 +66,6 @@ def message_html(text: str, kind: str = "info") -> str:
         return ""
     icon = {"error": "⚠", "ok": "✓", "info": ""}[kind]
     return f'<div class="{ELEM}-message {ELEM}-{kind}">{icon} {html.escape(text)}</div>'
-
-
-def duration(seconds: float) -> str:
-    """"0.04 s" reads as nothing: milliseconds below a second."""
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def method_name(choice: str) -> str:
@@ -137,9 +132,11 @@ class Tab:
             text = (f"{METHODS[e['method']].title} erased {', '.join(e['erase'])} in {duration(e['seconds'])} "
                     f"({e['tensors']} tensors changed)")
             text += "".join(f"; WARNING: {w}" for w in warned)
+            if result.get("notice"):
+                text += f"; before it: {result['notice']}"
             # the same text and plot as ComfyUI's Erasure Report node (`concept_eraser.report`)
             shown = (result["text"], layer_plot(self.service.session.records[-1].report))
-            return shown, message_html(text, "info" if warned else "ok")
+            return shown, message_html(text, "info" if warned or result.get("notice") else "ok")
 
         shown, message = self._guard(run, id_task)
         text, plot = shown if shown is not None else ("", None)
@@ -172,7 +169,8 @@ class Tab:
                                                    "overwrite": bool(overwrite)}))
             extra = f"; use it as {result['prompt']}" if result.get("prompt") else ""
             if result["format"] == "checkpoint":
-                extra = f"; it is in the checkpoint list as {result['title']}"
+                # the WebUI lists it, but its checkpoint dropdown shows the new list only after a page reload or 🔄
+                extra = f"; press 🔄 next to the checkpoint list to see it there as {result['title']}"
             return None, message_html(f"saved {result['path']}{extra}", "ok")
 
         _unused, message = self._guard(run)

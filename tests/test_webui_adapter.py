@@ -23,7 +23,7 @@ from concept_eraser.checkpoint import CheckpointModel, load_patch
 from concept_eraser.encoding import CheckpointTextEncoder
 from concept_eraser.errors import Cancelled, InvalidParameterError
 from concept_eraser.models.arch import UNET_PREFIX
-from concept_eraser.patch import ErasurePatch
+from concept_eraser.patch import DeltaEdit, ErasurePatch
 from concept_eraser.safetensors_io import SafetensorsReader
 from concept_eraser.tiny import tiny_state_dict
 from concept_eraser_webui.host import FORGE_STALE_LORA_HASH, A1111Model, ForgeModel, Host, detect_host
@@ -315,6 +315,20 @@ def test_model_loaded_callback_for_our_object_drops_the_state(a1111):
     assert not service.session.active and snapshot(live) == reloaded
 
 
+def test_a_vae_reload_keeps_the_erasure(a1111):
+    """A1111's sd_vae.reload_vae_weights (the SD VAE setting, txt2img's override_settings) ends with the
+    model-loaded callback for the same object, its U-Net and text encoder untouched: still erased."""
+    _webui, service, model, _path, _state = a1111
+    live = A1111Model(model)
+    original = snapshot(live)
+    service.erase(parse_erase(REQUEST))
+    erased = snapshot(live)
+    service.on_model_loaded(model)
+    status = service.status()
+    assert len(status["erasures"]) == 1 and "notice" not in status and snapshot(live) == erased
+    assert service.restore()["restored_tensors"] > 0 and snapshot(live) == original
+
+
 def test_a_checkpoint_switch_says_the_erasures_were_dropped_in_the_status_and_the_log(a1111, caplog):
     """A1111 loads another checkpoint into the same object, then calls on_model_loaded: the erasures are gone
     with the old weights. The status (route and tab) says so until the next erasure; so does the console, as
@@ -443,12 +457,36 @@ def test_save_checkpoint_writes_the_patched_file_into_the_checkpoint_folder(a111
     assert info.value.field == "name" and "own file" in info.value.message
 
 
-def test_save_patch_and_lora(a1111):
+def test_save_checkpoint_never_pairs_it_with_a_stale_config(a1111):
+    """A1111 reads <name>.yaml beside a checkpoint as its config: one left there from another file must not
+    become the new checkpoint's (here the loaded checkpoint has no config of its own)."""
     webui, service, _model, _path, _state = a1111
+    service.erase(parse_erase(REQUEST))
+    stale = webui.ckpt_dir / "erased.yaml"
+    stale.write_text("model: {stale: true}\n")
+    with pytest.raises(RequestError) as info:
+        service.save(SaveRequest("checkpoint", "erased", False))
+    assert (info.value.field, info.value.status) == ("name", 409) and "erased.yaml" in info.value.message
+    assert not (webui.ckpt_dir / "erased.safetensors").exists() and stale.read_text() == "model: {stale: true}\n"
+    service.save(SaveRequest("checkpoint", "erased", True))  # Overwrite replaces the pair
+    assert (webui.ckpt_dir / "erased.safetensors").exists() and not stale.exists()
+
+
+def test_save_patch_and_lora(a1111):
+    webui, service, model, _path, _state = a1111
     service.erase(parse_erase(REQUEST))  # all 77 token columns: full-rank edits of these tiny matrices
+    service.erase(parse_erase({**REQUEST, "erase": "picasso"}))  # two stacked erasures, composed
     patch = service.save(SaveRequest("patch", "p", False))
     loaded = load_patch(patch["path"])
     assert isinstance(loaded, ErasurePatch) and set(loaded.edits) == set(service.session.patch.edits)
+    # changes from the original weights, as the command line and ComfyUI write them: applied to the original
+    # weights they give the erased ones
+    live = A1111Model(model)
+    for key, stages in loaded.edits.items():
+        assert [type(s) for s in stages] == [DeltaEdit], key
+        original = service.session.backups[key]
+        erased = live.tensors.read(key)
+        assert torch.allclose(loaded.apply_to(key, original).to(erased.dtype), erased, atol=1e-6), key
     with pytest.raises(InvalidParameterError) as info:
         service.save(SaveRequest("lora", "dense", False))
     assert info.value.field == "format"

@@ -53,6 +53,8 @@ def test_bad_erase_input_is_a_400_naming_the_field(service, body, field):
     ({"format": "checkpoint", "name": ".hidden"}, "name"),
     ({"format": "checkpoint", "name": "x", "overwrite": "yes"}, "overwrite"),
     ({"format": "checkpoint", "name": "x", "where": "/tmp"}, "where"),
+    ({"format": "patch", "name": "x" * 250}, "name"),  # the file system's limit: 255 bytes with .safetensors
+    ({"format": "checkpoint", "name": "é" * 122}, "name"),  # 244 bytes in UTF-8
 ])
 def test_bad_save_input_is_a_400_naming_the_field(service, body, field):
     status, payload = handle(service, "save", body)
@@ -126,3 +128,15 @@ def test_parsers_accept_text_or_lists():
     assert request.concepts.targets == ("a", "b") and request.concepts.guides == ("g", "g")
     assert request.concepts.preserve == ("p",) and request.method == "uce"
     assert parse_save({"format": "lora", "name": "x.safetensors"}).name == "x"
+    assert parse_save({"format": "patch", "name": "x" * 243}).name == "x" * 243
+
+
+def test_an_empty_guide_in_a_list_is_the_empty_prompt():
+    """As the command line's --guide "": one guide per concept, the first the empty prompt."""
+    request = parse_erase({"erase": ["van gogh", "monet"], "guide": ["", "a photo"]})
+    assert request.concepts.guides == ("", "a photo")
+    assert parse_erase({"erase": ["a", "b"], "guide": [""]}).concepts.guides == ("", "")
+    assert parse_erase({"erase": ["a", "b"], "guide": "\n"}).concepts.guides == ("", "")  # the tab's empty box
+    with pytest.raises(RequestError) as info:
+        parse_erase({"erase": ["a", "b"], "guide": ["", "x", "y"]})
+    assert info.value.field == "guide"

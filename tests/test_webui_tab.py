@@ -11,7 +11,8 @@ from test_webui_support import install_fake_webui, load_fake_a1111, tiny_sd1_fil
 from concept_eraser.methods import METHODS
 from concept_eraser_webui.host import Host
 from concept_eraser_webui.service import Service
-from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, duration, method_help, param_layout, widget_spec
+from concept_eraser.report import duration, report_text
+from concept_eraser_webui.ui import TXT2IMG, Tab, capture_txt2img, method_help, param_layout, widget_spec
 
 
 @pytest.fixture
@@ -80,6 +81,19 @@ def test_erase_restore_and_status_line(tab):
     assert "nothing to restore" in tab.restore("")[1]
 
 
+def test_erasures_dropped_by_a_checkpoint_switch_are_said_by_the_next_erase(tab):
+    """The notice of dropped erasures is in the status until the next erasure clears it: when that erasure is
+    the next action, its message says it instead."""
+    tab.erase("", "van gogh", "", "", "UCE", *values_for("uce"))
+    other, state = tiny_sd1_file(tab.webui.ckpt_dir, "other.safetensors", seed=1)
+    tab.service.on_model_loaded(load_fake_a1111(tab.webui, other, state))  # as A1111 calls it
+    status, message, _report, _plot = tab.erase("", "monet", "", "", "UCE", *values_for("uce"))
+    assert "UCE erased monet" in message and "; before it: other.safetensors" in message and "dropped" in message
+    assert "✓" not in message and status.startswith("1 erasure(s) active on other.safetensors")
+    _status, message, _report, _plot = tab.erase("", "picasso", "", "", "UCE", *values_for("uce"))
+    assert "dropped" not in message and "✓" in message
+
+
 def test_an_unconverged_space_run_says_so_in_the_message(tab):
     _status, message, report, _plot = tab.erase("", "van gogh", "", "", "space", *values_for("space", iterations=2))
     assert "SPACE erased van gogh" in message and "WARNING: SPACE stopped at iterations=2" in message
@@ -113,6 +127,8 @@ def test_save_uses_a_default_name_and_never_overwrites(tab):
     status, message = tab.save("patch", "", False)
     assert "⚠ name:" in message and "Overwrite" in message
     assert "saved" in tab.save("patch", "", True)[1]
+    _status, message = tab.save("checkpoint", "erased", False)  # A1111 lists it; its dropdown needs 🔄
+    assert "saved" in message and "press 🔄 next to the checkpoint list to see it there as erased" in message
 
 
 def test_method_choice_shows_only_that_methods_parameters_and_help():
@@ -128,13 +144,16 @@ def test_method_choice_shows_only_that_methods_parameters_and_help():
 def test_the_tab_offers_display_names_and_erases_with_them(tab):
     _status, message, report, _ = tab.erase("", "van gogh", "", "", METHODS["uce"].title, *values_for("uce"))
     assert "UCE erased van gogh" in message and "\nmethod: uce " in report
-    _status, message, report, _ = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
+    status, message, report, _ = tab.erase("", "monet", "", "", "ErasePro", *values_for("erasepro"))
     assert "ErasePro erased monet" in message and "\nmethod: erasepro " in report
+    assert "1. UCE: van gogh; 2. ErasePro: monet" in status  # display names in the status line too
 
 
 def test_a_fast_erasure_reports_milliseconds():
     assert duration(0.0123) == "12 ms" and duration(0.9994) == "999 ms"
     assert duration(1.0) == "1.0 s" and duration(83.26) == "83.3 s"
+    report = {"method": "uce", "concepts": {"erase": ["van gogh"]}, "seconds": 0.0123, "layers": {}}
+    assert "in 12 ms;" in report_text(report) and "solve time: 12 ms on" in report_text(report)  # the Report box
 
 
 def test_lam_true_is_refused_in_the_tab(tab):
