@@ -300,6 +300,14 @@ def test_erasepro_edits_comfy_clip_and_reads_clip_skip(host, sd15):
         residual = ((erased.weight(key) @ X - wanted).norm() / wanted.norm()).item()
         assert residual < 1e-2, (key, residual)
     assert erasure.report["max_residual"] < 1e-2
+    # the text-encoder edit lives in the CLIP: a checkpoint needs the erased CLIP, not the one erased from
+    save = node(host, "ConceptEraserSave")
+    with pytest.raises(ValueError, match="^clip: this CLIP does not carry the erasure"):
+        save.save(erasure, "checkpoint", "output", "erasepro/unerased_clip", model=model, clip=clip, vae=sd15["vae"])
+    assert not list((host["base"] / "output" / "erasepro").iterdir())
+    saved = save.save(erasure, "checkpoint", "output", "erasepro/erased", model=model, clip=new_clip,
+                      vae=sd15["vae"])["result"][0]
+    assert Path(saved).is_file()
 
 
 @pytest.mark.host
@@ -477,6 +485,21 @@ def test_save_checkpoint_round_trips_through_the_host_loader(host, sd15, uce):
         assert torch.equal(state[key].cpu(), value.cpu()), key
     del loaded
     comfy.model_management.unload_all_models()
+
+
+@pytest.mark.host
+def test_save_checkpoint_refuses_a_model_without_the_erasure(host, sd15, uce):
+    """Erase Concept's erasure with the loaders' MODEL (wired past the erase node) is refused: the file would
+    claim an erasure its weights do not have."""
+    folder = host["folders"]["checkpoints"]
+    (folder / "unerased_sd15.safetensors").symlink_to(checkpoint("sd15"))
+    loaded = node(host, "ConceptEraserLoadCheckpoint").load("unerased_sd15.safetensors")["result"][0]
+    save = node(host, "ConceptEraserSave")
+    for model in (loaded, sd15["model"]):  # Load Checkpoint (Concept Eraser), the core loader
+        with pytest.raises(ValueError, match="^model: this MODEL does not carry the erasure"):
+            save.save(uce["erasure"], "checkpoint", "output", "unerased/ckpt", model=model, clip=uce["clip"],
+                      vae=sd15["vae"])
+    assert not list((host["base"] / "output" / "unerased").iterdir())  # no file, not even a partial one
 
 
 @pytest.mark.host
