@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
+from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsafeFileError, UnsupportedModelError
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.models.arch import ArchSpec
 from ..concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
@@ -140,8 +140,10 @@ def unknown_inputs(given: Mapping[str, Any], declared: set[str]) -> list[str]:
 
 # ---- errors --------------------------------------------------------------------------------------
 
-def node_error(exc: EraserError, method: str | None = None, model_field: str = "model") -> ValueError:
-    """A ValueError whose message starts with the node input at fault, as ComfyUI shows it."""
+def node_error(exc: EraserError, method: str | None = None, model_field: str = "model",
+               file_field: str | None = None) -> ValueError:
+    """A ValueError whose message starts with the node input at fault, as ComfyUI shows it: `model_field` for a
+    model that cannot be edited, `file_field` for a file that cannot be read (not safetensors)."""
     if isinstance(exc, InvalidParameterError):
         field_name, text = exc.field, exc.detail
         if field_name in CONCEPT_FIELDS:
@@ -153,4 +155,6 @@ def node_error(exc: EraserError, method: str | None = None, model_field: str = "
         return ValueError(f"{field_name}: {text}")
     if isinstance(exc, UnsupportedModelError):
         return ValueError(f"{model_field}: {exc}")
+    if isinstance(exc, UnsafeFileError) and file_field:
+        return ValueError(f"{file_field}: {exc}")
     return ValueError(str(exc))

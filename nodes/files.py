@@ -103,7 +103,7 @@ class LoadCheckpoint:
                 detect(shapes, reader.metadata)
                 steps = list(read_steps(reader.metadata, "ckpt_name"))
             except EraserError as exc:
-                raise node_error(exc, model_field="ckpt_name") from None
+                raise node_error(exc, model_field="ckpt_name", file_field="ckpt_name") from None
         embeddings = folder_paths.get_folder_paths("embeddings")
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             path, output_vae=True, output_clip=True, embedding_directory=embeddings)[:3]
@@ -174,7 +174,7 @@ class ApplyErasurePatch:
             else:
                 new_model, new_clip = self._apply_lora(model, clip, path, strength, steps)
         except EraserError as exc:
-            raise node_error(exc) from None
+            raise node_error(exc, file_field="erasure_name") from None
         info = "\n".join(f"{i}. {s.get('method')}: erase {', '.join(s.get('concepts', {}).get('erase', []))} "
                          f"(made on {s.get('source', {}).get('name')}, {s.get('created')})"
                          for i, s in enumerate(steps, 1))

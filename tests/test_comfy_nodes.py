@@ -572,6 +572,17 @@ def test_load_node_reports_layout_and_refuses_early(host):
         node(host, "ConceptEraserLoadCheckpoint").load("flux_like.safetensors")
 
 
+@pytest.mark.host
+def test_file_nodes_name_the_input_of_a_file_that_is_not_safetensors(host, sd15):
+    for folder, node_id, call, field in (
+            ("checkpoints", "ConceptEraserLoadCheckpoint", lambda n, name: n.load(name), "ckpt_name"),
+            ("erasures", "ConceptEraserApplyPatch", lambda n, name: n.apply(sd15["model"], sd15["clip"], name, 1.0),
+             "erasure_name")):
+        (host["folders"][folder] / "garbage.safetensors").write_bytes(b"not a model at all")
+        with pytest.raises(ValueError, match=f"^{field}: garbage.safetensors is not a safetensors file"):
+            call(node(host, node_id), "garbage.safetensors")
+
+
 # ---- views ------------------------------------------------------------------------------------------
 
 @pytest.mark.host
