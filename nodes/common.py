@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsafeFileError, UnsupportedModelError
+from ..concept_eraser.errors import (EraserError, ErasureFileError, InvalidParameterError, UnsafeFileError,
+                                     UnsupportedModelError)
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.models.arch import ArchSpec
 from ..concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
@@ -22,6 +23,9 @@ CATEGORY = "Concept Eraser"
 ERASURE = "ERASURE"
 # Widget bounds where a parameter declares none (the frontend needs finite ones).
 UNBOUNDED = 1e9
+# What to do with a patch or erasure LoRA given where a checkpoint is expected, in ComfyUI.
+ERASURE_FILE_ADVICE = ("put it in the models/erasures folder and apply it to its checkpoint's MODEL and CLIP with "
+                       "the Apply Erasure Patch node")
 # Concept-list fields of the solver (`Concepts.build`) → the node inputs they come from.
 CONCEPT_FIELDS = {"erase": "targets", "guide": "guides", "preserve": "preserve"}
 
@@ -153,6 +157,8 @@ def node_error(exc: EraserError, method: str | None = None, model_field: str = "
             if param is not None:
                 field_name = input_name(method, param)
         return ValueError(f"{field_name}: {text}")
+    if isinstance(exc, ErasureFileError):  # the solver's advice names the command line's `apply`
+        exc = ErasureFileError(exc.kind, ERASURE_FILE_ADVICE)
     if isinstance(exc, UnsupportedModelError):
         return ValueError(f"{model_field}: {exc}")
     if isinstance(exc, UnsafeFileError) and file_field:

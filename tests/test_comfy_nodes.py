@@ -583,6 +583,19 @@ def test_file_nodes_name_the_input_of_a_file_that_is_not_safetensors(host, sd15)
             call(node(host, node_id), "garbage.safetensors")
 
 
+@pytest.mark.host
+@pytest.mark.parametrize("file_format, named", [("patch", "patch"), ("lora", "erasure LoRA")])
+def test_load_node_points_a_saved_erasure_to_apply_erasure_patch(host, uce, file_format, named):
+    """The advice is ComfyUI's (the command line's names its `apply` command), and a LoRA is called one."""
+    saved = Path(node(host, "ConceptEraserSave").save(uce["erasure"], file_format, "output", "misplaced")["result"][0])
+    (host["folders"]["checkpoints"] / saved.name).symlink_to(saved)
+    with pytest.raises(ValueError) as caught:
+        node(host, "ConceptEraserLoadCheckpoint").load(saved.name)
+    assert str(caught.value) == (f"ckpt_name: this file is a Concept Eraser {named}, not a checkpoint: put it in the "
+                                 "models/erasures folder and apply it to its checkpoint's MODEL and CLIP with the "
+                                 "Apply Erasure Patch node")
+
+
 # ---- views ------------------------------------------------------------------------------------------
 
 @pytest.mark.host
