@@ -336,7 +336,7 @@ def test_cancel_leaves_the_input_untouched(host, sd15, method, params):
     assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
 
 
-# Every method as short as it gets; SPACE stopped after 2 iterations, unconverged (its warning must reach the UI).
+# Every method as short as it gets; SPACE stopped after 2 passes, unconverged (its warning must reach the UI).
 QUICK = {"uce": {}, "rece": {"rece_epochs": 1}, "space": {"space_iterations": 2}, "erasepro": {},
          "kpop": {**KPOP_QUICK, "kpop_steps": 1}}
 
@@ -358,7 +358,7 @@ def test_every_method_runs_as_the_executor_runs_it(host, sd15, method):
     text = out["ui"]["text"][0]
     assert text.startswith(f"{method}: erased Van Gogh in ") and "recoverability" in text, text
     if method == "space":
-        assert "converged: NO after 2 iterations" in text and "sparsity: " in text
+        assert "converged: NO after 2 passes" in text and "sparsity: " in text
         assert "WARNING: SPACE stopped at iterations=2" in text and erasure.report["warnings"]
     kinds = {s.kind for stages in erasure.patch.edits.values() for s in stages}
     assert kinds == ({"delta"} if method in ("space", "kpop") else {"low_rank"}), kinds
