@@ -111,21 +111,31 @@ def widget(p: Param) -> tuple[str, dict]:
         text = "auto" if default is None else str(default)
         return "STRING", {"default": text, "multiline": False, "tooltip": tooltip}
     low = -UNBOUNDED if p.min is None else p.min
-    if p.min is not None and p.min_exclusive:  # the least value the solver accepts (ComfyUI's min is inclusive)
-        low = p.min + 1 if p.kind is int else math.nextafter(p.min, math.inf)
     high = UNBOUNDED if p.max is None else p.max
     if p.kind is int:
-        return "INT", {"default": int(default), "min": int(low), "max": int(high), "step": int(p.step or 1),
-                       "tooltip": tooltip}
+        low = low + 1 if p.min is not None and p.min_exclusive else low  # ComfyUI's min is inclusive
+        # the frontend keeps an INT on min + k·step: a step that does not divide min would give 101, 201, ...
+        return "INT", {"default": int(default), "min": int(low), "max": int(high),
+                       "step": math.gcd(int(p.step or 1), int(low)), "tooltip": tooltip}
     step = p.step or _float_step(default)
+    unit = float_unit(step)
+    if p.min is not None and p.min_exclusive:  # the least value the solver accepts that the widget can show
+        low = p.min + unit
     return "FLOAT", {"default": float(default), "min": float(low), "max": float(high), "step": step,
-                     "round": False, "tooltip": tooltip}
+                     "round": unit, "tooltip": tooltip}
 
 
 def _float_step(default: float) -> float:
     if not default:
         return 0.01
     return 10.0 ** math.floor(math.log10(abs(default)))
+
+
+def float_unit(step: float) -> float:
+    """What ComfyUI's frontend rounds a FLOAT widget to by default: one unit of the step's last decimal
+    (`useFloatWidget`: precision = max(0, -floor(log10(step)))). Given as the widget's `round`, so that
+    the value shown is the value sent."""
+    return 10.0 ** -max(0, -math.floor(math.log10(step)))
 
 
 def method_values(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:

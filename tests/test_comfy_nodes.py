@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,15 @@ def test_erase_inputs_are_the_declared_params(host):
                 else:
                     assert options["min"] > p.min if p.min_exclusive else options["min"] == p.min
                 assert options["max"] == (p.max if p.max is not None else common.UNBOUNDED)
+                shown = [options["min"], options["default"], options["min"] + 3 * options["step"]]
+                if kind == "INT":  # the frontend keeps the value on min + k·step: the default is one of them
+                    assert (options["default"] - options["min"]) % options["step"] == 0, name
+                else:  # what the frontend shows and sends is rounded to `round` (as many decimals as the step)
+                    decimals = max(0, -math.floor(math.log10(options["step"])))
+                    assert options["round"] == 10.0 ** -decimals, name
+                    assert [float(f"{v:.{decimals}f}") for v in shown] == pytest.approx(shown, abs=1e-12), name
+                    if p.min_exclusive:  # the least value shows as more than the bound, and is accepted
+                        assert f"{options['min']:.{decimals}f}" != f"{p.min:.{decimals}f}", name
     assert set(optional) == expected
 
 
