@@ -103,6 +103,27 @@ def test_every_node_is_documented(host):
 
 
 @pytest.mark.host
+def test_every_input_is_on_its_help_page(host):
+    """ComfyUI's in-app help (javascript/comfyui/docs/<node>.md) names every input, as **name** or `name`, and every
+    choice of the pack's own combos; a method's parameters are covered by the page naming that method (their
+    inputs are generated: `<method>_<parameter>`, each with its tooltip)."""
+    own_choices = {"ConceptEraserErase": ("method",), "ConceptEraserSave": ("format", "folder")}
+    for node_id in NODE_IDS:
+        page = (REPO / "javascript" / "comfyui" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+
+        def named(word, page=page):
+            return f"**{word}**" in page or f"`{word}`" in page
+
+        inputs = host["pack"].NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        for name, (kind, options) in {**inputs["required"], **inputs.get("optional", {})}.items():
+            method = options.get("concept_eraser_method")
+            assert named(method or name), f"{node_id}.md does not mention {method or name}"
+            if name in own_choices.get(node_id, ()):
+                missing = [choice for choice in kind if not named(choice)]
+                assert not missing, f"{node_id}.md does not mention {name} {missing}"
+
+
+@pytest.mark.host
 def test_erase_inputs_are_the_declared_params(host):
     from concept_eraser_comfy_pack.concept_eraser.methods import METHODS
 
