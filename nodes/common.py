@@ -114,9 +114,8 @@ def widget(p: Param) -> tuple[str, dict]:
     high = UNBOUNDED if p.max is None else p.max
     if p.kind is int:
         low = low + 1 if p.min is not None and p.min_exclusive else low  # ComfyUI's min is inclusive
-        # the frontend keeps an INT on min + k·step: a step that does not divide min would give 101, 201, ...
-        return "INT", {"default": int(default), "min": int(low), "max": int(high),
-                       "step": math.gcd(int(p.step or 1), int(low)), "tooltip": tooltip}
+        return "INT", {"default": int(default), "min": int(low), "max": int(high), "step": int(p.step or 1),
+                       "tooltip": tooltip}
     step = p.step or _float_step(default)
     unit = float_unit(step)
     if p.min is not None and p.min_exclusive:  # the least value the solver accepts that the widget can show

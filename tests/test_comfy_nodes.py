@@ -154,10 +154,10 @@ def test_erase_inputs_are_the_declared_params(host):
                 else:
                     assert options["min"] > p.min if p.min_exclusive else options["min"] == p.min
                 assert options["max"] == (p.max if p.max is not None else common.UNBOUNDED)
-                shown = [options["min"], options["default"], options["min"] + 3 * options["step"]]
-                if kind == "INT":  # the frontend keeps the value on min + k·step: the default is one of them
-                    assert (options["default"] - options["min"]) % options["step"] == 0, name
+                if kind == "INT":  # the frontend keeps the value on min + k·step: round values, the default one
+                    assert options["min"] % options["step"] == 0 == options["default"] % options["step"], name
                 else:  # what the frontend shows and sends is rounded to `round` (as many decimals as the step)
+                    shown = [options["min"], options["default"], options["min"] + 3 * options["step"]]
                     decimals = max(0, -math.floor(math.log10(options["step"])))
                     assert options["round"] == 10.0 ** -decimals, name
                     assert [float(f"{v:.{decimals}f}") for v in shown] == pytest.approx(shown, abs=1e-12), name
