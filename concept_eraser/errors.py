@@ -24,6 +24,20 @@ class UnsupportedModelError(EraserError):
         super().__init__(message)
 
 
+class ErasureFileError(UnsupportedModelError):
+    """A saved erasure (patch or LoRA) given where a checkpoint is expected. `kind` is its format; `advice` says
+    what to do with it instead: the command line's unless a host words its own."""
+
+    NAMES = {"patch": "patch", "lora": "erasure LoRA"}
+    ADVICE = {"patch": "use `apply` to put it on its checkpoint",
+              "lora": "load it with a LoRA loader on top of its checkpoint"}
+
+    def __init__(self, kind: str, advice: str | None = None):
+        self.kind = kind
+        super().__init__(f"this file is a Concept Eraser {self.NAMES[kind]}, not a checkpoint: "
+                         f"{advice or self.ADVICE[kind]}")
+
+
 class UnsafeFileError(EraserError):
     """The file is not safetensors (a pickle checkpoint, or not a model at all)."""
 

@@ -34,8 +34,9 @@ def headline(report: Report, results: Mapping[str, Any] | None = None, strength:
            + (f" (mean relative change {sum(changes) / len(changes):.3g})" if changes else "")
            + f", strength {strength:g}"]
     if "converged" in results:
-        iterations = f" after {results['iterations']} iterations" if "iterations" in results else ""
-        out.append(f"converged: {'yes' if results['converged'] else 'NO'}{iterations}")
+        # SPACE's `iterations` is its cap on passes over the weights; the figure kept is the passes made
+        passes = f" after {results['iterations']} passes" if "iterations" in results else ""
+        out.append(f"converged: {'yes' if results['converged'] else 'NO'}{passes}")
     zeros = [v["zeros"] for v in layers.values() if "zeros" in v]
     if zeros:
         out.append(f"sparsity: {sum(zeros) / len(zeros):.1%} zeros in the edited weights")

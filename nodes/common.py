@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
+from ..concept_eraser.errors import (EraserError, ErasureFileError, InvalidParameterError, UnsafeFileError,
+                                     UnsupportedModelError)
 from ..concept_eraser.methods import METHODS
 from ..concept_eraser.models.arch import ArchSpec
 from ..concept_eraser.params import AUTO_BOOL, Param, auto_bool_choice
@@ -22,6 +23,9 @@ CATEGORY = "Concept Eraser"
 ERASURE = "ERASURE"
 # Widget bounds where a parameter declares none (the frontend needs finite ones).
 UNBOUNDED = 1e9
+# What to do with a patch or erasure LoRA given where a checkpoint is expected, in ComfyUI.
+ERASURE_FILE_ADVICE = ("put it in the models/erasures folder and apply it to its checkpoint's MODEL and CLIP with "
+                       "the Apply Erasure Patch node")
 # Concept-list fields of the solver (`Concepts.build`) → the node inputs they come from.
 CONCEPT_FIELDS = {"erase": "targets", "guide": "guides", "preserve": "preserve"}
 
@@ -107,21 +111,30 @@ def widget(p: Param) -> tuple[str, dict]:
         text = "auto" if default is None else str(default)
         return "STRING", {"default": text, "multiline": False, "tooltip": tooltip}
     low = -UNBOUNDED if p.min is None else p.min
-    if p.min is not None and p.min_exclusive:  # the least value the solver accepts (ComfyUI's min is inclusive)
-        low = p.min + 1 if p.kind is int else math.nextafter(p.min, math.inf)
     high = UNBOUNDED if p.max is None else p.max
     if p.kind is int:
+        low = low + 1 if p.min is not None and p.min_exclusive else low  # ComfyUI's min is inclusive
         return "INT", {"default": int(default), "min": int(low), "max": int(high), "step": int(p.step or 1),
                        "tooltip": tooltip}
     step = p.step or _float_step(default)
+    unit = float_unit(step)
+    if p.min is not None and p.min_exclusive:  # the least value the solver accepts that the widget can show
+        low = p.min + unit
     return "FLOAT", {"default": float(default), "min": float(low), "max": float(high), "step": step,
-                     "round": False, "tooltip": tooltip}
+                     "round": unit, "tooltip": tooltip}
 
 
 def _float_step(default: float) -> float:
     if not default:
         return 0.01
     return 10.0 ** math.floor(math.log10(abs(default)))
+
+
+def float_unit(step: float) -> float:
+    """What ComfyUI's frontend rounds a FLOAT widget to by default: one unit of the step's last decimal
+    (`useFloatWidget`: precision = max(0, -floor(log10(step)))). Given as the widget's `round`, so that
+    the value shown is the value sent."""
+    return 10.0 ** -max(0, -math.floor(math.log10(step)))
 
 
 def method_values(method: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,8 +153,10 @@ def unknown_inputs(given: Mapping[str, Any], declared: set[str]) -> list[str]:
 
 # ---- errors --------------------------------------------------------------------------------------
 
-def node_error(exc: EraserError, method: str | None = None, model_field: str = "model") -> ValueError:
-    """A ValueError whose message starts with the node input at fault, as ComfyUI shows it."""
+def node_error(exc: EraserError, method: str | None = None, model_field: str = "model",
+               file_field: str | None = None) -> ValueError:
+    """A ValueError whose message starts with the node input at fault, as ComfyUI shows it: `model_field` for a
+    model that cannot be edited, `file_field` for a file that cannot be read (not safetensors)."""
     if isinstance(exc, InvalidParameterError):
         field_name, text = exc.field, exc.detail
         if field_name in CONCEPT_FIELDS:
@@ -151,6 +166,10 @@ def node_error(exc: EraserError, method: str | None = None, model_field: str = "
             if param is not None:
                 field_name = input_name(method, param)
         return ValueError(f"{field_name}: {text}")
+    if isinstance(exc, ErasureFileError):  # the solver's advice names the command line's `apply`
+        exc = ErasureFileError(exc.kind, ERASURE_FILE_ADVICE)
     if isinstance(exc, UnsupportedModelError):
         return ValueError(f"{model_field}: {exc}")
+    if isinstance(exc, UnsafeFileError) and file_field:
+        return ValueError(f"{file_field}: {exc}")
     return ValueError(str(exc))

@@ -9,7 +9,7 @@ import os
 
 from ..concept_eraser.checkpoint import FORMATS, META_PREFIX, load_patch, provenance_metadata, read_steps, save_erasure
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
-from ..concept_eraser.models.arch import detect
+from ..concept_eraser.models.arch import UNET_PREFIX, detect
 from ..concept_eraser.patch import ErasurePatch, check_fits
 from ..concept_eraser.safetensors_io import SafetensorsReader, atomic_output
 from .common import CATEGORY, ERASURE, node_error
@@ -103,7 +103,7 @@ class LoadCheckpoint:
                 detect(shapes, reader.metadata)
                 steps = list(read_steps(reader.metadata, "ckpt_name"))
             except EraserError as exc:
-                raise node_error(exc, model_field="ckpt_name") from None
+                raise node_error(exc, model_field="ckpt_name", file_field="ckpt_name") from None
         embeddings = folder_paths.get_folder_paths("embeddings")
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             path, output_vae=True, output_clip=True, embedding_directory=embeddings)[:3]
@@ -174,7 +174,7 @@ class ApplyErasurePatch:
             else:
                 new_model, new_clip = self._apply_lora(model, clip, path, strength, steps)
         except EraserError as exc:
-            raise node_error(exc) from None
+            raise node_error(exc, file_field="erasure_name") from None
         info = "\n".join(f"{i}. {s.get('method')}: erase {', '.join(s.get('concepts', {}).get('erase', []))} "
                          f"(made on {s.get('source', {}).get('name')}, {s.get('created')})"
                          for i, s in enumerate(steps, 1))
@@ -247,8 +247,11 @@ class SaveErasure:
                                     "may include a sub-folder; a counter and .safetensors are appended."}),
             },
             "optional": {
-                "model": ("MODEL", {"tooltip": "The erased model (for format 'checkpoint')."}),
-                "clip": ("CLIP", {"tooltip": "The erased CLIP (for format 'checkpoint')."}),
+                "model": ("MODEL", {"tooltip": "The erased model (for format 'checkpoint'): Erase Concept's model "
+                                    "output, or a later node's; a model without the erasure is refused."}),
+                "clip": ("CLIP", {"tooltip": "The erased CLIP (for format 'checkpoint'): Erase Concept's clip output, "
+                                  "or a later node's; where the erasure edits the text encoder (ErasePro), a CLIP "
+                                  "without that edit is refused."}),
                 "vae": ("VAE", {"tooltip": "The VAE to store in the checkpoint (for format 'checkpoint')."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
@@ -299,13 +302,22 @@ class SaveErasure:
         import comfy.sd
         from comfy.cli_args import args
 
-        from .host import STEPS_ATTACHMENT, ComfyModel
+        from .host import ComfyModel, recorded_steps
 
         try:
             ComfyModel(model, clip)  # refuse a model the erasure's nodes could not have made
         except UnsupportedModelError as exc:
             raise ValueError(f"model: {exc}") from None
-        steps = tuple(model.get_attachment(STEPS_ATTACHMENT) or erasure.lineage)
+        # the file claims the erasure: the weights written must carry it (not the loader's model or CLIP)
+        last = erasure.lineage[-1]
+        steps = recorded_steps(model)
+        if last not in steps:
+            raise ValueError("model: this MODEL does not carry the erasure; connect Erase Concept's model and clip "
+                             "outputs (or the outputs of a later node) to Save Erasure")
+        if any(not key.startswith(UNET_PREFIX) for key in erasure.patch.edits) and last not in recorded_steps(
+                clip.patcher):
+            raise ValueError("clip: this CLIP does not carry the erasure's text-encoder edit; connect Erase "
+                             "Concept's clip output (or the output of a later node) to Save Erasure")
         metadata = provenance_metadata(ErasurePatch(erasure.arch.family, {}, steps), "checkpoint")
         erased = metadata[META_PREFIX + "erased"]
         metadata["modelspec.title"] = f"{os.path.basename(path)[:-len('.safetensors')]} (erased: {erased})"

@@ -34,7 +34,8 @@ log = logging.getLogger("concept_eraser")
 
 COMFY_UNET = "diffusion_model."
 # ModelPatcher attachments (copied by clone()): where the model came from, and the provenance of the
-# erasures already on it, oldest first -- what the Save node writes into a checkpoint.
+# erasures already on it, oldest first -- what the Save node writes into a checkpoint. A CLIP's patcher
+# records the erasures that edit its text encoder.
 SOURCE_ATTACHMENT = "concept_eraser.source"
 STEPS_ATTACHMENT = "concept_eraser.steps"
 # the folder ComfyUI ships CLIP's vocabulary in (beside comfy/sd1_clip.py)
@@ -292,8 +293,7 @@ class ComfyModel:
         return dict(source) if source else {"name": f"ComfyUI {self.host_model}", "host": "ComfyUI"}
 
     def prior_steps(self) -> tuple[dict, ...]:
-        steps = self.patcher.get_attachment(STEPS_ATTACHMENT) if hasattr(self.patcher, "get_attachment") else None
-        return tuple(steps or ())
+        return recorded_steps(self.patcher)
 
     def weight_shape(self, key: str) -> tuple[int, ...]:
         """The shape of `key` in checkpoint layout (KeyError when the model has no such tensor)."""
@@ -420,9 +420,15 @@ def host_patches(model: ComfyModel, patch: ErasurePatch) -> tuple[dict, dict]:
     return unet, text
 
 
+def recorded_steps(patcher) -> tuple[dict, ...]:
+    """The provenance of the erasures on a ModelPatcher (a MODEL, or a CLIP's `patcher`), oldest first."""
+    steps = patcher.get_attachment(STEPS_ATTACHMENT) if hasattr(patcher, "get_attachment") else None
+    return tuple(steps or ())
+
+
 def apply_erasure(model, clip, adapter: ComfyModel, patch: ErasurePatch, strength: float, steps: Sequence[dict] = ()):
     """Clones of MODEL (and of CLIP when the text encoder is edited) with `patch` at `strength`; the
-    provenance `steps` are added to the clone's record. The inputs are not modified."""
+    provenance `steps` are added to each clone's record. The inputs are not modified."""
     unet, text = host_patches(adapter, patch)
     new_model = model.clone()
     accepted = set(new_model.add_patches(unet, strength)) if unet else set()
@@ -436,6 +442,8 @@ def apply_erasure(model, clip, adapter: ComfyModel, patch: ErasurePatch, strengt
                                     f"({len(refused)} of {len(unet) + len(text)} tensors); nothing was applied")
     if hasattr(new_model, "set_attachments"):
         new_model.set_attachments(STEPS_ATTACHMENT, tuple(adapter.prior_steps()) + tuple(steps))
+    if text and hasattr(new_clip.patcher, "set_attachments"):  # Save Erasure checks the CLIP carries its edit
+        new_clip.patcher.set_attachments(STEPS_ATTACHMENT, recorded_steps(clip.patcher) + tuple(steps))
     return new_model, new_clip
 
 

@@ -69,6 +69,12 @@ def test_other_families_are_refused_by_name(sd1_shapes, extra, message):
 def test_refusals_name_what_was_found(sd1_shapes):
     with pytest.raises(UnsupportedModelError, match="a LoRA file"):
         detect({"lora_unet_input_blocks_1_1.lora_up.weight": (4, 2)})
+    lora = {"lora_unet_input_blocks_1_1.lora_up.weight": (4, 2)}
+    with pytest.raises(UnsupportedModelError, match="a Concept Eraser erasure LoRA, not a checkpoint: load it with a "
+                                                    "LoRA loader"):
+        detect(lora, {"concept_eraser.format": "lora"})
+    with pytest.raises(UnsupportedModelError, match="a Concept Eraser patch, not a checkpoint: use `apply`"):
+        detect(sd1_shapes, {"concept_eraser.format": "patch"})
     with pytest.raises(UnsupportedModelError, match="diffusers-layout"):
         detect({"down_blocks.0.attentions.0.proj_in.weight": (3, 3)})
     unet_only = {k: v for k, v in sd1_shapes.items() if k.startswith("model.")}

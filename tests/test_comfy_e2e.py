@@ -106,6 +106,18 @@ ERASE_WIDGETS = """(() => {
 })()"""
 
 
+# Values entered in the Erase node's number widgets, as the frontend keeps them (its change handler rounds and
+# clamps): 0 for λ (> 0), an arrow up from SPACE's default iterations.
+ENTERED = """(() => {
+  const node = window.comfyAPI.app.app.graph._nodes.find(n => n.type === 'ConceptEraserErase');
+  const widget = name => node.widgets.find(w => w.name === name);
+  const lam = widget('uce_lam'), iterations = widget('space_iterations');
+  lam.callback(0);
+  iterations.callback(iterations.value + iterations.options.step2);
+  return {lam: lam.value, iterations: iterations.value};
+})()"""
+
+
 async def frontend_session(server, port: int, workflow: dict) -> dict:
     """One page of the frontend: each shipped example loaded (console messages meanwhile, the graph it
     serialises), then `workflow` with its Erase node switched from UCE to SPACE."""
@@ -134,6 +146,7 @@ async def frontend_session(server, port: int, workflow: dict) -> dict:
         out["space"] = await tools.evaluate(ERASE_WIDGETS)
         out["saved"] = await tools.evaluate("window.comfyAPI.app.app.graph.serialize()")
         out["prompt"] = await tools.evaluate("window.comfyAPI.app.app.graphToPrompt().then(p => p.output)")
+        out["entered"] = await tools.evaluate(ENTERED)
         await tools.ws.close()
     return out
 
@@ -191,6 +204,8 @@ def test_frontend_shows_only_the_chosen_methods_parameters(server, frontend):
             if not (entry["class_type"] == "ConceptEraserErase" and name == "method"):
                 assert theirs[node]["inputs"][name] == value, (node, name)
     assert theirs[node_id(ours, "ConceptEraserErase")]["inputs"]["method"] == "space"
+    # the least λ the widget keeps is shown as itself (not 5e-324 shown as 0.00); arrows land on round values
+    assert seen["entered"] == {"lam": 0.01, "iterations": 501}
 
 
 # ---- the examples -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,6 +103,27 @@ def test_every_node_is_documented(host):
 
 
 @pytest.mark.host
+def test_every_input_is_on_its_help_page(host):
+    """ComfyUI's in-app help (javascript/comfyui/docs/<node>.md) names every input, as **name** or `name`, and every
+    choice of the pack's own combos; a method's parameters are covered by the page naming that method (their
+    inputs are generated: `<method>_<parameter>`, each with its tooltip)."""
+    own_choices = {"ConceptEraserErase": ("method",), "ConceptEraserSave": ("format", "folder")}
+    for node_id in NODE_IDS:
+        page = (REPO / "javascript" / "comfyui" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+
+        def named(word, page=page):
+            return f"**{word}**" in page or f"`{word}`" in page
+
+        inputs = host["pack"].NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        for name, (kind, options) in {**inputs["required"], **inputs.get("optional", {})}.items():
+            method = options.get("concept_eraser_method")
+            assert named(method or name), f"{node_id}.md does not mention {method or name}"
+            if name in own_choices.get(node_id, ()):
+                missing = [choice for choice in kind if not named(choice)]
+                assert not missing, f"{node_id}.md does not mention {name} {missing}"
+
+
+@pytest.mark.host
 def test_erase_inputs_are_the_declared_params(host):
     from concept_eraser_comfy_pack.concept_eraser.methods import METHODS
 
@@ -132,6 +154,15 @@ def test_erase_inputs_are_the_declared_params(host):
                 else:
                     assert options["min"] > p.min if p.min_exclusive else options["min"] == p.min
                 assert options["max"] == (p.max if p.max is not None else common.UNBOUNDED)
+                if kind == "INT":  # the frontend keeps the value on min + k·step: round values, the default one
+                    assert options["min"] % options["step"] == 0 == options["default"] % options["step"], name
+                else:  # what the frontend shows and sends is rounded to `round` (as many decimals as the step)
+                    shown = [options["min"], options["default"], options["min"] + 3 * options["step"]]
+                    decimals = max(0, -math.floor(math.log10(options["step"])))
+                    assert options["round"] == 10.0 ** -decimals, name
+                    assert [float(f"{v:.{decimals}f}") for v in shown] == pytest.approx(shown, abs=1e-12), name
+                    if p.min_exclusive:  # the least value shows as more than the bound, and is accepted
+                        assert f"{options['min']:.{decimals}f}" != f"{p.min:.{decimals}f}", name
     assert set(optional) == expected
 
 
@@ -300,6 +331,14 @@ def test_erasepro_edits_comfy_clip_and_reads_clip_skip(host, sd15):
         residual = ((erased.weight(key) @ X - wanted).norm() / wanted.norm()).item()
         assert residual < 1e-2, (key, residual)
     assert erasure.report["max_residual"] < 1e-2
+    # the text-encoder edit lives in the CLIP: a checkpoint needs the erased CLIP, not the one erased from
+    save = node(host, "ConceptEraserSave")
+    with pytest.raises(ValueError, match="^clip: this CLIP does not carry the erasure"):
+        save.save(erasure, "checkpoint", "output", "erasepro/unerased_clip", model=model, clip=clip, vae=sd15["vae"])
+    assert not list((host["base"] / "output" / "erasepro").iterdir())
+    saved = save.save(erasure, "checkpoint", "output", "erasepro/erased", model=model, clip=new_clip,
+                      vae=sd15["vae"])["result"][0]
+    assert Path(saved).is_file()
 
 
 @pytest.mark.host
@@ -328,7 +367,7 @@ def test_cancel_leaves_the_input_untouched(host, sd15, method, params):
     assert (snapshot(sd15["model"]), snapshot(sd15["clip"].patcher)) == before
 
 
-# Every method as short as it gets; SPACE stopped after 2 iterations, unconverged (its warning must reach the UI).
+# Every method as short as it gets; SPACE stopped after 2 passes, unconverged (its warning must reach the UI).
 QUICK = {"uce": {}, "rece": {"rece_epochs": 1}, "space": {"space_iterations": 2}, "erasepro": {},
          "kpop": {**KPOP_QUICK, "kpop_steps": 1}}
 
@@ -350,7 +389,7 @@ def test_every_method_runs_as_the_executor_runs_it(host, sd15, method):
     text = out["ui"]["text"][0]
     assert text.startswith(f"{method}: erased Van Gogh in ") and "recoverability" in text, text
     if method == "space":
-        assert "converged: NO after 2 iterations" in text and "sparsity: " in text
+        assert "converged: NO after 2 passes" in text and "sparsity: " in text
         assert "WARNING: SPACE stopped at iterations=2" in text and erasure.report["warnings"]
     kinds = {s.kind for stages in erasure.patch.edits.values() for s in stages}
     assert kinds == ({"delta"} if method in ("space", "kpop") else {"low_rank"}), kinds
@@ -480,6 +519,21 @@ def test_save_checkpoint_round_trips_through_the_host_loader(host, sd15, uce):
 
 
 @pytest.mark.host
+def test_save_checkpoint_refuses_a_model_without_the_erasure(host, sd15, uce):
+    """Erase Concept's erasure with the loaders' MODEL (wired past the erase node) is refused: the file would
+    claim an erasure its weights do not have."""
+    folder = host["folders"]["checkpoints"]
+    (folder / "unerased_sd15.safetensors").symlink_to(checkpoint("sd15"))
+    loaded = node(host, "ConceptEraserLoadCheckpoint").load("unerased_sd15.safetensors")["result"][0]
+    save = node(host, "ConceptEraserSave")
+    for model in (loaded, sd15["model"]):  # Load Checkpoint (Concept Eraser), the core loader
+        with pytest.raises(ValueError, match="^model: this MODEL does not carry the erasure"):
+            save.save(uce["erasure"], "checkpoint", "output", "unerased/ckpt", model=model, clip=uce["clip"],
+                      vae=sd15["vae"])
+    assert not list((host["base"] / "output" / "unerased").iterdir())  # no file, not even a partial one
+
+
+@pytest.mark.host
 @pytest.mark.parametrize("file_format", ["patch", "lora"])
 def test_saved_patch_and_lora_apply_to_the_same_weights(host, sd15, uce, file_format):
     saved = node(host, "ConceptEraserSave").save(uce["erasure"], file_format, "models", "erased")
@@ -547,6 +601,30 @@ def test_load_node_reports_layout_and_refuses_early(host):
     make_flux_like_file(folder / "flux_like.safetensors")
     with pytest.raises(ValueError, match="^ckpt_name: .*Flux"):
         node(host, "ConceptEraserLoadCheckpoint").load("flux_like.safetensors")
+
+
+@pytest.mark.host
+def test_file_nodes_name_the_input_of_a_file_that_is_not_safetensors(host, sd15):
+    for folder, node_id, call, field in (
+            ("checkpoints", "ConceptEraserLoadCheckpoint", lambda n, name: n.load(name), "ckpt_name"),
+            ("erasures", "ConceptEraserApplyPatch", lambda n, name: n.apply(sd15["model"], sd15["clip"], name, 1.0),
+             "erasure_name")):
+        (host["folders"][folder] / "garbage.safetensors").write_bytes(b"not a model at all")
+        with pytest.raises(ValueError, match=f"^{field}: garbage.safetensors is not a safetensors file"):
+            call(node(host, node_id), "garbage.safetensors")
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("file_format, named", [("patch", "patch"), ("lora", "erasure LoRA")])
+def test_load_node_points_a_saved_erasure_to_apply_erasure_patch(host, uce, file_format, named):
+    """The advice is ComfyUI's (the command line's names its `apply` command), and a LoRA is called one."""
+    saved = Path(node(host, "ConceptEraserSave").save(uce["erasure"], file_format, "output", "misplaced")["result"][0])
+    (host["folders"]["checkpoints"] / saved.name).symlink_to(saved)
+    with pytest.raises(ValueError) as caught:
+        node(host, "ConceptEraserLoadCheckpoint").load(saved.name)
+    assert str(caught.value) == (f"ckpt_name: this file is a Concept Eraser {named}, not a checkpoint: put it in the "
+                                 "models/erasures folder and apply it to its checkpoint's MODEL and CLIP with the "
+                                 "Apply Erasure Patch node")
 
 
 # ---- views ------------------------------------------------------------------------------------------

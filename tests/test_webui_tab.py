@@ -97,7 +97,7 @@ def test_erasures_dropped_by_a_checkpoint_switch_are_said_by_the_next_erase(tab)
 def test_an_unconverged_space_run_says_so_in_the_message(tab):
     _status, message, report, _plot = tab.erase("", "van gogh", "", "", "space", *values_for("space", iterations=2))
     assert "SPACE erased van gogh" in message and "WARNING: SPACE stopped at iterations=2" in message
-    assert "✓" not in message and "converged: NO after 2 iterations" in report
+    assert "✓" not in message and "converged: NO after 2 passes" in report
 
 
 def test_preview_reads_the_captured_txt2img_settings(tab, monkeypatch):

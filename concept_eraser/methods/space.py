@@ -485,7 +485,7 @@ SPACE_PARAMS = (
           "FISTA (with `restart`), thousands of passes on 77-token columns", choices=SOLVERS),
     Param("iterations", int, 500,
           "most passes over the weights (a Newton step takes a few; a FISTA iteration one); a warning says when "
-          "they run out before tol", min=1, max=100000, step=100),
+          "they run out before tol", min=1, max=100000),
     Param("tol", float, 1e-4,
           "stop when the duality gap certifies ‖W − W*‖/‖W‖ ≤ tol (W* the exact optimum)",
           min=0.0, min_exclusive=True, max=1.0, step=1e-5),

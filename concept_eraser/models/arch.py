@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from ..errors import UnsupportedModelError
+from ..errors import ErasureFileError, UnsupportedModelError
 
 UNET_PREFIX = "model.diffusion_model."
 # Where text encoders given in files of their own are mounted: the names ComfyUI's all-in-one checkpoints use.
@@ -588,10 +588,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | 
     a transformer file (Flux, SD3) may come without its text encoders (they are then not described)."""
     keys = list(shapes)
     metadata = metadata or {}
-    if metadata.get("concept_eraser.format") in ("patch", "lora"):
-        raise UnsupportedModelError(
-            "this file is a Concept Eraser patch, not a checkpoint: use `apply` to put it on its checkpoint"
-        )
+    if metadata.get("concept_eraser.format") in ErasureFileError.NAMES:
+        raise ErasureFileError(metadata["concept_eraser.format"])
     family = next((f for f in FAMILIES if issubclass(f, TransformerFamily) and f.claims(keys, metadata)), None)
     if family is not None:
         return family.build(shapes, metadata, text)
