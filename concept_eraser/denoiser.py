@@ -200,10 +200,12 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, a_next: torch
 @torch.no_grad()
 def partial_ddim(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                  stops: Sequence[int], total: int, guidance: float, pooled: torch.Tensor | None = None,
-                 uncond_pooled: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 uncond_pooled: torch.Tensor | None = None,
+                 before_pass: Callable[[], object] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The frozen model's deterministic DDIM sampling (η = 0, `total` steps) from `noise` with classifier-free
     guidance, as ESD makes its training latents, stepping as the model's own sampler does
-    (`denoiser.x0_clip`); returns (z_t, t [b]) after each number of steps in `stops` (one run serves them all)."""
+    (`denoiser.x0_clip`); returns (z_t, t [b]) after each number of steps in `stops` (one run serves them all).
+    `before_pass` is called before each guided pass (a host's cancel point)."""
     times = torch.linspace(T_TRAIN - 1, 0, total).round().long()
     alphas = denoiser.alphas_cumprod.to(denoiser.device)
     x = noise.to(denoiser.device).float()
@@ -215,6 +217,8 @@ def partial_ddim(denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor, n
         latents[i] = x
         if i == max(stops):
             break
+        if before_pass:
+            before_pass()
         t = times[i]
         e_c, e_u = denoiser.eps(torch.cat([x, x]), t.repeat(2 * n), both, pooled=both_pooled).chunk(2)
         x = ddim_step(x, e_u + guidance * (e_c - e_u), alphas[t], alphas[times[i + 1]], denoiser.x0_clip)

@@ -338,6 +338,31 @@ def test_one_sampling_run_serves_several_steps(toyworld, monkeypatch):
     assert len(runs) == 2
 
 
+def test_a_cancel_stops_the_sampling_between_guided_passes(toyworld):
+    """Hosts cancel from the progress callback. Sampling z_t is up to ddim_steps guided passes (50 on Stable
+    Diffusion, half a minute on a CPU), so the callback is called before each of them, not only after a step."""
+    from concept_eraser.errors import Cancelled
+
+    passes, calls = [], []
+    eps = ModuleDenoiser.eps
+
+    def counted_eps(self, *args, **kwargs):
+        passes.append(len(calls))
+        return eps(self, *args, **kwargs)
+
+    def progress(done, total, message):
+        calls.append(message)
+        if len(calls) == 4:  # "preparing", then before the first three passes of step 1's sampling
+            raise Cancelled("cancelled")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModuleDenoiser, "eps", counted_eps)
+        with pytest.raises(Cancelled):
+            erase(toyworld, "kpop", Concepts.build(["circle"]), {**QUICK, "steps": 1, "ddim_steps": 20,
+                                                                 "latents_per_trajectory": 8}, progress)
+    assert calls[1:] == ["KPOP step 1/1"] * 3 and passes == [2, 3]  # stopped before the third pass
+
+
 def test_each_step_trains_every_concept_once_by_default(toyworld):
     """batch auto = one sample per concept, the concepts in turn: three concepts, three samples per step, one of
     each (a random wording of it); a batch of 2 takes them in turn across steps."""

@@ -28,11 +28,12 @@ measured on ToyWorld, whose 1 M-parameter U-Net the paper's settings barely move
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch.nn import functional as F
@@ -314,13 +315,13 @@ class Trainer:
     def _rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.features[rows], None if self.pooled is None else self.pooled[rows]
 
-    def sample_batch(self) -> TrainBatch:
+    def sample_batch(self, before_pass: Callable[[], object] | None = None) -> TrainBatch:
         """The next step's batch; a sampling run makes `latents_per_trajectory` of them at once."""
         if not self.pending:
-            self.pending = self._sample_trajectory()
+            self.pending = self._sample_trajectory(before_pass)
         return self.pending.pop(0)
 
-    def _sample_trajectory(self) -> list[TrainBatch]:
+    def _sample_trajectory(self, before_pass: Callable[[], object] | None) -> list[TrainBatch]:
         v, den = self.values, self.denoiser
         n = self.batch
         concepts = [self.concept_rows[(self.drawn + i) % len(self.concept_rows)] for i in range(n)]
@@ -332,7 +333,7 @@ class Trainer:
         c_n, pooled_n = self._rows([guide for _, guide in pick])
         uncond, pooled_u = self._rows([self.uncond_row])
         latents = partial_ddim(den, c_e, uncond, noise, stops, v["ddim_steps"], v["start_guidance"], pooled,
-                               pooled_u)
+                               pooled_u, before_pass)
         batches = []
         for z_t, t in latents:
             # the frozen model's outputs for c_e, c_n (and the held prompts: "", a preserved c_p) in one pass
@@ -385,7 +386,8 @@ class Trainer:
         every = max(1, steps // 50)
         history = []
         for step in range(steps):
-            batch = self.sample_batch()
+            # the sampling runs up to ddim_steps guided passes (half a minute on a CPU for SD1.5): cancel between them
+            batch = self.sample_batch(functools.partial(progress, step, steps, f"KPOP step {step + 1}/{steps}"))
             losses = self.update(batch, step)
             if step % every == 0 or step == steps - 1:
                 history.append({"step": step + 1, "t": int(batch.t[0]), "losses": losses})
