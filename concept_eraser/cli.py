@@ -301,7 +301,7 @@ def cmd_apply(args) -> int:
     out = check_writable(args.out, args.overwrite, "--out", size=whole)
     model = open_model(args, args.model, text=False)
     with blame("patch"):
-        patch = load_patch(args.patch)
+        patch = load_patch(args.patch).in_layout(model.arch)
         outside = next((k for k in patch.edits if is_text_encoder_key(k) and k not in model.reader), None)
         if outside:  # ErasePro on a Flux / SD3 file whose encoders are files of their own: no file to write them to
             raise InvalidParameterError(

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Union
 import torch
 
 from .errors import InvalidParameterError, NonFiniteResultError
-from .models.arch import ArchSpec
+from .models.arch import ArchSpec, canonical_key
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,12 @@ class ErasurePatch:
             edits[key] = (DeltaEdit(delta.cpu()),)
         return ErasurePatch(self.architecture, edits, self.steps)
 
+    def in_layout(self, arch: ArchSpec) -> ErasurePatch:
+        """This patch with its keys named as `arch`'s file names them: a Flux or SD3 patch made on an all-in-one
+        checkpoint (or in ComfyUI) applies to a diffusion-model-only file, and the other way round."""
+        edits = {arch.own_key(canonical_key(key)): stages for key, stages in self.edits.items()}
+        return ErasurePatch(self.architecture, edits, self.steps)
+
     def is_low_rank(self) -> bool:
         return all(isinstance(s, LowRankEdit) for stages in self.edits.values() for s in stages)
 
@@ -299,7 +305,7 @@ def source_fingerprint(arch: ArchSpec, weight: Callable[[str], torch.Tensor]) ->
     out = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)
     for key in arch.map_keys():
         w = weight(key).detach().to("cpu", torch.float64)
-        rng = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        rng = torch.Generator().manual_seed(zlib.crc32(canonical_key(key).encode()))  # the same in any layout
         u = torch.randn(FINGERPRINT_SIZE, w.shape[0], generator=rng, dtype=torch.float64)
         v = torch.randn(w.shape[1], FINGERPRINT_SIZE, generator=rng, dtype=torch.float64)
         out += ((u @ w) * v.T).sum(1)

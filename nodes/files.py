@@ -165,7 +165,7 @@ class ApplyErasurePatch:
                                             "LoRA (use the core LoRA loader for other LoRAs)")
             adapter = ComfyModel(model, clip)
             # a LoRA's tensors are checked by the host's key mapping; its source like a patch's
-            patch = load_patch(path, "erasure_name") if kind == "patch" else ErasurePatch(
+            patch = load_patch(path, "erasure_name").in_layout(adapter.arch) if kind == "patch" else ErasurePatch(
                 meta.get(META_PREFIX + "architecture", ""), {}, tuple(steps))
             check_fits(patch, adapter.arch, adapter.weight, _shape_of(adapter),
                        bool(force), "erasure_name", "set force to true")

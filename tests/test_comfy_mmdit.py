@@ -216,6 +216,21 @@ def test_flux_erasure_as_lora_for_the_host_loader_and_as_patch(host, flux_erased
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
+def test_a_command_line_patch_of_the_model_only_file_applies_in_the_host(host, flux, tmp_path):
+    """The command line names the model-only file's tensors as it stores them (`txt_in.weight`); ComfyUI's model
+    names them `model.diffusion_model.txt_in.weight`: Apply Erasure Patch takes the patch all the same."""
+    from concept_eraser.cli import main
+
+    files = host["files"]
+    patch = host["folders"]["erasures"] / "cli-flux.safetensors"
+    tokenizer = comfy_root() / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json"
+    assert main([str(a) for a in ("erase", files["flux1-dev.safetensors"], "--clip-l", files["clip_l.safetensors"],
+                                  "--t5", files["t5xxl_fp16.safetensors"], "--t5-tokenizer", tokenizer, "--erase",
+                                  "Van Gogh", "--format", "patch", "--out", patch)]) == 0
+    model = node(host, "ConceptEraserApplyPatch").apply(flux["model"], flux["clip"], patch.name, 1.0)["result"][0]
+    assert set(model.patches) == {"diffusion_model.txt_in.weight", "diffusion_model.vector_in.in_layer.weight"}
+
+
 def test_sd3_erasure_previews_and_saves_a_checkpoint_the_host_loader_reads(host, sd3_erased):
     """The SD3 erasure (ErasePro: text encoders and context_embedder) previewed with the host's sampler (the
     original and the erased model side by side), saved by Save Erasure as a ComfyUI all-in-one checkpoint

@@ -244,6 +244,27 @@ def test_cli_erases_a_flux_file_with_encoders_beside_as_lora_checkpoint_and_patc
         assert all(torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in c.keys())
 
 
+def test_a_patch_applies_across_the_two_file_layouts(files, t5_tokenizer, tmp_path):
+    """The same Flux weights as an all-in-one checkpoint (`model.diffusion_model.txt_in.weight`, ComfyUI's names)
+    and as a diffusion-model-only file (`txt_in.weight`): a patch made on either fits the other, and gives there
+    what erasing that file directly gives."""
+    separate, together = files[("flux_dev", "separate")], files[("flux_dev", "all_in_one")]
+    encoders = ["--t5", separate["t5xxl"], "--clip-l", separate["clip_l"]]
+    concept = ["--t5-tokenizer", t5_tokenizer, "--erase", "cat"]
+    made = {"separate": [separate["model"], *encoders], "together": [together["model"]]}
+    for name, source in made.items():
+        patch = tmp_path / f"{name}-patch.safetensors"
+        assert run_cli("erase", *source, *concept, "--format", "patch", "--out", patch) == 0
+        assert run_cli("erase", *source, *concept, "--out", tmp_path / f"{name}.safetensors") == 0
+    for patch, onto in (("separate", "together"), ("together", "separate")):
+        out = tmp_path / f"{patch}-on-{onto}.safetensors"
+        assert run_cli("apply", made[onto][0], tmp_path / f"{patch}-patch.safetensors", "--out", out) == 0
+        with safe_open(str(out), "pt") as got, safe_open(str(tmp_path / f"{onto}.safetensors"), "pt") as direct:
+            assert list(got.keys()) == list(direct.keys())
+            for key in got.keys():
+                torch.testing.assert_close(got.get_tensor(key), direct.get_tensor(key), rtol=0, atol=1e-3)
+
+
 def test_cli_erases_an_all_in_one_sd3_checkpoint_keeping_its_names(files, t5_tokenizer, tmp_path, capsys):
     path = files[("sd3", "all_in_one")]["model"]
     assert run_cli("erase", path, "--t5-tokenizer", t5_tokenizer, "--erase", "van gogh", "--out",

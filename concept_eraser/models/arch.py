@@ -132,6 +132,10 @@ class ArchSpec:
             return key.startswith(self.denoiser_prefix)
         return not key.startswith(NOT_DENOISER_PREFIXES)
 
+    def own_key(self, canonical: str) -> str:
+        """The inverse of `canonical_key`: this file's name of a tensor named as an all-in-one checkpoint names it."""
+        return canonical if self.denoiser_prefix else canonical.removeprefix(UNET_PREFIX)
+
     def map_keys(self, reads: str = CONTEXT) -> tuple[str, ...]:
         """The checkpoint keys of the maps that read `reads`: for CONTEXT, every cross-attention K and V."""
         return tuple(m.key for m in self.maps if m.reads == reads)
@@ -154,6 +158,12 @@ class ArchSpec:
 def is_text_encoder_key(key: str) -> bool:
     """A checkpoint key of a text encoder, in any family's layout."""
     return key.startswith(TEXT_ENCODER_PREFIXES)
+
+
+def canonical_key(key: str) -> str:
+    """A tensor's name as an all-in-one checkpoint names it: Flux and SD3 diffusion-model-only files store the
+    denoiser's tensors without `model.diffusion_model.` (`ArchSpec.own_key` is the way back)."""
+    return key if key.startswith((UNET_PREFIX, *NOT_DENOISER_PREFIXES)) else UNET_PREFIX + key
 
 
 def natural_key(name: str) -> list:
