@@ -147,5 +147,8 @@ def parse_assignments(items: Sequence[str]) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise InvalidParameterError("--set", f"{item!r} is not NAME=VALUE")
-        out[name.strip()] = value.strip()
+        name = name.strip()
+        if name in out:  # which one was meant is not for us to guess
+            raise InvalidParameterError(name, f"given twice ({out[name]!r} and {value.strip()!r}): give it once")
+        out[name] = value.strip()
     return out

@@ -115,6 +115,8 @@ BAD_INPUTS = {
                                  "2 guides for 1 concepts"),
     "lambda zero": (["erase", "{sd1}", "--erase", "x", "--set", "lam=0"], "lam", "must be a number > 0"),
     "lambda negative": (["erase", "{sd1}", "--erase", "x", "--set", "lam=-1"], "lam", "out of range"),
+    "parameter given twice": (["erase", "{sd1}", "--erase", "x", "--set", "lam=1", "--set", "lam=2"], "lam",
+                              "given twice ('1' and '2')"),
     "unknown parameter": (["erase", "{sd1}", "--erase", "x", "--set", "mu=1"], "mu", "unknown parameter"),
     "bad choice": (["erase", "{sd1}", "--erase", "x", "--set", "token_policy=eos"], "token_policy", "one of"),
     "unknown method": (["erase", "{sd1}", "--erase", "x", "--method", "esd"], "method", "choose one of"),
