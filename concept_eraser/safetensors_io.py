@@ -45,13 +45,16 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 
 
 def conversion_hint(path: Path) -> str:
-    target = path.with_suffix(".safetensors").name
+    # torch.load reads a .safetensors name as safetensors, and the converted file must not replace its source
+    source = path.with_suffix(".ckpt") if path.suffix == ".safetensors" else path
+    first = f"Rename it to {source.name}, then convert it" if source != path else "Convert it"
     return (
         f"{path.name} is a pickle checkpoint, which can run arbitrary code when opened, so Concept Eraser "
-        "does not read it. Convert it once with a tool you trust, e.g. load it in ComfyUI and save it with "
+        f"does not read it. {first} once with a tool you trust, e.g. load it in ComfyUI and save it with "
         "the 'Save Checkpoint' node, or run: python -c \"import torch; from safetensors.torch import save_file; "
-        f"sd = torch.load('{path.name}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-        f"save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, '{target}')\""
+        f"sd = torch.load('{source.name}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, "
+        f"'{source.with_suffix('.safetensors').name}')\""
     )
 
 

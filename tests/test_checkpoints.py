@@ -1,5 +1,7 @@
 """Architecture detection, refusals with clear messages, dtypes, and bit-identical untouched tensors."""
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -108,6 +110,17 @@ def test_pickle_and_non_safetensors_files_are_refused(tmp_path):
     disguised.write_bytes(ckpt.read_bytes())
     with pytest.raises(UnsafeFileError, match="pickle"):
         CheckpointModel(disguised)
+    # the recipe the message gives converts each file (a disguised one renamed first, as the message says)
+    for source, renamed in ((ckpt, None), (disguised, "disguised.ckpt")):
+        with pytest.raises(UnsafeFileError) as refused:
+            CheckpointModel(source)
+        message = str(refused.value)
+        assert (f"Rename it to {renamed}, then convert it" in message) == bool(renamed)
+        if renamed:
+            source.rename(tmp_path / renamed)
+        subprocess.run([sys.executable, "-c", message.split('python -c "', 1)[1].rstrip('"')], cwd=tmp_path,
+                       check=True)
+        assert load_file(str(source.with_suffix(".safetensors"))).keys() == {"a"}
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(UnsafeFileError, match="not a safetensors file"):
