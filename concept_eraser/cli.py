@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always")
+            warnings.simplefilter("default")  # each warning once per run (a prompt is tokenized more than once)
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
             return COMMANDS[args.command](args)
     except EraserError as exc:

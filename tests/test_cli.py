@@ -237,6 +237,12 @@ def test_help_states_each_parameters_default_and_kind(capsys):
     assert "pooled_edit (default auto; true or false)" in shown and "lam (default 0.5; a number > 0" in shown
 
 
+def test_a_long_prompt_is_warned_about_once(tiny_checkpoints, tmp_path, capsys):
+    long = " ".join(["cat"] * 100)  # tokenized for the columns, the encoder and the probe
+    code, _, err = run(["erase", tiny_checkpoints["sd1"], "--erase", long, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 0 and err.count("only the first 75 are used") == 1, err
+
+
 def test_overwrite_replaces_an_existing_output(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"old")
