@@ -71,16 +71,12 @@ class Service:
     def erase(self, request: EraseRequest, id_task: str | None = None) -> dict:
         with self.host.job("Concept Eraser: erase", id_task) as state:
             live = self.host.live(load=True)
-            with self.session.lock:
-                # erasures dropped before this one: said with its result (the erasure clears the status' notice)
-                self.session.reconcile(live, self.host.live_for)
-                dropped = self.session.notice
-                record = self.session.erase(live, request.method, request.concepts, request.params,
-                                            self.host.progress(state), lambda: self.host.interrupted(state),
-                                            self.host.live_for)
+            record = self.session.erase(live, request.method, request.concepts, request.params,
+                                        self.host.progress(state), lambda: self.host.interrupted(state),
+                                        self.host.live_for)
             return {"erased": record_summary(record), "report": _report_brief(record.report),
                     "text": report_text(record.report, record.step.get("results")), "status": self.status(live),
-                    **({"notice": dropped} if dropped else {})}
+                    **({"notice": record.dropped_before} if record.dropped_before else {})}
 
     def restore(self, id_task: str | None = None) -> dict:
         with self.host.job("Concept Eraser: restore", id_task):

@@ -87,6 +87,7 @@ class Record:
     step: dict
     report: dict = field(repr=False, default_factory=dict)
     artifacts: dict = field(repr=False, default_factory=dict)  # KPOP's learned prompt (Save as learned_prompt)
+    dropped_before: str | None = None  # why earlier erasures were dropped, if they were since the last action
 
 
 class ErasureSession:
@@ -247,9 +248,9 @@ class ErasureSession:
             step = result.patch.steps[-1] if result.patch.steps else {}
             record = Record(result.report["method"], result.report["concepts"], result.report["params"],
                             tuple(result.patch.edits), result.report["seconds"] + time.perf_counter() - start,
-                            step, result.report, result.artifacts)
+                            step, result.report, result.artifacts, self.notice)
             self.records.append(record)
-            self.notice = None
+            self.notice = None  # said with this erasure's result instead
             return record
 
     # ---- restore -------------------------------------------------------------------------------
