@@ -422,20 +422,18 @@ def fista_l1(
     dense = 2 * U.shape[1] > U.shape[0]
     if dense:
         UUt, target = (ops.U @ ops.U.T).to(dtype), (WoV @ ops.U.T).to(dtype)  # Ũ Ũᵀ and W_o Ṽ Ũᵀ
-        product = torch.empty_like(W_o)
     else:
-        target, product = WoV.to(dtype), W_o.new_empty(W_o.shape[0], U.shape[1])
+        target, small = WoV.to(dtype), W_o.new_empty(W_o.shape[0], U.shape[1])
     W_prev, Y = start, start.clone()
     W, Z = torch.empty_like(Y), torch.empty_like(Y)
     t, gap, distance, converged, k = 1.0, math.inf, math.inf, False, 0
     for k in range(1, iterations + 1):
         torch.lerp(W_o, Y, 1.0 - step * lam, out=Z)  # Y − λ (Y − W_o)/σ
         if dense:
-            torch.addmm(target, Y, UUt, beta=-1.0, out=product)  # Y Ũ Ũᵀ − W_o Ṽ Ũᵀ
-            Z.add_(product, alpha=-step)
+            Z.add_(target, alpha=step).addmm_(Y, UUt, alpha=-step)  # − (Y Ũ Ũᵀ − W_o Ṽ Ũᵀ)/σ, no n × d buffer
         else:
-            torch.addmm(target, Y, U, beta=-1.0, out=product)  # Y Ũ − W_o Ṽ
-            Z.addmm_(product, U.T, alpha=-step)  # − (Y Ũ − W_o Ṽ) Ũᵀ/σ
+            torch.addmm(target, Y, U, beta=-1.0, out=small)  # Y Ũ − W_o Ṽ
+            Z.addmm_(small, U.T, alpha=-step)  # − (Y Ũ − W_o Ṽ) Ũᵀ/σ
         torch.clamp(Z, -tau, tau, out=W)
         torch.sub(Z, W, out=W)  # W_k = S_τ(Z)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
