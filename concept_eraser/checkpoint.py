@@ -201,17 +201,15 @@ def step_problem(step) -> str | None:
     for name, texts in step.get("concepts", {}).items():
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return f"has concepts.{name} that is not a list of texts"
-    if not isinstance(step.get("applied", {}).get("to", {}), dict):
+    source, applied = step.get("source", {}), step.get("applied", {})
+    if not isinstance(applied.get("to", {}), dict):
         return "has an applied.to that is not a JSON object"
-    applied = step.get("applied", {})
-    texts = {"source.name": step.get("source", {}).get("name", ""), "applied.to.name": applied.get("to", {}).get(
-        "name", "")}
-    for name, value in texts.items():
+    for name, value in (("source.name", source.get("name", "")), ("applied.to.name", applied.get("to", {}).get(
+            "name", ""))):
         if not isinstance(value, str):
             return f"has a {name} that is not a JSON text"
     if not isinstance(applied.get("forced", False), bool):
         return "has an applied.forced that is not true or false"
-    source = step.get("source", {})
     fingerprint = source.get("fingerprint", [])
     if not (isinstance(fingerprint, list) and len(fingerprint) in (0, FINGERPRINT_SIZE) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in fingerprint)):

@@ -9,7 +9,7 @@ import os
 
 from ..concept_eraser.checkpoint import FORMATS, META_PREFIX, load_patch, provenance_metadata, read_steps, save_erasure
 from ..concept_eraser.errors import EraserError, InvalidParameterError, UnsupportedModelError
-from ..concept_eraser.models.arch import UNET_PREFIX, detect
+from ..concept_eraser.models.arch import detect, is_text_encoder_key
 from ..concept_eraser.patch import ErasurePatch, check_fits
 from ..concept_eraser.safetensors_io import SafetensorsReader, atomic_output
 from .common import CATEGORY, ERASURE, node_error
@@ -314,8 +314,7 @@ class SaveErasure:
         if last not in steps:
             raise ValueError("model: this MODEL does not carry the erasure; connect Erase Concept's model and clip "
                              "outputs (or the outputs of a later node) to Save Erasure")
-        if any(not key.startswith(UNET_PREFIX) for key in erasure.patch.edits) and last not in recorded_steps(
-                clip.patcher):
+        if any(is_text_encoder_key(key) for key in erasure.patch.edits) and last not in recorded_steps(clip.patcher):
             raise ValueError("clip: this CLIP does not carry the erasure's text-encoder edit; connect Erase "
                              "Concept's clip output (or the output of a later node) to Save Erasure")
         metadata = provenance_metadata(ErasurePatch(erasure.arch.family, {}, steps), "checkpoint")
